@@ -1,0 +1,1 @@
+"""Data layer: phantom cohort, cohort reading, preprocessing, TFDS dataset, grain pipeline."""

@@ -1,0 +1,85 @@
+"""Named preprocessing recipes and the ``data`` section every config (and prepare) starts from.
+
+A recipe says how a case's DCE-MRI phases become one fixed-size multi-channel crop:
+
+* ``channels``: tokens, each one channel of the crop, in order:
+  ``C<k>`` phase k's intensity (C0 = pre-contrast, C2 = second post-contrast);
+  ``SUB<k>`` subtraction Ck - C0; ``PE`` percent enhancement (C1 - C0) / C0 at the first
+  post-contrast phase; ``SER`` signal enhancement ratio (C1 - C0) / (Clast - C0).
+* ``shape``: the crop's output grid (D, H, W) in canonical (RAS) voxel order.
+* ``margin_mm``: margin added on every side of the tumour's bounding box before resizing.
+* ``spacing_mm``: 0 resizes the (margin-padded) tumour box to ``shape`` (FM-BCMRI); > 0
+  instead resamples a box of ``shape * spacing_mm`` millimetres centred on the tumour to
+  that isotropic spacing, keeping physical scale. The box is cropped before resampling.
+* ``normalize``: ``crop`` z-scores every channel over its crop, ``(x - mean) / (std + 1e-8)``
+  (FM-BCMRI); ``joint`` z-scores the intensity channels with one mean / std over all phases of
+  the whole image (MAMA-MIA's advice) and derived channels (SUB, PE, SER) over the crop;
+  ``none`` keeps raw values.
+* ``mask_only``: zero everything outside the tumour mask (FM-BCMRI's ROI option).
+* ``largest_component``: keep only the mask's largest 26-connected component.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+_BASE = dict(
+    name="fmbcmri",
+    channels=("C2",),
+    shape=(48, 48, 48),
+    margin_mm=0.0,
+    spacing_mm=0.0,
+    normalize="crop",
+    mask_only=False,
+    largest_component=True,
+)
+
+RECIPES = {
+    # FM-BCMRI's own preprocessing: what its pretrained weights saw.
+    "fmbcmri": {},
+    "fmbcmri_subtraction": dict(channels=("SUB2",)),
+    "multiphase": dict(channels=("C0", "C1", "C2"), normalize="joint", margin_mm=5.0),
+    "kinetic": dict(channels=("C1", "SUB1", "PE", "SER"), margin_mm=5.0),
+    "isotropic_1mm": dict(channels=("C0", "C1", "C2"), spacing_mm=1.0, shape=(64, 64, 64),
+                          normalize="joint"),
+}
+
+
+def recipe_config(name: str = "fmbcmri") -> ml_collections.ConfigDict:
+    """The named recipe as a ConfigDict (override single fields afterwards)."""
+    if name not in RECIPES:
+        raise KeyError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
+    return ml_collections.ConfigDict({**_BASE, **RECIPES[name], "name": name})
+
+
+def data_config(recipe: str = "fmbcmri") -> ml_collections.ConfigDict:
+    """The ``data`` section shared by her2jax-prepare and training.
+
+    Column names map the clinical table's headers onto her2jax's fields; an empty string
+    marks a field the table does not have. Case-insensitive; ``center`` also accepts the
+    aliases ``dataset`` (MAMA-MIA), ``centre`` and ``site``.
+    """
+    return ml_collections.ConfigDict(dict(
+        name="her2_dce_mri",
+        recipe=recipe_config(recipe),
+        columns=dict(
+            patient_id="patient_id",
+            center="center",
+            ihc="ihc_score",
+            ish="ish_result",
+            her2="her2",
+            # Clinical columns carried into the dataset (and later predictions.csv) for
+            # subgroup tables; used when present in the table.
+            clinical=("manufacturer", "field_strength", "hr", "er", "pr", "tumor_subtype"),
+        ),
+        clinical_sheet="dataset_info",   # sheet of an .xlsx clinical table (MAMA-MIA's)
+        allow_outside_root=False,        # manifest paths may not leave the cohort folder
+        # Which prepared centres train, validate and test is chosen when reading.
+        scheme="her2_3class",
+        train_centers=(),                # empty: every centre not named in test_centers
+        test_centers=(),
+        val_fraction=0.2,                # seeded, stratified share of the training centres
+        seed=0,
+        worker_count=2,                  # grain worker processes (0 reads in the main process)
+        prefetch=2,                      # batches each worker keeps ready
+    ))
