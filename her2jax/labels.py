@@ -20,7 +20,9 @@ CLASS_NAMES = {
 IHC_SCORES = ("0", "1+", "2+", "3+")
 ISH_RESULTS = ("negative", "positive")
 
-_MISSING = {"", "nan", "na", "n/a", "none", "null", "missing", "unknown", "-", "not done"}
+# "<na>" / "nat": how pandas' NA and NaT print (nullable and datetime columns).
+_MISSING = {"", "nan", "na", "n/a", "none", "null", "missing", "unknown", "-", "not done",
+            "<na>", "nat"}
 _IHC_ALIASES = {
     "0": "0", "0+": "0", "ultralow": "0", "0 ultralow": "0",
     "1": "1+", "1+": "1+", "+": "1+",
