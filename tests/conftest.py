@@ -22,3 +22,35 @@ def phantom_cohort(tmp_path_factory):
     from her2jax.data import phantom
 
     return phantom.write_cohort(tmp_path_factory.mktemp("phantom"), **PHANTOM)
+
+
+def small_data_config():
+    """The default data section at a test-sized crop (24^3), centre C held out."""
+    from her2jax.data import recipes
+
+    config = recipes.data_config("fmbcmri")
+    config.recipe.shape = (24, 24, 24)
+    config.test_centers = ("CENTER_C",)
+    config.worker_count = 0
+    return config
+
+
+@pytest.fixture(scope="session")
+def data_config():
+    return small_data_config()
+
+
+@pytest.fixture(scope="session")
+def prepared(phantom_cohort, data_config, tmp_path_factory):
+    """The phantom cohort prepared once (read-only for tests): a ``prepare.Prepared``."""
+    from her2jax.data import prepare
+
+    data_dir = tmp_path_factory.mktemp("data")
+    return prepare.prepare(phantom_cohort, data_dir, data_config, workers=1, progress=False)
+
+
+@pytest.fixture(scope="session")
+def dataset(prepared, data_config):
+    from her2jax.data import pipeline
+
+    return pipeline.open_dataset(prepared.dataset_dir.parents[2], data_config)

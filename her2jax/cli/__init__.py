@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from her2jax.errors import Her2jaxError
 
@@ -48,6 +48,9 @@ def run(main: Callable[[list[str]], int | None]) -> None:
     def wrapped(argv: list[str]) -> int | None:
         if len(argv) > 1:
             fail(prog, f"unexpected arguments {' '.join(argv[1:])!r} (flags are --name=value)")
+        if not flags.FLAGS["verbosity"].present:
+            # Libraries (TFDS, JAX, orbax) log chattily at INFO; ask with --verbosity=0.
+            logging.set_verbosity(logging.WARNING)
         try:
             return main(argv)
         except Her2jaxError as e:

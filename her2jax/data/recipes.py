@@ -21,6 +21,8 @@ A recipe says how a case's DCE-MRI phases become one fixed-size multi-channel cr
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import ml_collections
 
 _BASE = dict(
@@ -83,3 +85,14 @@ def data_config(recipe: str = "fmbcmri") -> ml_collections.ConfigDict:
         worker_count=2,                  # grain worker processes (0 reads in the main process)
         prefetch=2,                      # batches each worker keeps ready
     ))
+
+
+def plain(value):
+    """ConfigDict / tuples -> JSON-friendly dicts and lists (for hashing and metadata)."""
+    if hasattr(value, "to_dict"):
+        value = value.to_dict()
+    if isinstance(value, Mapping):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    return value

@@ -1,0 +1,22 @@
+"""MAMA-MIA as distributed: clinical_and_imaging_info.xlsx (sheet dataset_info), HER2 as a
+binary `her2` column (no IHC / ISH), `dataset` (DUKE, ISPY1, ISPY2, NACT) as the centre.
+
+  her2jax-prepare --cohort=/data/MAMA-MIA --data_dir=/data/her2jax --config=configs/mamamia.py
+
+Cases with a missing `her2` are kept in the dataset and listed in excluded.csv.
+"""
+
+import ml_collections
+
+from her2jax.data import recipes
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.data = recipes.data_config("fmbcmri")
+    config.data.columns.center = "dataset"
+    config.data.columns.ihc = ""
+    config.data.columns.ish = ""
+    config.data.scheme = "her2_binary"
+    config.data.test_centers = ("NACT",)
+    return config
