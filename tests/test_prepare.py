@@ -416,3 +416,13 @@ def test_cli_writes_the_dataset_without_tensorflow(phantom_cohort, tmp_path):
     assert read.returncode == 0, read.stderr
     assert "global batch 0: image (4, 32, 32, 32, 1) float16" in read.stdout
     assert not marker.exists(), marker.read_text() if marker.exists() else ""
+
+
+def test_image_folders_without_a_table_row_are_reported(phantom_cohort, tmp_path):
+    cohort = copy_cohort(phantom_cohort, tmp_path / "cohort")
+    rows = read_csv(cohort / "clinical.csv")
+    write_csv(cohort / "clinical.csv", [r for r in rows if r["patient_id"] != "PHC_0002"])
+    result = prepare.prepare(cohort, tmp_path / "data", small_data_config(), workers=1,
+                             progress=False)
+    assert result.num_cases == 5 and result.unlisted == ("PHC_0002",)
+    assert "1 image folder(s) without a table row ignored (PHC_0002)" in result.summary()

@@ -55,6 +55,7 @@ class Prepared:
       splits: examples per split (centre).
       rejected: cases left out because their files or table rows are invalid.
       excluded: per scheme, how many good cases have no derivable label.
+      unlisted: image folders without a row in the clinical table (ignored).
     """
 
     dataset_dir: Path | None
@@ -64,6 +65,7 @@ class Prepared:
     splits: dict[str, int]
     rejected: list[cohort_lib.Rejection]
     excluded: dict[str, int]
+    unlisted: tuple[str, ...] = ()
 
     def summary(self) -> str:
         """One line for the terminal."""
@@ -78,6 +80,9 @@ class Prepared:
                   for scheme, n in self.excluded.items() if n]
         if self.rejected:
             parts.append(f"{len(self.rejected)} rejected (rejected.csv)")
+        if self.unlisted:
+            parts.append(f"{len(self.unlisted)} image folder(s) without a table row ignored "
+                         f"({', '.join(self.unlisted[:3])}{', ...' if len(self.unlisted) > 3 else ''})")
         return "; ".join(parts)
 
 
@@ -151,7 +156,8 @@ def prepare(cohort_path, data_dir, data_config, *, skip_invalid: bool = False,
             final_reports = data_dir / VALIDATION_DIR
             _replace(report_dir, final_reports, tmp)
             return Prepared(None, final_reports, False, len(records),
-                            _count_splits(records, splits_of), rejected, excluded)
+                            _count_splits(records, splits_of), rejected, excluded,
+                            tuple(cohort.unlisted))
 
         version_dir = tfds_builder.build(
             tmp, config_name=name,
@@ -180,7 +186,7 @@ def prepare(cohort_path, data_dir, data_config, *, skip_invalid: bool = False,
         _replace(version_dir.parent, final_dir, tmp)
         done = final_dir / tfds_builder.FORMAT_VERSION
         return Prepared(done, done, False, len(records), _count_splits(records, splits_of),
-                        rejected, excluded)
+                        rejected, excluded, tuple(cohort.unlisted))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
