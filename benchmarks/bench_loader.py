@@ -71,7 +71,8 @@ def main() -> None:
         t0 = time.perf_counter()
         version_dir = build_synthetic(Path(tmp), args.examples, args.shape, args.channels)
         build_s = time.perf_counter() - t0
-        dataset = pipeline.Dataset(version_dir, {}, ())
+        dataset = pipeline.Dataset(
+            version_dir, {"image_shape": [args.shape] * 3 + [args.channels]}, ())
         split = pipeline.Split(
             name="train", tfds_splits=("A",),
             keys=np.stack([np.zeros(args.examples, np.int64), np.arange(args.examples)], 1),

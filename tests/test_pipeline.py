@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from her2jax import labels
-from her2jax.data import pipeline
+from her2jax.data import pipeline, tfds_builder
 from her2jax.errors import Her2jaxError
 
 from .conftest import small_data_config
@@ -133,6 +133,11 @@ def test_batch_is_the_same_for_1_2_or_4_processes_and_0_or_2_workers(dataset, da
         assert (reference["index"] == positions).all()
         assert (reference["label"] == split.labels[positions]).all()
         assert reference["image"].shape == (8, 24, 24, 24, 1)
+        for row, (tfds_split, position) in enumerate(split.keys[positions]):
+            source = tfds_builder.data_source(dataset.path, split.tfds_splits[tfds_split])
+            example = source[int(position)]
+            np.testing.assert_array_equal(reference["image"][row], example["image"])
+            assert example["patient_id"].decode() == split.patient_ids[positions[row]]
         for processes, workers in layouts:
             other = _batch(dataset, split, step, processes, workers)
             for key in reference:

@@ -426,3 +426,19 @@ def test_image_folders_without_a_table_row_are_reported(phantom_cohort, tmp_path
                              progress=False)
     assert result.num_cases == 5 and result.unlisted == ("PHC_0002",)
     assert "1 image folder(s) without a table row ignored (PHC_0002)" in result.summary()
+
+
+def test_fast_image_reader_matches_tfds_decoding(prepared):
+    """The training hot path parses only the image; it must equal TFDS's full decoding."""
+    source = tfds_builder.data_source(prepared.dataset_dir, "CENTER_B")
+    meta = json.loads((prepared.dataset_dir / "her2jax.json").read_text())
+    reader = tfds_builder.ImageReader(prepared.dataset_dir, "CENTER_B", meta["image_shape"])
+    assert len(reader) == len(source)
+    positions = [5, 0, 11, 5]
+    out = np.full((6, *meta["image_shape"]), np.nan, np.float16)
+    reader.read_into(positions, out, rows=[1, 2, 3, 4])
+    for row, position in zip([1, 2, 3, 4], positions, strict=True):
+        np.testing.assert_array_equal(out[row], source[position]["image"])
+    assert np.isnan(out[[0, 5]]).all(), "rows not asked for stay untouched"
+    with pytest.raises(Her2jaxError, match="no split 'CENTER_Z'"):
+        tfds_builder.ImageReader(prepared.dataset_dir, "CENTER_Z", meta["image_shape"])

@@ -220,20 +220,18 @@ def process_rows(global_batch_size: int, process_index: int, process_count: int)
 
 
 class _Reader:
-    """Reads rows of a Split into a host batch. Picklable: sources open lazily per process.
+    """Reads rows of a Split into a host batch. Picklable: shards open lazily per process.
 
     In grain worker processes (``shared_memory``) the batch's image is assembled straight
     into shared memory, which grain hands to the main process without another copy.
     """
 
-    def __init__(self, version_dir: Path, split: Split, shared_memory: bool = False):
-        self._dir = Path(version_dir)
+    def __init__(self, dataset: Dataset, split: Split, shared_memory: bool = False):
         self._split = split
         self._shared_memory = shared_memory
-        self._sources = None
-
-    def __getstate__(self):
-        return {**self.__dict__, "_sources": None}
+        self._shape = tuple(dataset.meta["image_shape"])
+        self._readers = [tfds_builder.ImageReader(dataset.path, s, self._shape)
+                         for s in split.tfds_splits]
 
     def read(self, positions: np.ndarray, valid: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Batch of the given split positions.
@@ -242,22 +240,14 @@ class _Reader:
           image [n, D, H, W, C] float16, label [n] int32, index [n] int32 (the position in
           the split: with the step, it keys random augmentation), valid [n] bool.
         """
-        if self._sources is None:
-            self._sources = [tfds_builder.data_source(self._dir, s)
-                             for s in self._split.tfds_splits]
+        shape = (len(positions), *self._shape)
+        image = (SharedMemoryArray(shape, np.float16) if self._shared_memory
+                 else np.empty(shape, np.float16))
         keys = self._split.keys[positions]
-        image = None
-        for s, source in enumerate(self._sources):
+        for s, reader in enumerate(self._readers):
             rows = np.flatnonzero(keys[:, 0] == s)
-            if not len(rows):
-                continue
-            for row, example in zip(rows, source.__getitems__(keys[rows, 1].tolist()),
-                                    strict=True):
-                if image is None:
-                    shape = (len(positions), *example["image"].shape)
-                    image = (SharedMemoryArray(shape, np.float16) if self._shared_memory
-                             else np.empty(shape, np.float16))
-                image[row] = example["image"]
+            if len(rows):
+                reader.read_into(keys[rows, 1], image, rows)
         return {
             "image": image,
             "label": self._split.labels[positions],
@@ -310,7 +300,7 @@ def train_batches(dataset: Dataset, split: Split, *, global_batch_size: int, see
     rows = process_rows(global_batch_size, process_index, process_count)
     steps_per_epoch(len(split), global_batch_size)  # fail early on a too-small split
     mapped = grain.MapDataset.range(start_step, stop_step).map(
-        _TrainBatch(_Reader(dataset.path, split, worker_count > 0), len(split), global_batch_size, seed, rows))
+        _TrainBatch(_Reader(dataset, split, worker_count > 0), len(split), global_batch_size, seed, rows))
     return _iterate(mapped, worker_count, prefetch)
 
 
@@ -321,7 +311,7 @@ def eval_batches(dataset: Dataset, split: Split, *, global_batch_size: int,
     rows = process_rows(global_batch_size, process_index, process_count)
     num_batches = -(-len(split) // global_batch_size)
     mapped = grain.MapDataset.range(0, num_batches).map(
-        _EvalBatch(_Reader(dataset.path, split, worker_count > 0), len(split), global_batch_size, rows))
+        _EvalBatch(_Reader(dataset, split, worker_count > 0), len(split), global_batch_size, rows))
     return _iterate(mapped, worker_count, prefetch)
 
 

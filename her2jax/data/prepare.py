@@ -175,6 +175,7 @@ def prepare(cohort_path, data_dir, data_config, *, skip_invalid: bool = False,
             "cohort_source": cohort.source,
             "table": str(cohort.table),
             "num_cases": len(records),
+            "image_shape": [*recipe["shape"], len(recipe["channels"])],
             "num_rejected": len(rejected),
             "splits": {s: {"center": c, "num_examples": n} for c, s, n in
                        _split_rows(records, splits_of)},

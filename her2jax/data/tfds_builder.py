@@ -28,6 +28,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 from array_record.python import array_record_module
+from tensorflow_datasets.proto import tf_example_pb2
 
 from her2jax.errors import Her2jaxError
 
@@ -195,6 +196,59 @@ def read_meta(version_dir: Path) -> dict:
 
 
 def data_source(version_dir: Path, split: str):
-    """Random-access source over one split (picklable, for grain workers)."""
+    """Random-access source over one split, every feature decoded (picklable)."""
     builder = tfds.builder_from_directory(str(version_dir))
     return builder.as_data_source(split=split)
+
+
+class ImageReader:
+    """The training hot path: only the ``image`` feature of one split, by position.
+
+    Reads the split's ArrayRecord shards directly and parses just the image bytes out of
+    each serialized example, skipping TFDS's per-feature decoding of a dozen small fields
+    and its per-call thread pool (together ~40 % of the read time). Picklable: shards are
+    reopened lazily in each process.
+    """
+
+    def __init__(self, version_dir: Path, split: str, shape: Sequence[int]):
+        self._files = sorted(Path(version_dir).glob(f"{DATASET_NAME}-{split}.{FILE_FORMAT}-*"))
+        if not self._files:
+            raise Her2jaxError(f"dataset has no split {split!r}", file=str(version_dir))
+        self._shape = tuple(int(s) for s in shape)
+        self._readers = None
+        self._starts = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_readers": None, "_starts": None}
+
+    def _open(self) -> None:
+        self._readers = [array_record_module.ArrayRecordReader(str(f), "readahead_buffer_size:0")
+                         for f in self._files]
+        self._starts = np.cumsum([0] + [r.num_records() for r in self._readers])
+
+    def __len__(self) -> int:
+        if self._readers is None:
+            self._open()
+        return int(self._starts[-1])
+
+    def read_into(self, positions: Sequence[int], out: np.ndarray,
+                  rows: Sequence[int] | None = None) -> None:
+        """Writes the image at ``positions[i]`` into ``out[rows[i]]`` (rows default: i).
+
+        Args:
+          positions: positions in the split.
+          out: [N, D, H, W, C] float16 batch buffer.
+          rows: where each image goes in ``out``.
+        """
+        if self._readers is None:
+            self._open()
+        positions = np.asarray(positions, np.int64)
+        rows = np.arange(len(positions)) if rows is None else np.asarray(rows)
+        shard = np.searchsorted(self._starts, positions, side="right") - 1
+        for s in np.unique(shard):
+            members = np.flatnonzero(shard == s)
+            records = self._readers[s].read((positions[members] - self._starts[s]).tolist())
+            for row, record in zip(rows[members], records, strict=True):
+                example = tf_example_pb2.Example.FromString(record)
+                raw = example.features.feature["image"].bytes_list.value[0]
+                out[row] = np.frombuffer(raw, np.float16).reshape(self._shape)
