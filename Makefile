@@ -13,8 +13,10 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
+# torch==2.13.0 (the parity extra) is the CPU build on these machines' disk; the parity tests
+# compare the Flax encoders with PyTorch / MONAI references.
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,parity]'
 	touch $@
 
 install: $(STAMP)

@@ -1,0 +1,456 @@
+"""PyTorch foundation-encoder checkpoints -> Flax NNX encoder state (an orbax checkpoint).
+
+  her2jax-port --source=fmbcmri|medicalnet --checkpoint=PATH --out=DIR [--in_channels=C]
+
+Reading never imports torch and never unpickles anything outside an allow-list of tensor
+types (:mod:`torch_checkpoint`). The mapping is by name: her2jax's encoders name their
+submodules exactly like the PyTorch ones, so ``blocks.3.attn.qkv.weight`` becomes the
+state path ``('blocks', 3, 'attn', 'qkv', 'kernel')``, with the layout changes below.
+
+* Linear ``weight (out, in)`` -> ``kernel (in, out)``.
+* Conv3d ``weight (O, I, kD, kH, kW)`` -> ``kernel (kD, kH, kW, I, O)``.
+* LayerNorm / BatchNorm ``weight`` -> ``scale``; BatchNorm ``running_mean / running_var`` ->
+  ``mean / var``; ``num_batches_tracked`` is dropped.
+* First-layer inflation: a single-channel pretrained first kernel (``patch_embed.proj`` or
+  ``conv1``) loads into a C-channel model by repeating it over the input channels divided
+  by C, so a C-channel input whose channels are all equal to x gives exactly the
+  single-channel response to x.
+
+Every model parameter must come from the checkpoint (except a ViT's fixed ``pos_embed``,
+computed when absent), every checkpoint tensor that is not deliberately dropped must land
+in the model, and every shape must match: anything else is a one-line error naming the key.
+
+The output directory holds ``encoder/`` (orbax checkpoint of the encoder's state as a pure
+dict) and ``port.json`` (source, input sha256, architecture, key counts, inflation). It
+is written to a temporary sibling and renamed into place, so a failed port leaves nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from her2jax.errors import Her2jaxError
+from her2jax.models import resnet3d, torch_checkpoint, vit3d
+
+SOURCES = ("fmbcmri", "medicalnet")
+PORT_FILE = "port.json"
+STATE_DIR = "encoder"
+
+# Keys a port drops on purpose: MoCo v3's momentum encoder and projector / predictor MLPs,
+# the old classification heads, and BatchNorm's batch counters.
+_DROPPED = re.compile(r"^(momentum_encoder\.|predictor\.|projector\.|head\.|fc\.)"
+                      r"|\.num_batches_tracked$")
+_WRAPPERS = ("state_dict", "model", "module", "net")
+_PREFIXES = ("module.", "base_encoder.", "encoder.", "backbone.")
+
+
+@dataclasses.dataclass
+class PortReport:
+    """What a port mapped.
+
+    Attributes:
+      source: ``fmbcmri`` or ``medicalnet``.
+      checkpoint: the input file.
+      sha256: of the input file.
+      architecture: the encoder's constructor arguments (inferred from the checkpoint).
+      mapped: checkpoint keys that became encoder parameters.
+      dropped: checkpoint keys dropped on purpose (momentum encoder, heads, counters).
+      computed: encoder state computed rather than loaded (a missing fixed pos_embed).
+      inflation: ``{"key", "from_channels", "to_channels"}`` when the first layer was inflated.
+    """
+
+    source: str
+    checkpoint: str
+    sha256: str
+    architecture: dict
+    mapped: list[str]
+    dropped: list[str]
+    computed: list[str]
+    inflation: dict | None
+
+    def summary(self) -> str:
+        """Multi-line report for the terminal."""
+        arch = ", ".join(f"{k}={v}" for k, v in self.architecture.items())
+        lines = [f"{self.source}: {Path(self.checkpoint).name} (sha256 {self.sha256[:12]}...)",
+                 f"  architecture: {arch}",
+                 f"  mapped {len(self.mapped)} tensors, dropped {len(self.dropped)} "
+                 f"({_describe_dropped(self.dropped)}), missing 0, unexpected 0"]
+        if self.computed:
+            lines.append(f"  computed (not in the checkpoint): {', '.join(self.computed)}")
+        if self.inflation:
+            lines.append("  inflated {key}: {from_channels} -> {to_channels} input channels "
+                         "(kernel repeated over channels / {to_channels})".format(
+                             **self.inflation))
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return {
+            "source": self.source, "checkpoint": self.checkpoint, "sha256": self.sha256,
+            "architecture": self.architecture, "num_mapped": len(self.mapped),
+            "num_dropped": len(self.dropped), "num_missing": 0, "num_unexpected": 0,
+            "computed": self.computed, "inflation": self.inflation,
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        }
+
+
+def _describe_dropped(keys: list[str]) -> str:
+    groups: dict[str, int] = {}
+    for key in keys:
+        group = key.split(".")[0] if not key.endswith("num_batches_tracked") else \
+            "num_batches_tracked"
+        groups[group] = groups.get(group, 0) + 1
+    return ", ".join(f"{k} {v}" for k, v in sorted(groups.items())) or "none"
+
+
+def encoder_tensors(raw, *, file: str) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The encoder's tensors from a loaded checkpoint: unwraps ``state_dict`` and the like,
+    strips ``module.`` / ``base_encoder.`` prefixes, drops what a port never uses.
+
+    Returns:
+      (tensors by stripped key, dropped original keys).
+    """
+    state = raw
+    while isinstance(state, Mapping) and not _looks_like_state(state):
+        inner = next((state[k] for k in _WRAPPERS if isinstance(state.get(k), Mapping)), None)
+        if inner is None:
+            raise Her2jaxError("holds no state dict (no tensors, no 'state_dict' entry)",
+                               file=file)
+        state = inner
+    if not isinstance(state, Mapping):
+        raise Her2jaxError(f"holds a {type(state).__name__}, not a state dict", file=file)
+    tensors, dropped = {}, []
+    for key, value in state.items():
+        if not isinstance(value, np.ndarray):
+            continue
+        stripped = str(key)
+        changed = True
+        while changed:
+            changed = False
+            for prefix in _PREFIXES:
+                if stripped.startswith(prefix):
+                    stripped, changed = stripped[len(prefix):], True
+        if _DROPPED.search(stripped) or str(key).startswith("momentum_encoder."):
+            dropped.append(str(key))
+        else:
+            tensors[stripped] = value
+    return tensors, sorted(dropped)
+
+
+def _looks_like_state(d: Mapping) -> bool:
+    return any(isinstance(v, np.ndarray) for v in d.values())
+
+
+def infer_architecture(source: str, tensors: dict[str, np.ndarray], *, file: str,
+                       num_heads: int | None = None, conv1_t_stride: int = 2) -> dict:
+    """The encoder's constructor arguments, from the tensor names and shapes.
+
+    Args:
+      source: ``fmbcmri`` or ``medicalnet``.
+      tensors: from :func:`encoder_tensors`.
+      file: for error messages.
+      num_heads: ViT attention heads (not visible in weights; default embed_dim / 64, which
+        is 12 for FM-BCMRI's ViT-B).
+      conv1_t_stride: ResNet first-conv stride along D (not visible in weights; MedicalNet
+        was trained with 2).
+    """
+    if source == "fmbcmri":
+        _expect(tensors, ("cls_token", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight"),
+                source, file)
+        embed_dim = int(tensors["cls_token"].shape[-1])
+        proj = tensors["patch_embed.proj.weight"]
+        if proj.ndim != 5 or len(set(proj.shape[2:])) != 1:
+            raise Her2jaxError(f"patch_embed.proj.weight has shape {proj.shape}; expected a "
+                               "cubic Conv3d kernel (E, C, p, p, p)", file=file)
+        patch = int(proj.shape[2])
+        depth = 1 + max(int(k.split(".")[1]) for k in tensors if k.startswith("blocks."))
+        grid = 6
+        if "pos_embed" in tensors:
+            tokens = int(tensors["pos_embed"].shape[1]) - 1
+            grid = round(tokens ** (1 / 3))
+            if grid ** 3 != tokens:
+                raise Her2jaxError(f"pos_embed has {tokens} patch tokens, not a cube; "
+                                   "her2jax ports cubic inputs only", file=file, key="pos_embed")
+        heads = num_heads or max(embed_dim // 64, 1)
+        if embed_dim % heads:
+            raise Her2jaxError(f"embed dim {embed_dim} is not divisible by {heads} heads",
+                               key="num_heads")
+        return dict(kind="vit3d", in_channels=int(proj.shape[1]),
+                    input_shape=[grid * patch] * 3, patch_size=patch, embed_dim=embed_dim,
+                    depth=depth, num_heads=heads,
+                    mlp_ratio=float(tensors["blocks.0.mlp.fc1.weight"].shape[0]) / embed_dim)
+    if source == "medicalnet":
+        _expect(tensors, ("conv1.weight", "bn1.running_mean", "layer1.0.conv1.weight"),
+                source, file)
+        counts = tuple(1 + max((int(k.split(".")[1]) for k in tensors
+                                if k.startswith(f"layer{i}.")), default=-1)
+                       for i in range(1, 5))
+        block = "bottleneck" if "layer1.0.conv3.weight" in tensors else "basic"
+        depth = next((d for d, (b, c) in resnet3d.RESNET_LAYERS.items()
+                      if b == block and tuple(c) == counts), None)
+        if depth is None:
+            raise Her2jaxError(f"{block} blocks per layer {counts} match no ResNet depth of "
+                               f"{sorted(resnet3d.RESNET_LAYERS)}", file=file)
+        conv1 = tensors["conv1.weight"]
+        downsample = [k for k in tensors if ".downsample.0.weight" in k]
+        return dict(kind="resnet3d", depth=depth, in_channels=int(conv1.shape[1]),
+                    shortcut="B" if downsample else "A",
+                    bias_downsample=any(".downsample.0.bias" in k for k in tensors),
+                    conv1_t_size=int(conv1.shape[2]), conv1_t_stride=conv1_t_stride,
+                    widen_factor=float(conv1.shape[0]) / 64)
+    raise Her2jaxError(f"unknown source {source!r} (expected {' or '.join(SOURCES)})",
+                       key="source")
+
+
+def _expect(tensors: dict, keys: tuple[str, ...], source: str, file: str) -> None:
+    missing = [k for k in keys if k not in tensors]
+    if not missing:
+        return
+    other = "fmbcmri" if source == "medicalnet" else "medicalnet"
+    hint = ""
+    if (other == "fmbcmri" and "cls_token" in tensors) or (other == "medicalnet"
+                                                          and "conv1.weight" in tensors):
+        hint = f"; it looks like a {other} checkpoint: pass --source={other}"
+    raise Her2jaxError(f"is not a {source} checkpoint: missing {', '.join(missing)}{hint}",
+                       file=file)
+
+
+def build_encoder(architecture: Mapping, *, in_channels: int | None = None,
+                  rngs: nnx.Rngs | None = None, **overrides) -> nnx.Module:
+    """Constructs the encoder a port describes (``in_channels`` may differ: inflation)."""
+    args = {k: v for k, v in architecture.items() if k != "kind"}
+    if in_channels:
+        args["in_channels"] = in_channels
+    args.update(overrides)
+    rngs = rngs or nnx.Rngs(0)
+    if architecture["kind"] == "vit3d":
+        args["input_shape"] = tuple(args["input_shape"])
+        return vit3d.ViT3D(**args, rngs=rngs)
+    if architecture["kind"] == "resnet3d":
+        return resnet3d.ResNet3D(**args, rngs=rngs)
+    raise Her2jaxError(f"unknown encoder kind {architecture['kind']!r}", key="kind")
+
+
+def _first_layer(kind: str) -> str:
+    return "patch_embed.proj.weight" if kind == "vit3d" else "conv1.weight"
+
+
+def map_tensors(tensors: dict[str, np.ndarray], model: nnx.Module, *, kind: str,
+                file: str) -> tuple[dict, list[str], list[str], dict | None]:
+    """Places every checkpoint tensor into the model's state (as a pure dict).
+
+    Returns:
+      (pure state dict, mapped keys, computed paths, inflation or None).
+    """
+    pure = nnx.to_pure_dict(nnx.state(model))
+    filled: set[tuple] = set()
+    inflation = None
+    for key in sorted(tensors):
+        value = tensors[key]
+        parts = [int(p) if p.isdigit() else p for p in key.split(".")]
+        module = model
+        for part in parts[:-1]:
+            try:
+                module = module[part] if isinstance(part, int) else getattr(module, part)
+            except (AttributeError, IndexError, KeyError, TypeError):
+                raise Her2jaxError("has no place in the encoder (unexpected key; wrong "
+                                   "source or architecture?)", file=file, key=key) from None
+        leaf, value = _convert(module, parts[-1], value, key=key, file=file)
+        path = (*parts[:-1], leaf)
+        target = _get(pure, path)
+        if target is None:
+            raise Her2jaxError("has no place in the encoder (unexpected key)", file=file,
+                               key=key)
+        if key == _first_layer(kind) and value.shape[-2] == 1 and target.shape[-2] > 1:
+            channels = int(target.shape[-2])
+            value = np.repeat(value, channels, axis=-2) / channels
+            inflation = {"key": key, "from_channels": 1, "to_channels": channels}
+        if tuple(value.shape) != tuple(target.shape):
+            raise Her2jaxError(f"shape {tuple(tensors[key].shape)} in the checkpoint "
+                               f"does not fit the encoder's {tuple(target.shape)} "
+                               f"(as {leaf} {tuple(value.shape)})", file=file, key=key)
+        _set(pure, path, np.asarray(value, dtype=target.dtype))
+        filled.add(path)
+    computed = []
+    for path, leaf in _leaves(pure):
+        if path in filled:
+            continue
+        if path == ("pos_embed",):
+            computed.append("pos_embed")   # fixed sin-cos: the model's own construction
+            _set(pure, path, np.asarray(leaf))
+            continue
+        name = ".".join(str(p) for p in path)
+        raise Her2jaxError(f"the checkpoint lacks the encoder's {name} (missing key)",
+                           file=file, key=name)
+    return pure, sorted(tensors), computed, inflation
+
+
+def _convert(module, name: str, value: np.ndarray, *, key: str, file: str):
+    """(flax leaf name, array in Flax layout) for a PyTorch parameter of ``module``."""
+    if isinstance(module, nnx.Linear):
+        if name == "weight":
+            return "kernel", _check_ndim(value, 2, key, file).T
+        return name, value
+    if isinstance(module, nnx.Conv):
+        if name == "weight":
+            return "kernel", np.transpose(_check_ndim(value, 5, key, file), (2, 3, 4, 1, 0))
+        return name, value
+    if isinstance(module, nnx.LayerNorm | nnx.BatchNorm):
+        renamed = {"weight": "scale", "running_mean": "mean", "running_var": "var"}
+        return renamed.get(name, name), value
+    return name, value
+
+
+def _check_ndim(value: np.ndarray, ndim: int, key: str, file: str) -> np.ndarray:
+    if value.ndim != ndim:
+        raise Her2jaxError(f"has {value.ndim} dimensions {tuple(value.shape)}, expected "
+                           f"{ndim}", file=file, key=key)
+    return value
+
+
+def _get(tree, path):
+    for part in path:
+        if not isinstance(tree, Mapping) or part not in tree:
+            return None
+        tree = tree[part]
+    return None if isinstance(tree, Mapping) else tree
+
+
+def _set(tree, path, value) -> None:
+    for part in path[:-1]:
+        tree = tree[part]
+    tree[path[-1]] = value
+
+
+def _leaves(tree, prefix=()):
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            yield from _leaves(v, (*prefix, k))
+        else:
+            yield (*prefix, k), v
+
+
+def port(source: str, checkpoint, out, *, in_channels: int | None = None,
+         num_heads: int | None = None, conv1_t_stride: int = 2,
+         overwrite: bool = False) -> PortReport:
+    """Ports a PyTorch checkpoint into ``out`` (``encoder/`` + ``port.json``).
+
+    Args:
+      source: ``fmbcmri`` (FM-BCMRI 3D ViT) or ``medicalnet`` (MedicalNet / MONAI 3D ResNet).
+      checkpoint: ``.pth`` / ``.pth.tar`` / ``.pt`` (zip or legacy serialisation) or
+        ``.safetensors``.
+      out: the output directory (must not exist, or be empty, unless ``overwrite``).
+      in_channels: the model's input channels C (the dataset recipe's channel count); a
+        single-channel first layer is inflated to C. Default: the checkpoint's.
+      num_heads: ViT heads (default embed_dim / 64).
+      conv1_t_stride: ResNet first-conv stride along D (MedicalNet: 2).
+      overwrite: replace an existing port in ``out``.
+    """
+    if source not in SOURCES:
+        raise Her2jaxError(f"unknown source {source!r} (expected {' or '.join(SOURCES)})",
+                           key="source")
+    checkpoint = Path(checkpoint)
+    out = Path(out).absolute()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise Her2jaxError("exists and is not empty; pass --overwrite to replace it",
+                           file=str(out))
+    raw = torch_checkpoint.load_state(checkpoint)
+    tensors, dropped = encoder_tensors(raw, file=str(checkpoint))
+    architecture = infer_architecture(source, tensors, file=str(checkpoint),
+                                      num_heads=num_heads, conv1_t_stride=conv1_t_stride)
+    if in_channels and in_channels != architecture["in_channels"]:
+        if architecture["in_channels"] != 1:
+            raise Her2jaxError(f"first layer has {architecture['in_channels']} input channels;"
+                               f" only single-channel kernels inflate to {in_channels}",
+                               file=str(checkpoint), key="in_channels")
+        architecture["in_channels"] = in_channels
+    model = nnx.eval_shape(lambda: build_encoder(architecture))
+    pure, mapped, computed, inflation = map_tensors(tensors, _concrete_pos(model, architecture),
+                                                    kind=architecture["kind"],
+                                                    file=str(checkpoint))
+    report = PortReport(source, str(checkpoint), torch_checkpoint.sha256(checkpoint),
+                        architecture, mapped, dropped, computed, inflation)
+    _write(out, pure, report)
+    return report
+
+
+def _concrete_pos(model: nnx.Module, architecture: Mapping) -> nnx.Module:
+    """The abstract model, with a ViT's fixed pos_embed made concrete (it may be computed)."""
+    if architecture["kind"] == "vit3d":
+        grid = tuple(s // architecture["patch_size"] for s in architecture["input_shape"])
+        table = vit3d.sincos_pos_embed_3d(grid, architecture["embed_dim"])[None]
+        model.pos_embed = vit3d.PosEmbed(np.asarray(table, np.float32))
+    return model
+
+
+def _write(out: Path, pure: dict, report: PortReport) -> None:
+    import orbax.checkpoint as ocp
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(tmp / STATE_DIR, jax.tree.map(np.asarray, pure))
+        checkpointer.wait_until_finished()
+        (tmp / PORT_FILE).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_port(directory) -> dict:
+    """``port.json`` of a port directory."""
+    path = Path(directory) / PORT_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise Her2jaxError("is not a her2jax-port output (no port.json)",
+                           file=str(directory)) from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise Her2jaxError(f"unreadable port.json ({e})", file=str(path)) from None
+
+
+def load_pretrained(model: nnx.Module, directory) -> dict:
+    """Loads a port's encoder state into ``model`` in place (the model's own shapes and
+    shardings are the restore target). Returns port.json.
+
+    Raises:
+      Her2jaxError: the port does not fit the model (names the first tensor that differs).
+    """
+    import orbax.checkpoint as ocp
+
+    meta = read_port(directory)
+    path = Path(directory).absolute() / STATE_DIR
+    state = nnx.state(model)
+    pure = nnx.to_pure_dict(state)
+    checkpointer = ocp.StandardCheckpointer()
+    stored = {_name(p): tuple(m.shape) for p, m in _leaves(checkpointer.metadata(path).item_metadata)}
+    wanted = {_name(p): tuple(v.shape) for p, v in _leaves(pure)}
+    for name in sorted(set(stored) | set(wanted)):
+        if stored.get(name) != wanted.get(name):
+            raise Her2jaxError(
+                f"port does not fit this encoder: {name} is {stored.get(name, 'absent')} in the "
+                f"port and {wanted.get(name, 'absent')} in the model (architecture "
+                f"{meta.get('architecture')})", file=str(directory))
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                         sharding=getattr(x, "sharding", None)),
+                          pure)
+    nnx.replace_by_pure_dict(state, checkpointer.restore(path, target))
+    nnx.update(model, state)
+    return meta
+
+
+def _name(path) -> str:
+    return ".".join(str(p) for p in path)
