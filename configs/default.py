@@ -1,16 +1,19 @@
-"""Default: the FM-BCMRI recipe (one channel, second post-contrast phase, tumour box -> 48^3,
-per-crop z-score), three-class HER2 scheme, validation carved from the training centres.
+"""Default: FM-BCMRI ViT-B/8 on the FM-BCMRI recipe (one channel, second post-contrast phase,
+tight tumour box -> 48^3, per-crop z-score), three-class HER2 scheme.
 
   her2jax-prepare --cohort=DIR --data_dir=DIR --config=configs/default.py
-  ... --config.data.recipe.margin_mm=5 --config.data.test_centers="('CENTER_C',)"
+  her2jax-port --source=fmbcmri --checkpoint=breast_MR_checkpoint.pth.tar --out=weights/fmbcmri
+  ... --config.model.pretrained=weights/fmbcmri --config.data.test_centers="('CENTER_C',)"
 """
 
 import ml_collections
 
 from her2jax.data import recipes
+from her2jax.models import factory
 
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.data = recipes.data_config("fmbcmri")
+    config.model = factory.model_config("vit3d")
     return config

@@ -44,9 +44,10 @@ from flax import nnx
 
 from her2jax.errors import Her2jaxError
 
+# "small" follows FM-BCMRI's vit_3d_small (12 heads of 32, not timm's 6 of 64).
 VIT_SIZES = {
     "tiny": dict(embed_dim=48, depth=2, num_heads=2),
-    "small": dict(embed_dim=384, depth=12, num_heads=6),
+    "small": dict(embed_dim=384, depth=12, num_heads=12),
     "base": dict(embed_dim=768, depth=12, num_heads=12),
 }
 

@@ -1,0 +1,87 @@
+"""The model a config describes: encoder (ViT3D or ResNet3D) + task head, optionally with
+pretrained encoder weights from a her2jax-port directory (``config.model.pretrained``).
+
+The encoder's input channels and grid come from the data recipe, and the number of classes
+from the label scheme, so a model always fits the dataset it is trained on.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from her2jax import labels
+from her2jax.errors import Her2jaxError
+from her2jax.models import heads, port, resnet3d, vit3d
+
+ENCODERS = ("vit3d", "resnet3d")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def model_config(encoder: str = "vit3d") -> ml_collections.ConfigDict:
+    """The ``model`` section configs start from (FM-BCMRI ViT-B/8, or MedicalNet ResNet-18)."""
+    return ml_collections.ConfigDict(dict(
+        encoder=encoder,
+        vit=dict(size="base", patch_size=8, attention="xla", attention_pad=0),
+        # MedicalNet's ResNet-18: parameter-free shortcut A, first conv stride 2.
+        resnet=dict(depth=18, shortcut="A", bias_downsample=True, conv1_t_size=7,
+                    conv1_t_stride=2, widen_factor=1.0),
+        head=dict(hidden=0, dropout=0.0),
+        dtype="float32",          # compute dtype; bfloat16 on accelerators (params stay float32)
+        pretrained="",            # a her2jax-port output directory, or '' for random init
+        seed=0,
+    ))
+
+
+def build_encoder(config, *, rngs: nnx.Rngs, bn_axis_name: str | None = None) -> nnx.Module:
+    """The encoder of ``config.model`` for ``config.data.recipe``'s channels and grid."""
+    model, recipe = config.model, config.data.recipe
+    if model.dtype not in _DTYPES:
+        raise Her2jaxError(f"unknown dtype {model.dtype!r} (expected {', '.join(_DTYPES)})",
+                           key="model.dtype")
+    dtype = _DTYPES[model.dtype]
+    channels = len(recipe.channels)
+    if model.encoder == "vit3d":
+        if model.vit.size not in vit3d.VIT_SIZES:
+            raise Her2jaxError(f"unknown ViT size {model.vit.size!r} (expected "
+                               f"{', '.join(vit3d.VIT_SIZES)})", key="model.vit.size")
+        return vit3d.ViT3D(in_channels=channels, input_shape=tuple(recipe.shape),
+                           patch_size=model.vit.patch_size, attention=model.vit.attention,
+                           attention_pad=model.vit.attention_pad, dtype=dtype, rngs=rngs,
+                           **vit3d.VIT_SIZES[model.vit.size])
+    if model.encoder == "resnet3d":
+        r = model.resnet
+        return resnet3d.ResNet3D(depth=r.depth, in_channels=channels, shortcut=r.shortcut,
+                                 bias_downsample=r.bias_downsample, conv1_t_size=r.conv1_t_size,
+                                 conv1_t_stride=r.conv1_t_stride, widen_factor=r.widen_factor,
+                                 bn_axis_name=bn_axis_name, dtype=dtype, rngs=rngs)
+    raise Her2jaxError(f"unknown encoder {model.encoder!r} (expected {', '.join(ENCODERS)})",
+                       key="model.encoder")
+
+
+def build_model(config, *, rngs: nnx.Rngs | None = None,
+                bn_axis_name: str | None = None) -> heads.Classifier:
+    """Encoder + head for ``config``; loads ``config.model.pretrained`` into the encoder.
+
+    Args:
+      config: a full config (``data`` and ``model`` sections).
+      rngs: parameter and dropout streams (default: from ``config.model.seed``).
+      bn_axis_name: mesh axis BatchNorm statistics synchronise over (under shard_map).
+    """
+    if config.data.scheme not in labels.CLASS_NAMES:
+        raise Her2jaxError(f"unknown scheme {config.data.scheme!r} (expected "
+                           f"{', '.join(labels.CLASS_NAMES)})", key="data.scheme")
+    rngs = rngs or nnx.Rngs(config.model.seed)
+    if config.model.pretrained:
+        # Shapes only, then the port's arrays: random init would be thrown away (and on a
+        # CPU it compiles one program per parameter shape).
+        encoder = nnx.eval_shape(lambda: build_encoder(config, rngs=nnx.Rngs(0),
+                                                       bn_axis_name=bn_axis_name))
+        port.load_pretrained(encoder, config.model.pretrained)
+    else:
+        encoder = build_encoder(config, rngs=rngs, bn_axis_name=bn_axis_name)
+    head = heads.Head(encoder.features_dim, len(labels.CLASS_NAMES[config.data.scheme]),
+                      hidden=config.model.head.hidden, dropout=config.model.head.dropout,
+                      rngs=rngs)
+    return heads.Classifier(encoder, head)

@@ -1,0 +1,90 @@
+"""The model a config describes, and `config.model.pretrained` loading a her2jax-port."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from her2jax.errors import Her2jaxError
+from her2jax.models import factory, port
+
+from .test_port import (
+    VIT_CONFIGS,
+    TorchViT3D,
+    assert_parity,
+    monai_resnet,
+    save_fmbcmri,
+    save_medicalnet,
+    to_torch,
+)
+
+
+def load_config(name: str):
+    spec = importlib.util.spec_from_file_location(name, f"configs/{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+@pytest.mark.parametrize("name", ["default", "demo_cpu", "resnet18", "mamamia"])
+def test_every_config_describes_a_model_that_fits_its_data(name):
+    config = load_config(name)
+    model = nnx.eval_shape(lambda: factory.build_model(config))
+    shape = (2, *config.data.recipe.shape, len(config.data.recipe.channels))
+    logits = nnx.eval_shape(lambda m: m(jnp.zeros(shape)), model)
+    classes = 2 if config.data.scheme == "her2_binary" else 3
+    assert logits.shape == (2, classes) and logits.dtype == jnp.float32
+
+
+def test_pretrained_vit_is_loaded_from_the_config(tmp_path):
+    torch.manual_seed(0)
+    reference = TorchViT3D(**VIT_CONFIGS["tiny"]).eval()
+    port.port("fmbcmri", save_fmbcmri(reference, tmp_path / "ckpt.pth"), tmp_path / "port",
+              num_heads=2)
+    config = load_config("demo_cpu")
+    config.data.recipe.shape = (16, 16, 16)
+    config.model.pretrained = str(tmp_path / "port")
+    model = factory.build_model(config)
+    model.eval()
+    x = np.random.default_rng(0).standard_normal((2, 16, 16, 16, 1)).astype(np.float32)
+    with torch.no_grad():
+        expected = reference(to_torch(x)).numpy()
+    assert_parity(model.features(jnp.asarray(x)), expected)
+    assert model(jnp.asarray(x)).shape == (2, 3)
+
+    config.model.vit.size = "small"   # a port of another size does not fit
+    with pytest.raises(Her2jaxError, match="does not fit this encoder"):
+        factory.build_model(config)
+
+
+def test_pretrained_resnet_inflated_to_the_recipe_channels(tmp_path):
+    single = monai_resnet(10)
+    port.port("medicalnet", save_medicalnet(single, tmp_path / "r10.pth"), tmp_path / "port",
+              in_channels=3)
+    config = load_config("resnet18")
+    config.data.recipe.shape = (24, 24, 24)
+    config.model.resnet.depth = 10
+    config.model.resnet.shortcut = "B"
+    config.model.resnet.bias_downsample = False
+    config.model.pretrained = str(tmp_path / "port")
+    model = factory.build_model(config)
+    model.eval()
+    x = np.random.default_rng(1).standard_normal((1, 24, 24, 24, 1)).astype(np.float32)
+    with torch.no_grad():
+        expected = single(to_torch(x)).numpy()
+    # Three identical channels through the inflated kernel = one channel through the original.
+    assert_parity(model.features(jnp.asarray(np.repeat(x, 3, axis=-1))), expected)
+
+
+@pytest.mark.parametrize("field, value, key", [
+    ("encoder", "swin3d", "model.encoder"), ("dtype", "float8", "model.dtype")])
+def test_bad_model_config_is_a_user_error(field, value, key):
+    config = load_config("demo_cpu")
+    setattr(config.model, field, value)
+    with pytest.raises(Her2jaxError, match=key.replace(".", r"\.")):
+        factory.build_model(config)
