@@ -1,0 +1,458 @@
+"""Orbax checkpoints for training: ``latest`` (interval + preemption) and ``best`` (by metric).
+
+Layout under ``workdir/checkpoints``::
+
+    latest/<step>/{state,config}   the newest ``keep_latest`` steps, to resume from
+    best/<step>/{state,config}     the step with the highest validation metric, to evaluate
+    corrupt/<manager>-<step>-<time> unreadable steps moved aside by ``restore_latest``
+
+Two managers, because one manager with ``best_fn`` deletes the latest step when it is not
+the best one. Each step holds the ``TrainState`` (params, rest, opt_state, step, rng; orbax
+saves its ``nnx.State`` fields and typed PRNG keys as they are) and the config as JSON.
+
+Decisions (DESIGN.md):
+
+- The data position is the step, so nothing else is needed to resume.
+- Never save a non-finite state: ``save_*`` check the state (one device-side boolean per
+  part, fetched once) before writing, and raise ``Her2jaxError`` instead.
+- orbax still lists a corrupt newest step as ``latest_step()`` and refuses to save that step
+  again, so ``restore_latest`` moves an unreadable step out of the manager's directory before
+  falling back to the previous one.
+- Restore into an abstract target built for the current mesh (``abstract_like``): a state
+  saved on 8 devices restores onto 2.
+- All processes agree on a preemption save (``reached_preemption``, which the loop must call
+  at every step through ``save_latest``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from jax.sharding import NamedSharding, PartitionSpec
+
+from her2jax.errors import Her2jaxError
+from her2jax.train.state import TrainState
+
+MANAGERS = ("latest", "best")
+_METRIC = "metric"          # the key of the best manager's metrics dict
+_PARTS = ("params", "opt_state", "rest")
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+def abstract_like(state: Any, sharding: jax.sharding.Sharding | None = None) -> Any:
+    """The restore target for ``state``: its pytree with ``jax.ShapeDtypeStruct`` leaves.
+
+    Args:
+      state: a pytree of arrays or of ``jax.ShapeDtypeStruct`` (e.g. from ``jax.eval_shape``),
+        such as a ``TrainState``; its structure (``nnx.State`` fields, Variable types) is kept.
+      sharding: the sharding every leaf gets, e.g. ``NamedSharding(mesh, P())`` for a state
+        replicated over the current mesh; default: each leaf's own ``.sharding``.
+
+    Returns:
+      The same pytree with ``ShapeDtypeStruct(shape, dtype, sharding=...)`` leaves; orbax
+      restores each array with that sharding, whatever mesh the checkpoint was saved from.
+    """
+    def leaf(x):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding if sharding is not None
+                                    else getattr(x, "sharding", None))
+    return jax.tree.map(leaf, state)
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+             if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
+
+
+@functools.lru_cache(maxsize=8)
+def _finite_flags_fn(out_sharding: NamedSharding | None):
+    # Replicated output, so that every process can read it from its own shard.
+    return jax.jit(lambda *parts: jnp.stack([_all_finite(p) for p in parts]),
+                   out_shardings=out_sharding)
+
+
+def _replicated_sharding(tree: Any) -> NamedSharding | None:
+    for x in jax.tree.leaves(tree):
+        sharding = getattr(x, "sharding", None)
+        if isinstance(sharding, NamedSharding):
+            return NamedSharding(sharding.mesh, PartitionSpec())
+    return None
+
+
+def check_finite(state: TrainState, step: int) -> None:
+    """Raises ``Her2jaxError`` if a float in ``state``'s params, opt_state or rest is NaN/Inf.
+
+    The check runs on the device (one boolean per part) and is fetched once, so it costs one
+    small transfer; the loop calls it (through ``save_*``) only when it is about to save.
+
+    Args:
+      state: the ``TrainState`` about to be saved.
+      step: the step it belongs to (for the message).
+
+    Raises:
+      Her2jaxError: "training diverged: non-finite <parts> at step N; ..." with ``key`` the
+        first non-finite part (``params``, ``opt_state`` or ``rest``).
+    """
+    parts = [getattr(state, name) for name in _PARTS]
+    flags = _finite_flags_fn(_replicated_sharding(parts))(*parts)
+    finite = np.asarray(flags.addressable_data(0))
+    bad = [name for name, ok in zip(_PARTS, finite, strict=True) if not ok]
+    if bad:
+        raise Her2jaxError(f"training diverged: non-finite {' and '.join(bad)} at step "
+                           f"{int(step)}; the last good checkpoint is intact (lower the "
+                           "learning rate or check the data, then resume)", key=bad[0])
+
+
+def _name(path) -> str:
+    """orbax's name for a leaf: the keys of its path joined with '.'."""
+    keys = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                keys.append(str(getattr(k, attr)))
+                break
+        else:
+            keys.append(str(k))
+    return ".".join(keys)
+
+
+def _stored_shape(x) -> tuple[int, ...]:
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):   # saved as its raw key data
+        return tuple(jax.eval_shape(jax.random.key_data,
+                                    jax.ShapeDtypeStruct(x.shape, x.dtype)).shape)
+    return tuple(x.shape)
+
+
+def _mismatches(saved_metadata: Any, abstract_state: Any) -> list[str]:
+    """How the leaves on disk differ from the target (names and shapes), at most a few."""
+    saved = {_name(p): tuple(getattr(m, "shape", ()) or ())
+             for p, m in jax.tree_util.tree_leaves_with_path(saved_metadata)}
+    wanted = {_name(p): _stored_shape(x)
+              for p, x in jax.tree_util.tree_leaves_with_path(abstract_state)}
+    problems = [f"missing {n}" for n in sorted(wanted.keys() - saved.keys())]
+    problems += [f"unexpected {n}" for n in sorted(saved.keys() - wanted.keys())]
+    problems += [f"{n} has shape {saved[n]}, the model expects {wanted[n]}"
+                 for n in sorted(wanted.keys() & saved.keys()) if saved[n] != wanted[n]]
+    return problems
+
+
+def _item_handlers() -> dict:
+    # Named up front: a manager that only learns its handlers from a save (the default)
+    # reads no metadata of steps written by an earlier process ("Item 'state' was found
+    # in the checkpoint, but could not be restored"), which would pass for a corrupt step.
+    return {"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler()}
+
+
+class _Unreadable(Exception):
+    """A step whose files cannot be read back (as opposed to one that does not fit)."""
+
+
+# --------------------------------------------------------------------------- managers
+
+class Checkpoints:
+    """The training run's two checkpoint managers (see the module docstring).
+
+    Args:
+      workdir: the run's directory; checkpoints go to ``workdir/checkpoints``.
+      save_every: ``save_latest`` saves at multiples of this step count.
+      keep_latest: how many of the newest steps ``latest`` keeps.
+      async_save: write in a background thread (the arrays are copied to the host first, so
+        the caller may donate or overwrite them as soon as ``save_*`` returns).
+    """
+
+    def __init__(self, workdir, *, save_every: int, keep_latest: int = 2,
+                 async_save: bool = True):
+        if save_every < 1 or keep_latest < 1:
+            raise Her2jaxError(f"save_every ({save_every}) and keep_latest ({keep_latest}) "
+                               "must be at least 1", key="save_every")
+        self.root = epath.Path(workdir) / "checkpoints"
+        self.save_every = int(save_every)
+        self._closed = False
+        self._barriers = 0
+        self._best_metric: float | None = None
+        self._latest = ocp.CheckpointManager(
+            self.root / "latest", item_handlers=_item_handlers(),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep_latest, save_interval_steps=self.save_every,
+                enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
+                create=True))
+        self._best = ocp.CheckpointManager(
+            self.root / "best", item_handlers=_item_handlers(),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=1, best_fn=lambda metrics: metrics[_METRIC], best_mode="max",
+                enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
+                create=True))
+
+    # ---------------------------------------------------------------- queries
+
+    def latest_step(self) -> int | None:
+        """The newest step in ``latest`` (None before the first save)."""
+        return self._latest.latest_step()
+
+    def best_step(self) -> int | None:
+        """The step kept in ``best`` (None before the first ``save_best``)."""
+        return self._best.best_step()
+
+    def best_metric(self) -> float | None:
+        """The metric of the step kept in ``best`` (None before the first ``save_best``)."""
+        if self._best_metric is None:
+            # Read from disk once (a resumed run); afterwards ``save_best`` keeps it, because
+            # orbax writes the metrics file in the background with the step.
+            step = self._best.best_step()
+            metrics = (self._best.metrics(step) if step is not None else None) or {}
+            if _METRIC in metrics:
+                self._best_metric = float(metrics[_METRIC])
+        return self._best_metric
+
+    def reached_preemption(self, step: int) -> bool:
+        """True once all processes have agreed to save at ``step`` because of a preemption
+        notice (JAX's preemption sync service; False where it is not running)."""
+        return self._latest.reached_preemption(int(step))
+
+    # ---------------------------------------------------------------- save
+
+    def save_latest(self, step: int, state: TrainState, *, config: dict,
+                    force: bool = False) -> bool:
+        """Saves ``state`` to ``latest`` if ``step`` is due; call it at every step.
+
+        Due means ``step % save_every == 0``, ``force`` (e.g. the last step), or a preemption
+        sync point at ``step``; a step already saved (or older than the newest) is not saved
+        again.
+
+        Args:
+          step: the state's step (a Python int, so that no device value is fetched).
+          state: the ``TrainState``.
+          config: the run's config as a JSON-serialisable dict, stored beside the state.
+          force: save even off the interval.
+
+        Returns:
+          Whether a save was started (it may still be writing: see ``wait_until_finished``).
+
+        Raises:
+          Her2jaxError: the state holds NaN/Inf (nothing is written).
+        """
+        step = int(step)
+        # Every step, on every process: the preemption sync protocol needs each step reported.
+        preempted = self.reached_preemption(step)
+        if not (force or preempted or step % self.save_every == 0):
+            return False
+        latest = self._latest.latest_step()
+        if latest is not None and step <= latest:
+            if step < latest:
+                logging.warning("not saving step %d: checkpoints/latest already has step %d",
+                                step, latest)
+            return False
+        check_finite(state, step)
+        if preempted:
+            logging.warning("saving step %d because of a preemption notice", step)
+        return self._latest.save(step, args=self._save_args(state, config), force=True)
+
+    def save_best(self, step: int, state: TrainState, *, config: dict, metric: float) -> bool:
+        """Saves ``state`` to ``best`` if ``metric`` beats the kept one (higher is better).
+
+        Args:
+          step: the state's step.
+          state: the ``TrainState``.
+          config: the run's config as a JSON-serialisable dict.
+          metric: the validation metric (e.g. macro AUC); NaN is never best.
+
+        Returns:
+          Whether ``state`` is now the best checkpoint.
+
+        Raises:
+          Her2jaxError: the state holds NaN/Inf (nothing is written).
+        """
+        step, metric = int(step), float(metric)
+        if not math.isfinite(metric):
+            logging.warning("not keeping step %d as best: its metric is %s", step, metric)
+            return False
+        best = self.best_metric()
+        if best is not None and metric <= best:
+            return False
+        check_finite(state, step)
+        if step in self._best.all_steps():       # a better result for a step saved before
+            self._best.wait_until_finished()
+            self._best.delete(step)
+        saved = self._best.save(step, args=self._save_args(state, config),
+                                metrics={_METRIC: metric}, force=True)
+        if saved:
+            self._best_metric = metric
+        return saved
+
+    @staticmethod
+    def _save_args(state: TrainState, config: dict) -> ocp.args.Composite:
+        json.dumps(config)   # fails here, not in the background writer, if not JSON
+        return ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  config=ocp.args.JsonSave(config))
+
+    # ---------------------------------------------------------------- restore
+
+    def restore_latest(self, abstract_state: Any) -> TrainState | None:
+        """The newest readable state in ``latest``, or None to start afresh.
+
+        An unreadable step (missing or truncated files, bad metadata) is moved to
+        ``checkpoints/corrupt/`` with a warning, and the previous step is tried.
+
+        Args:
+          abstract_state: the target from ``abstract_like`` (shapes, dtypes and the current
+            mesh's shardings).
+
+        Returns:
+          The restored ``TrainState`` (same pytree types as the target), or None when no
+          readable step is left (a warning says so if some were moved aside).
+
+        Raises:
+          Her2jaxError: the newest step was written for another model (names or shapes
+            differ); nothing is moved.
+        """
+        moved = []
+        while (step := self._latest.latest_step()) is not None:
+            try:
+                return self._restore(self._latest, step, abstract_state)
+            except _Unreadable as e:
+                moved.append(self._move_aside("latest", step, str(e)))
+        if moved:
+            logging.warning("no readable checkpoint left in %s (moved aside: %s); training "
+                            "starts from scratch", self._latest.directory, ", ".join(moved))
+        return None
+
+    def restore_best(self, abstract_state: Any) -> TrainState:
+        """The state kept in ``best`` (see ``restore_latest`` for ``abstract_state``).
+
+        Raises:
+          Her2jaxError: there is no best checkpoint, it is unreadable, or it was written for
+            another model.
+        """
+        step = self._best.best_step()
+        if step is None:
+            raise Her2jaxError("no best checkpoint: the run has not been validated yet "
+                               "(train with validation centres first)",
+                               file=self._best.directory)
+        try:
+            return self._restore(self._best, step, abstract_state)
+        except _Unreadable as e:
+            raise Her2jaxError(f"best checkpoint step {step} is unreadable: {e}",
+                               file=self._best.directory) from e
+
+    def restored_config(self, which: str = "latest", step: int | None = None) -> dict:
+        """The config saved beside a state.
+
+        Args:
+          which: ``'latest'`` or ``'best'``.
+          step: a step of that manager; default its latest (or best) step.
+
+        Raises:
+          Her2jaxError: unknown ``which``, no such step, or an unreadable config.
+        """
+        manager = self._manager(which)
+        if step is None:
+            step = manager.latest_step() if which == "latest" else manager.best_step()
+        if step is None or step not in manager.all_steps():
+            raise Her2jaxError(f"no checkpoint{'' if step is None else f' at step {step}'} "
+                               f"in {which}", file=manager.directory)
+        try:
+            return manager.restore(
+                step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+        except Exception as e:  # noqa: BLE001 -- any read failure is the file's fault
+            raise Her2jaxError(f"the config of {which} step {step} is unreadable: "
+                               f"{type(e).__name__}: {e}", file=manager.directory) from e
+
+    def _manager(self, which: str) -> ocp.CheckpointManager:
+        if which not in MANAGERS:
+            raise Her2jaxError(f"unknown checkpoint manager {which!r} (expected "
+                               f"{' or '.join(MANAGERS)})", key="which")
+        return self._latest if which == "latest" else self._best
+
+    def _restore(self, manager: ocp.CheckpointManager, step: int,
+                 abstract_state: Any) -> TrainState:
+        """Restores ``step``; ``_Unreadable`` if its files fail, Her2jaxError if it does not fit."""
+        try:
+            metadata = manager.item_metadata(step).state
+        except Exception as e:  # noqa: BLE001
+            raise _Unreadable(f"metadata: {type(e).__name__}: {e}") from e
+        if metadata is None:
+            raise _Unreadable("no state metadata")
+        problems = _mismatches(metadata, abstract_state)
+        if problems:
+            shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more"
+                                               if len(problems) > 3 else "")
+            raise Her2jaxError(f"checkpoint step {step} was written for another model: "
+                               f"{shown} (use a new workdir or the run's config)",
+                               file=manager.directory)
+        missing = [_name(p) for p, x in jax.tree_util.tree_leaves_with_path(abstract_state)
+                   if getattr(x, "sharding", None) is None]
+        if missing:
+            raise ValueError(f"the restore target has no sharding for {missing[0]} (and "
+                             f"{len(missing) - 1} more leaves): build it with abstract_like")
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state)))
+        except Exception as e:  # noqa: BLE001
+            if self._reads_on_host(manager, step, abstract_state):
+                raise   # the files are fine: the target (e.g. its shardings) is wrong, a bug
+            raise _Unreadable(f"{type(e).__name__}: {e}") from e
+        return restored.state
+
+    @staticmethod
+    def _reads_on_host(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> bool:
+        """Whether ``step`` reads into plain host arrays: tells a corrupt step from a bad
+        restore target before a step is moved aside (costs a read, on the failure path only)."""
+        host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+        plain = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=host),
+                             abstract_state)
+        try:
+            manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(plain)))
+        except Exception:  # noqa: BLE001
+            return False
+        return True
+
+    def _move_aside(self, which: str, step: int, reason: str) -> str:
+        """Moves an unreadable step out of the manager so that it is neither listed nor
+        blocks a new save of the same step; returns where it went."""
+        manager = self._manager(which)
+        source = manager.directory / str(step)
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S%f")
+        target = self.root / "corrupt" / f"{which}-{step}-{stamp}"
+        if jax.process_index() == 0:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            source.rename(target)
+        self._barriers += 1
+        ocp.multihost.sync_global_processes(
+            f"her2jax_checkpoint_move_aside_{which}_{step}_{self._barriers}")
+        manager.reload()
+        reason = " ".join(reason.split())[:500]   # tensorstore errors carry whole specs
+        logging.warning("checkpoint %s step %d is unreadable (%s); moved it to %s and falling "
+                        "back to the previous step", which, step, reason, target)
+        return str(target)
+
+    # ---------------------------------------------------------------- lifetime
+
+    def wait_until_finished(self) -> None:
+        """Blocks until background saves are written (and raises if one failed)."""
+        self._latest.wait_until_finished()
+        self._best.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for background saves and releases the managers; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self._latest.close()
+        self._best.close()
+
+    def __enter__(self) -> Checkpoints:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
