@@ -11,6 +11,7 @@ import ml_collections
 
 from her2jax.data import recipes
 from her2jax.models import factory
+from her2jax.train import defaults
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -22,4 +23,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.scheme = "her2_binary"
     config.data.test_centers = ("NACT",)
     config.model = factory.model_config("vit3d")
+    config.train = defaults.train_config()
     return config

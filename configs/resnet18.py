@@ -9,6 +9,7 @@ import ml_collections
 
 from her2jax.data import recipes
 from her2jax.models import factory
+from her2jax.train import defaults
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -16,4 +17,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.data = recipes.data_config("multiphase")
     config.data.recipe.shape = (64, 64, 64)
     config.model = factory.model_config("resnet3d")
+    config.train = defaults.train_config()
     return config

@@ -54,3 +54,31 @@ def dataset(prepared, data_config):
     from her2jax.data import pipeline
 
     return pipeline.open_dataset(prepared.dataset_dir.parents[2], data_config)
+
+
+def materialize(make_model, seed: int = 0):
+    """``make_model()`` built from shapes only and filled with seeded random values.
+
+    Eager random initialisation compiles one small XLA program per parameter shape (seconds
+    on 2 cores); tests that only need *some* well-scaled weights fill them on the host.
+    BatchNorm statistics get mean 0 / var 1 and scales 1, like a fresh model.
+    """
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    model = nnx.eval_shape(make_model)
+    state = nnx.state(model)
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = str(path[-1].key if hasattr(path[-1], "key") else path[-1])
+        if name in ("var", "scale"):
+            return np.ones(leaf.shape, leaf.dtype)
+        if name in ("mean", "bias"):
+            return np.zeros(leaf.shape, leaf.dtype)
+        fan_in = int(np.prod(leaf.shape[:-1])) or 1
+        return (rng.standard_normal(leaf.shape) / np.sqrt(fan_in)).astype(leaf.dtype)
+
+    nnx.update(model, jax.tree_util.tree_map_with_path(fill, state))
+    return model

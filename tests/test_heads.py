@@ -41,14 +41,18 @@ def test_hidden_layer_variant():
 
 @pytest.mark.parametrize("hidden", [0, 8])
 def test_dropout_in_train_mode_only(hidden):
-    head = heads.Head(16, 3, hidden=hidden, dropout=0.5, rngs=nnx.Rngs(0, dropout=1))
+    head = heads.Head(16, 3, hidden=hidden, dropout=0.5, rngs=nnx.Rngs(0))
+    stream = nnx.Rngs(dropout=1)
     x = _features()
-    assert not np.allclose(head(x), head(x))          # train mode (the default): random masks
+    # train mode (the default): random masks, from a stream...
+    assert not np.allclose(head(x, rngs=stream), head(x, rngs=stream))
+    with pytest.raises(ValueError, match="rngs"):   # ...which train mode needs (none held)
+        head(x)
     head.eval()
     first = head(x)
     np.testing.assert_array_equal(first, head(x))
     head.train()
-    assert not np.allclose(head(x), first)
+    assert not np.allclose(head(x, rngs=stream), first)
     # rate 0 never masks, even in train mode
     plain = heads.Head(16, 3, hidden=hidden, dropout=0.0, rngs=nnx.Rngs(0))
     np.testing.assert_array_equal(plain(x), plain(x))

@@ -315,6 +315,15 @@ def eval_batches(dataset: Dataset, split: Split, *, global_batch_size: int,
     return _iterate(mapped, worker_count, prefetch)
 
 
+def clinical_columns(dataset: Dataset, split: Split, names) -> dict[str, list[str]]:
+    """The carried clinical columns (those of ``names`` present) for every example of a
+    split, in split order: e.g. for subgroup tables in predictions.csv."""
+    sources = [tfds_builder.data_source(dataset.path, s) for s in split.tfds_splits]
+    rows = [json.loads(sources[int(s)][int(p)]["clinical"].decode()) for s, p in split.keys]
+    present = [n for n in names if any(n in row for row in rows)]
+    return {n: [str(row.get(n, "")) for row in rows] for n in present}
+
+
 def to_global(batch: dict[str, np.ndarray], mesh, axis: str = "data") -> dict:
     """Host-local rows -> global ``jax.Array`` s sharded over the mesh's ``axis``."""
     import jax  # the data layer stays importable without initialising a backend

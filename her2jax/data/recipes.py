@@ -63,6 +63,7 @@ def data_config(recipe: str = "fmbcmri") -> ml_collections.ConfigDict:
     """
     return ml_collections.ConfigDict(dict(
         name="her2_dce_mri",
+        data_dir="",                     # where her2jax-prepare wrote the dataset
         recipe=recipe_config(recipe),
         columns=dict(
             patient_id="patient_id",

@@ -1,15 +1,18 @@
 """The task classifier: a head on encoder features, and encoder + head as one model.
 
 Dropout randomness. ``Head`` holds an ``nnx.Dropout`` (active after ``model.train()``, the
-default, off after ``model.eval()``) and takes its keys one of two ways:
+default, off after ``model.eval()``) but no random stream of its own — so the model's state
+is parameters and statistics only, which is what a checkpoint and a device-count-independent
+run want. Keys come one of two ways:
 
 - ``dropout_keys`` (per example, what the training engine passes): a [B] array of keys, one
   per example, e.g. ``vmap(fold_in, (None, 0))(fold_in(key, step), global_example_index)``.
   Each example's mask then depends only on its own key, so the training run is the same
   whatever the number of devices or processes the batch is split over (DESIGN.md).
-- otherwise the ``'dropout'`` stream of the ``nnx.Rngs`` given at construction (falling back
-  to its default stream), advanced on every call: fine for eager use and for tests, but the
-  masks then depend on the batch's shape and split.
+- ``rngs``: an ``nnx.Rngs`` with a ``dropout`` (or default) stream, advanced on every call:
+  fine for eager use and for tests, but the masks then depend on the batch's shape and split.
+
+In train mode with a dropout rate above 0, one of them is required.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ class Head(nnx.Module):
       num_classes: K.
       hidden: > 0 adds a hidden layer of this width (GELU).
       dropout: dropout rate in [0, 1) before the last Linear.
-      rngs: parameter initialisation and the default dropout stream.
+      rngs: parameter initialisation.
     """
 
     def __init__(self, in_features: int, num_classes: int, *, hidden: int = 0,
@@ -44,18 +47,19 @@ class Head(nnx.Module):
         self.hidden = (nnx.Linear(in_features, hidden, param_dtype=jnp.float32,
                                   kernel_init=nnx.initializers.xavier_uniform(), rngs=rngs)
                        if hidden else None)
-        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.dropout = nnx.Dropout(dropout)
         # MoCo v3's linear probe initialises its head with N(0, 0.01) and zero bias.
         self.fc = nnx.Linear(hidden or in_features, num_classes, param_dtype=jnp.float32,
                              kernel_init=nnx.initializers.normal(0.01), rngs=rngs)
 
-    def __call__(self, features: jax.Array, *, dropout_keys: jax.Array | None = None
-                 ) -> jax.Array:
+    def __call__(self, features: jax.Array, *, dropout_keys: jax.Array | None = None,
+                 rngs: nnx.Rngs | None = None) -> jax.Array:
         """Class logits.
 
         Args:
           features: [B, F] any float dtype.
           dropout_keys: optional [B] keys (typed, or raw [B, 2] uint32), one per example.
+          rngs: otherwise, a stream for the whole batch's dropout.
 
         Returns:
           [B, K] float32 logits.
@@ -64,7 +68,7 @@ class Head(nnx.Module):
         if self.hidden is not None:
             x = jax.nn.gelu(self.hidden(x), approximate=False)
         if dropout_keys is None:
-            x = self.dropout(x)
+            x = self.dropout(x, rngs=rngs)
         else:
             x = jax.vmap(lambda row, key: self.dropout(row, rngs=key))(x, dropout_keys)
         return self.fc(x).astype(jnp.float32)
@@ -85,6 +89,7 @@ class Classifier(nnx.Module):
         """[B, D, H, W, C] volumes -> [B, F] float32 encoder features."""
         return self.encoder(x).astype(jnp.float32)
 
-    def __call__(self, x: jax.Array, *, dropout_keys: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, *, dropout_keys: jax.Array | None = None,
+                 rngs: nnx.Rngs | None = None) -> jax.Array:
         """[B, D, H, W, C] volumes -> [B, K] float32 logits (see ``Head`` for dropout keys)."""
-        return self.head(self.features(x), dropout_keys=dropout_keys)
+        return self.head(self.features(x), dropout_keys=dropout_keys, rngs=rngs)

@@ -1,0 +1,76 @@
+"""her2jax: the engine.
+
+  her2jax --config=configs/X.py --workdir=DIR --mode=train
+  her2jax --workdir=DIR --mode=eval [--splits=val,test_CENTER_C] [--checkpoint=best|latest]
+  her2jax --workdir=DIR --mode=features [--splits=...]
+
+train runs (or resumes) the config's training in DIR; the other modes use DIR's own
+config.json and checkpoints, so a workdir is all they need (``--data_dir`` says where the
+prepared dataset is on this machine, when it moved).
+"""
+
+from __future__ import annotations
+
+from absl import flags
+from ml_collections import config_flags
+
+from her2jax import cli
+from her2jax.errors import Her2jaxError
+from her2jax.evaluate import metrics
+from her2jax.train import loop
+
+MODES = ("train", "eval", "features")
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (train mode).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "The run's directory.")
+_MODE = flags.DEFINE_enum("mode", "train", list(MODES), "What to do.")
+_SPLITS = flags.DEFINE_list("splits", [], "Splits to evaluate (default: val and every test "
+                            "centre); a centre name evaluates that whole centre.")
+_CHECKPOINT = flags.DEFINE_enum("checkpoint", "best", ["best", "latest"],
+                                "Which checkpoint eval / features restore.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Prepared dataset location (overrides the "
+                                "config's data.data_dir).")
+_FORCE = flags.DEFINE_bool("force", False, "Continue a workdir whose config or dataset changed.")
+_PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
+_BOOTSTRAP = flags.DEFINE_integer("bootstrap", 2000, "Bootstrap resamples for the CIs.",
+                                  lower_bound=0)
+
+
+def _main(argv: list[str]) -> None:
+    del argv
+    if not _WORKDIR.value:
+        raise Her2jaxError("--workdir is required")
+    if _MODE.value == "train":
+        if _CONFIG.value is None:
+            raise Her2jaxError("--config is required to train")
+        config = _CONFIG.value
+        if _DATA_DIR.value:
+            with config.unlocked():
+                config.data.data_dir = _DATA_DIR.value
+        result = loop.train(config, _WORKDIR.value, force=_FORCE.value,
+                            progress=_PROGRESS.value)
+        best = "n/a" if result.best_metric is None else f"{result.best_metric:.3f}"
+        print(f"{result.stopped} at step {result.steps}; best validation macro AUC {best} "
+              f"(step {result.best_step}); checkpoints in {_WORKDIR.value}/checkpoints")
+    elif _MODE.value == "eval":
+        results = loop.evaluate(_WORKDIR.value, splits=_SPLITS.value, which=_CHECKPOINT.value,
+                                data_dir=_DATA_DIR.value, n_boot=_BOOTSTRAP.value)
+        for name, summary in results.items():
+            print(f"{name} (n={summary['n']}): macro-average AUC "
+                  f"{metrics.format_auc(summary['macro_auc'])}, micro-average AUC "
+                  f"{metrics.format_auc(summary['micro_auc'])}")
+        print(f"predictions and metrics in {_WORKDIR.value}/eval/")
+    elif _MODE.value == "features":
+        for name, path in loop.extract_features(_WORKDIR.value, splits=_SPLITS.value,
+                                                which=_CHECKPOINT.value,
+                                                data_dir=_DATA_DIR.value).items():
+            print(f"{name}: {path}")
+
+
+def main() -> None:
+    cli.run(_main)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Training: state, optimizer, the jitted data-parallel step, checkpoints and the loop."""

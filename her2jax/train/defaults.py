@@ -1,0 +1,41 @@
+"""The ``train`` section configs start from (fine-tuning with AdamW, the study's default)."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def train_config() -> ml_collections.ConfigDict:
+    """Every training knob, read by the loop in one place.
+
+    ``steps`` counts optimizer updates; with ``grad_accum`` = k each update consumes k global
+    batches of ``batch_size``.
+    """
+    return ml_collections.ConfigDict(dict(
+        protocol="gradient",        # 'gradient' (this loop) or 'pca_lr' (frozen features -> PCA -> LR)
+        batch_size=32,              # global batch (all devices and processes)
+        steps=2000,
+        optimizer="adamw",
+        learning_rate=1e-4,
+        warmup_steps=100,
+        weight_decay=0.05,
+        b1=0.9, b2=0.999,
+        momentum=0.9, nesterov=False,
+        layer_decay=0.75,           # ViT layer-wise lr decay (1.0: off)
+        freeze="none",              # 'none' | 'encoder' (linear probe) | 'last_k'
+        freeze_keep=0,              # k for 'last_k'
+        grad_accum=1,
+        grad_clip=1.0,
+        label_smoothing=0.0,
+        class_weighting="balanced",  # 'balanced' (n / (K n_c)) or 'none'
+        augment=dict(flips=True, scale=0.1, shift=0.1, noise=0.05),
+        eval_every=100,             # validation macro AUC -> best checkpoint
+        save_every=100,             # latest checkpoint interval (and on SIGTERM)
+        keep_latest=2,
+        early_stop_patience=0,      # evaluations without improvement before stopping (0: off)
+        log_every=10,
+        eval_batch_size=64,
+        seed=0,
+        profile_steps=(),           # (first, last) step range to trace with jax.profiler
+        pca_components=16,          # 'pca_lr' protocol
+    ))

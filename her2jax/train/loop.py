@@ -1,0 +1,395 @@
+"""The training loop and the modes that use a trained workdir (eval, features, predict).
+
+``train`` reads top to bottom: mesh -> data -> workdir claim -> model, optimizer, state ->
+restore -> step functions -> loop. Resume order:
+
+1. build the initial state (shapes, shardings) exactly as a fresh run would;
+2. restore ``checkpoints/latest`` into it (an abstract target with the current mesh, so a
+   run saved on 8 devices resumes on 2);
+3. the restored ``step`` is the data position: the input pipeline starts at that global
+   batch, so the resumed run sees exactly the examples an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
+
+from her2jax import labels as labels_lib
+from her2jax.data import pipeline
+from her2jax.errors import Her2jaxError
+from her2jax.evaluate import files, metrics
+from her2jax.models import factory
+from her2jax.train import checkpoint, optim
+from her2jax.train import logger as logger_lib
+from her2jax.train import state as state_lib
+from her2jax.train import step as step_lib
+from her2jax.train import workdir as workdir_lib
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """How a training run ended.
+
+    Attributes:
+      steps: global batches consumed (the final state's step).
+      best_metric: best validation macro AUC (None if never evaluated).
+      best_step: its step.
+      stopped: 'done', 'early_stop' or 'preempted'.
+    """
+
+    steps: int
+    best_metric: float | None
+    best_step: int | None
+    stopped: str
+
+
+def make_mesh() -> jax.sharding.Mesh:
+    """One ``data`` axis over every device of every process.
+
+    Auto axis types: shardings stay out of the array types (jax >= 0.9 defaults make_mesh to
+    Explicit, under which e.g. the ViT's replicated CLS token and a data-sharded batch
+    cannot be concatenated); shard_map and jit place the computation.
+    """
+    return jax.make_mesh((jax.device_count(),), (step_lib.AXIS,),
+                         axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def class_weights(split: pipeline.Split, scheme: str) -> np.ndarray:
+    """[K] 'balanced' loss weights n / (K n_c) (classes absent from the split get 0)."""
+    k = len(split.class_names)
+    counts = np.bincount(split.labels, minlength=k).astype(np.float64)
+    with np.errstate(divide="ignore"):
+        weights = np.where(counts > 0, len(split) / (k * counts), 0.0)
+    return weights.astype(np.float32)
+
+
+def _check_batch(batch_size: int, key: str) -> None:
+    if batch_size % jax.device_count():
+        raise Her2jaxError(f"{batch_size} is not divisible by the {jax.device_count()} devices",
+                           key=key)
+
+
+def _optimizer(config, params):
+    return optim.make_optimizer(config.train, params, total_steps=config.train.steps)
+
+
+class _Preemption:
+    """SIGTERM sets a flag; the loop saves at the next step and stops."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        def handler(signum, frame):
+            del signum, frame
+            self.requested = True
+
+        try:
+            self._previous = signal.signal(signal.SIGTERM, handler)
+        except ValueError:   # not the main thread (e.g. some test runners): no handler
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def train(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
+          progress: bool = True) -> TrainResult:
+    """Trains (or resumes) the run in ``workdir``.
+
+    Args:
+      config: the full config (data, model, train).
+      workdir: the run's directory.
+      force: accept a config / dataset change against the workdir's config.json.
+      progress: show a progress bar (process 0).
+    """
+    workdir = Path(workdir)
+    tc = config.train
+    # 1. Mesh.
+    mesh = make_mesh()
+    replicated = NamedSharding(mesh, P())
+    _check_batch(tc.batch_size, "train.batch_size")
+    _check_batch(tc.eval_batch_size, "train.eval_batch_size")
+
+    # 2. Data: the split is chosen now, from the config.
+    dataset = pipeline.open_dataset(config.data.data_dir, config.data)
+    splits = pipeline.select_splits(dataset, config.data)
+    train_split, val_split = splits["train"], splits["val"]
+    logging.info("splits: %s", pipeline.describe(splits))
+    total = tc.steps * tc.grad_accum
+
+    # 3. The workdir belongs to this config and dataset.
+    run_config = workdir_lib.claim(workdir, config, dataset.meta, force=force)["config"]
+
+    # 4. Model, optimizer and the initial state.
+    model = factory.build_model(config, bn_axis_name=step_lib.AXIS)
+    optimizer = _optimizer(config, nnx.state(model, nnx.Param))
+    graphdef, state = state_lib.create(model, optimizer, tc.seed)
+    del model
+    state = jax.device_put(state, replicated)
+
+    # 5. Restore the latest checkpoint; its step is the data position.
+    checkpoints = checkpoint.Checkpoints(workdir, save_every=tc.save_every,
+                                         keep_latest=tc.keep_latest)
+    restored = checkpoints.restore_latest(checkpoint.abstract_like(state))
+    if restored is not None:
+        state = restored
+    start = int(jax.device_get(state.step))
+    if start:
+        logging.info("resuming at step %d", start)
+
+    # 6. The jitted steps.
+    weights = (class_weights(train_split, config.data.scheme)
+               if tc.class_weighting == "balanced" else None)
+    if tc.class_weighting not in ("balanced", "none"):
+        raise Her2jaxError(f"unknown class weighting {tc.class_weighting!r} (expected "
+                           "'balanced' or 'none')", key="train.class_weighting")
+    train_step = step_lib.make_train_step(
+        graphdef, optimizer, mesh, num_classes=len(train_split.class_names),
+        augment_config=step_lib.Augment.from_config(tc.augment), class_weights=weights,
+        label_smoothing=tc.label_smoothing)
+    predict = step_lib.make_predict(graphdef)
+
+    # 7. The loop.
+    log = logger_lib.MetricsLogger(workdir)
+    batches = pipeline.train_batches(
+        dataset, train_split, global_batch_size=tc.batch_size, seed=tc.seed, start_step=start,
+        stop_step=total, process_index=jax.process_index(),
+        process_count=jax.process_count(), worker_count=config.data.worker_count,
+        prefetch=config.data.prefetch)
+    bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
+               disable=not progress or jax.process_index() != 0)
+    stopped, since_best, window = "done", 0, (time.perf_counter(), start)
+    profile = tuple(tc.profile_steps)
+    step = start
+    with _Preemption() as preemption:
+        for step in range(start, total):
+            if profile and step == profile[0] and jax.process_index() == 0:
+                jax.profiler.start_trace(str(workdir / "profile"))
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                batch = pipeline.to_global(next(batches), mesh)
+                state, step_metrics = train_step(state, batch)
+            if profile and step == profile[-1] and jax.process_index() == 0:
+                jax.profiler.stop_trace()
+            done = step + 1
+
+            if done % tc.log_every == 0 or done == total:
+                values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                if not np.isfinite(values["loss"]):
+                    raise Her2jaxError(f"training diverged: loss is {values['loss']} at step "
+                                       f"{done}; the last good checkpoint is intact",
+                                       key="train")
+                now = time.perf_counter()
+                values["volumes_per_s"] = ((done - window[1]) * tc.batch_size
+                                           / max(now - window[0], 1e-9))
+                window = (now, done)
+                log.write(done, "train", values)
+                bar.set_postfix(loss=f"{values['loss']:.3f}",
+                                vol_s=f"{values['volumes_per_s']:.0f}")
+            bar.update()
+
+            if done % tc.eval_every == 0 or done == total:
+                summary = evaluate_split(predict, state, dataset, val_split, mesh,
+                                         tc.eval_batch_size, n_boot=0)
+                macro = summary["macro_auc"]["value"]
+                macro = float("nan") if macro is None else macro
+                log.write(done, "val", {"macro_auc": macro, "micro_auc":
+                                        summary["micro_auc"]["value"] or float("nan"),
+                                        "accuracy": summary["accuracy"] or float("nan")})
+                previous = checkpoints.best_metric()
+                if checkpoints.save_best(done, state, config=run_config, metric=macro):
+                    since_best = 0
+                elif previous is not None:
+                    since_best += 1
+                if tc.early_stop_patience and since_best >= tc.early_stop_patience:
+                    stopped = "early_stop"
+            checkpoints.save_latest(done, state, config=run_config,
+                                    force=done == total or stopped != "done"
+                                    or preemption.requested)
+            if preemption.requested:
+                stopped = "preempted"
+            if stopped != "done":
+                break
+    bar.close()
+    checkpoints.wait_until_finished()
+    result = TrainResult(int(jax.device_get(state.step)), checkpoints.best_metric(),
+                         checkpoints.best_step(), stopped)
+    checkpoints.close()
+    log.close()
+    return result
+
+
+def _gather(x: jax.Array) -> np.ndarray:
+    """A global array (sharded over processes) as one host numpy array on every process."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def predict_split(predict, state, dataset: pipeline.Dataset, split: pipeline.Split, mesh,
+                  batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(probs [N, K], features [N, F]) for every example of ``split``, in split order."""
+    probs, features = [], []
+    for host in pipeline.eval_batches(dataset, split, global_batch_size=batch_size,
+                                      process_index=jax.process_index(),
+                                      process_count=jax.process_count()):
+        batch = pipeline.to_global(host, mesh)
+        p, f = predict(state.params, state.rest, batch["image"])
+        valid = _gather(batch["valid"])
+        probs.append(_gather(p)[valid])
+        features.append(_gather(f)[valid])
+    if not probs:
+        return np.zeros((0, len(split.class_names)), np.float32), np.zeros((0, 0), np.float32)
+    return np.concatenate(probs), np.concatenate(features)
+
+
+def evaluate_split(predict, state, dataset, split, mesh, batch_size, *, n_boot: int) -> dict:
+    """metrics.summarize of the state's predictions on a labelled split."""
+    probs, _ = predict_split(predict, state, dataset, split, mesh, batch_size)
+    return metrics.summarize(split.labels, probs, split.class_names, n_boot=n_boot)
+
+
+# ---------------------------------------------------------------- trained-workdir modes
+
+
+@dataclasses.dataclass
+class Trained:
+    """A workdir's model, restored: what eval, features and predict need."""
+
+    config: ml_collections.ConfigDict
+    graphdef: nnx.GraphDef
+    state: state_lib.TrainState
+    mesh: jax.sharding.Mesh
+    step: int
+
+
+def load_trained(workdir, *, which: str = "best", data_dir: str | None = None) -> Trained:
+    """Restores ``checkpoints/<which>`` of a workdir into the current mesh.
+
+    Args:
+      workdir: a trained workdir (config.json + checkpoints).
+      which: 'best' or 'latest'.
+      data_dir: where the prepared dataset is now (default: the config's).
+    """
+    workdir = Path(workdir)
+    record = workdir_lib.read(workdir)
+    config = ml_collections.ConfigDict(record["config"])
+    config.model.pretrained = ""   # the checkpoint holds the trained encoder
+    if data_dir:
+        config.data.data_dir = data_dir
+    mesh = make_mesh()
+    model = nnx.eval_shape(lambda: factory.build_model(config, rngs=nnx.Rngs(0)))
+    graphdef, params, rest = state_lib.split_model(model)
+    optimizer = _optimizer(config, params)
+    abstract = state_lib.TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32), params=params, rest=rest,
+        opt_state=jax.eval_shape(optimizer.init, params),
+        rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+    target = checkpoint.abstract_like(abstract, NamedSharding(mesh, P()))
+    checkpoints = checkpoint.Checkpoints(workdir, save_every=1)
+    try:
+        if which == "best":
+            state = checkpoints.restore_best(target)
+        elif which == "latest":
+            state = checkpoints.restore_latest(target)
+            if state is None:
+                raise Her2jaxError("has no checkpoint to restore", file=str(workdir))
+        else:
+            raise Her2jaxError(f"unknown checkpoint {which!r} (expected best or latest)",
+                               key="checkpoint")
+    finally:
+        checkpoints.close()
+    return Trained(config, graphdef, state, mesh, int(jax.device_get(state.step)))
+
+
+def _named_splits(trained: Trained, dataset, names) -> dict[str, pipeline.Split]:
+    selected = pipeline.select_splits(dataset, trained.config.data)
+    if not names:
+        return {k: v for k, v in selected.items() if k != "train"}
+    out = {}
+    for name in names:
+        if name in selected:
+            out[name] = selected[name]
+        elif name in dataset.centers:   # any centre, whole, labelled cases only
+            out[name] = pipeline.centre_split(dataset, [name], trained.config.data.scheme,
+                                              name=name)
+        else:
+            raise Her2jaxError(f"unknown split {name!r} (known: {', '.join(selected)}, or a "
+                               f"centre: {', '.join(dataset.centers)})", key="splits")
+    return out
+
+
+def evaluate(workdir, *, splits=(), which: str = "best", data_dir: str | None = None,
+             n_boot: int = 2000) -> dict[str, dict]:
+    """Writes ``eval/<split>/predictions.csv`` and ``metrics.json`` for the named splits
+    (default: val and every test centre). Returns the summaries."""
+    workdir = Path(workdir)
+    trained = load_trained(workdir, which=which, data_dir=data_dir)
+    dataset = pipeline.open_dataset(trained.config.data.data_dir, trained.config.data)
+    predict = step_lib.make_predict(trained.graphdef)
+    batch_size = _eval_batch(trained.config)
+    results = {}
+    for name, split in _named_splits(trained, dataset, splits).items():
+        probs, _ = predict_split(predict, trained.state, dataset, split, trained.mesh,
+                                 batch_size)
+        summary = metrics.summarize(split.labels, probs, split.class_names, n_boot=n_boot)
+        summary["step"] = trained.step
+        summary["checkpoint"] = which
+        results[name] = summary
+        if jax.process_index() == 0:
+            out = workdir / "eval" / name
+            files.write_predictions(
+                out / "predictions.csv", patient_ids=split.patient_ids, centers=split.centers,
+                labels=split.labels, probs=probs, class_names=split.class_names,
+                clinical=pipeline.clinical_columns(dataset, split,
+                                                   trained.config.data.columns.clinical))
+            files.write_metrics(out / "metrics.json", summary)
+    return results
+
+
+def extract_features(workdir, *, splits=(), which: str = "best",
+                     data_dir: str | None = None) -> dict[str, Path]:
+    """Writes ``features/<split>.npz`` (features, probs, labels, patient_ids, centers)."""
+    workdir = Path(workdir)
+    trained = load_trained(workdir, which=which, data_dir=data_dir)
+    dataset = pipeline.open_dataset(trained.config.data.data_dir, trained.config.data)
+    predict = step_lib.make_predict(trained.graphdef)
+    written = {}
+    for name, split in _named_splits(trained, dataset, splits).items():
+        probs, features = predict_split(predict, trained.state, dataset, split, trained.mesh,
+                                        _eval_batch(trained.config))
+        path = workdir / "features" / f"{name}.npz"
+        if jax.process_index() == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(path, features=features, probs=probs, labels=split.labels,
+                     patient_ids=np.asarray(split.patient_ids),
+                     centers=np.asarray(split.centers),
+                     class_names=np.asarray(split.class_names))
+        written[name] = path
+    return written
+
+
+def _eval_batch(config) -> int:
+    n = jax.device_count()
+    return max(config.train.eval_batch_size // n, 1) * n
+
+
+def class_names(config) -> tuple[str, ...]:
+    return labels_lib.CLASS_NAMES[config.data.scheme]

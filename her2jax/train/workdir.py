@@ -1,0 +1,115 @@
+"""The workdir's ``config.json``: the resolved config with provenance, and the restart check.
+
+A workdir belongs to one config and one dataset. Restarting it with anything else would mix
+two runs in one set of checkpoints, so it is refused naming what changed (``--force``
+accepts the change and records it).
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import subprocess
+from pathlib import Path
+
+import jax
+
+from her2jax.errors import Her2jaxError
+
+CONFIG_FILE = "config.json"
+_PACKAGES = ("her2jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint",
+             "tensorflow-datasets", "grain", "array-record", "numpy", "scikit-learn")
+
+
+def config_dict(config) -> dict:
+    """The config as plain JSON values (tuples become lists)."""
+    return json.loads(config.to_json())
+
+
+def provenance(dataset_meta: dict) -> dict:
+    """Where the run's inputs and code came from."""
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "dataset": {k: dataset_meta.get(k) for k in
+                    ("name", "listing_hash", "recipe_fingerprint", "cohort", "num_cases")},
+        "git_commit": _git_commit(),
+        "versions": versions,
+        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        "processes": jax.process_count(),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _git_commit() -> str | None:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parent, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip() or None if result.returncode == 0 else None
+
+
+def _differences(old, new, prefix="") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            out += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [f"{prefix[:-1]} {old!r} -> {new!r}"]
+
+
+def claim(workdir: Path, config, dataset_meta: dict, *, force: bool = False) -> dict:
+    """Writes ``config.json``, or checks that a restart uses the same config and dataset.
+
+    Returns:
+      The config.json content now in force.
+
+    Raises:
+      Her2jaxError: the workdir holds a run with another config or dataset (unless force).
+    """
+    path = Path(workdir) / CONFIG_FILE
+    record = {"config": config_dict(config), "provenance": provenance(dataset_meta)}
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise Her2jaxError(f"unreadable ({e})", file=str(path)) from None
+        changed = _differences(old.get("config", {}), record["config"])
+        old_data = old.get("provenance", {}).get("dataset", {})
+        for key in ("listing_hash", "recipe_fingerprint"):
+            if old_data.get(key) != record["provenance"]["dataset"][key]:
+                changed.append(f"dataset {key} {old_data.get(key)!r} -> "
+                               f"{record['provenance']['dataset'][key]!r}")
+        if changed and not force:
+            shown = "; ".join(changed[:5]) + (f"; and {len(changed) - 5} more"
+                                              if len(changed) > 5 else "")
+            raise Her2jaxError(f"holds a run with another config or dataset ({shown}); use a "
+                               "new --workdir, or --force to continue with the change",
+                               file=str(Path(workdir)))
+        if not changed:
+            return old
+        record["provenance"]["forced_changes"] = changed
+    if jax.process_index() == 0:
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        tmp.replace(path)
+    return record
+
+
+def read(workdir: Path) -> dict:
+    """config.json of a workdir (what eval / predict / features run with)."""
+    path = Path(workdir) / CONFIG_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise Her2jaxError("is not a her2jax workdir (no config.json); train first",
+                           file=str(workdir)) from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise Her2jaxError(f"unreadable ({e})", file=str(path)) from None

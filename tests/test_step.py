@@ -1,0 +1,177 @@
+"""The data-parallel step: sharded over all devices == one device == plain jax.grad."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from her2jax.models import heads, resnet3d, vit3d
+from her2jax.train import state as state_lib
+from her2jax.train import step as step_lib
+
+from .conftest import materialize
+
+AUG = step_lib.Augment(flips=True, scale=0.1, shift=0.1, noise=0.05)
+WEIGHTS = jnp.asarray([2.0, 0.5, 1.0])
+
+
+def mesh_of(n: int):
+    return jax.make_mesh((n,), ("data",), devices=jax.devices()[:n])
+
+
+def resnet_model(bn_axis_name="data") -> heads.Classifier:
+    def make():
+        encoder = resnet3d.ResNet3D(depth=10, in_channels=1, block_inplanes=(4, 4, 8, 8),
+                                    shortcut="B", bias_downsample=False, conv1_t_stride=2,
+                                    bn_axis_name=bn_axis_name, rngs=nnx.Rngs(0))
+        return heads.Classifier(encoder, heads.Head(encoder.features_dim, 3, rngs=nnx.Rngs(1)))
+
+    return materialize(make)
+
+
+def vit_model() -> heads.Classifier:
+    def make():
+        encoder = vit3d.ViT3D(in_channels=1, input_shape=(16, 16, 16), patch_size=8,
+                              embed_dim=48, depth=2, num_heads=2, rngs=nnx.Rngs(0))
+        return heads.Classifier(encoder, heads.Head(48, 3, hidden=16, dropout=0.5,
+                                                    rngs=nnx.Rngs(1)))
+
+    return materialize(make)
+
+
+def batch_of(n: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"image": rng.standard_normal((n, 16, 16, 16, 1)).astype(np.float16),
+            "label": rng.integers(0, 3, n).astype(np.int32),
+            "index": rng.permutation(1000)[:n].astype(np.int32),
+            "valid": np.array([True] * (n - 1) + [False])}
+
+
+def on_mesh(tree, mesh, spec):
+    return jax.device_put(tree, NamedSharding(mesh, spec))
+
+
+def sharded_loss_and_grad(model, batch, n_devices):
+    mesh = mesh_of(n_devices)
+    graphdef, state = state_lib.create(model, optax.sgd(0.1), seed=3)
+    fn = step_lib.make_loss_and_grad(graphdef, augment_config=AUG, class_weights=WEIGHTS,
+                                     label_smoothing=0.1)
+    run = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(), P("data")),
+                                out_specs=(P(), P(), P(), P()), check_vma=True))
+    loss, grads, rest, _ = run(on_mesh(state, mesh, P()), on_mesh(batch, mesh, P("data")))
+    return loss, grads, rest, state
+
+
+def assert_trees_close(a, b, atol=1e-5, rtol=1e-5):
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b) > 0
+    for x, y in zip(leaves_a, leaves_b, strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=rtol)
+
+
+def test_gradient_and_batchnorm_statistics_do_not_depend_on_the_device_count():
+    n = jax.device_count()
+    assert n >= 4, "conftest provides several CPU devices"
+    batch = batch_of()
+    loss_n, grads_n, rest_n, _ = sharded_loss_and_grad(resnet_model(), batch, n)
+    loss_1, grads_1, rest_1, state = sharded_loss_and_grad(resnet_model(), batch, 1)
+    np.testing.assert_allclose(float(loss_n), float(loss_1), rtol=1e-6)
+    assert_trees_close(grads_n, grads_1)
+    assert_trees_close(rest_n, rest_1)
+    # The statistics really moved (momentum 0.9 from mean 0 / var 1).
+    assert not np.allclose(np.asarray(rest_1["encoder"]["bn1"]["mean"][...]), 0.0)
+
+
+def test_sharded_gradient_equals_plain_jax_grad_on_the_whole_batch():
+    """The gradient trap: no extra averaging (an extra pmean would be n times too small,
+    a pmean of local gradients n times too large)."""
+    batch = batch_of()
+    n = jax.device_count()
+    loss_n, grads_n, _, state = sharded_loss_and_grad(resnet_model(), batch, n)
+
+    model = resnet_model(bn_axis_name=None)   # no collective: plain single-program reference
+    graphdef, params, rest = state_lib.split_model(model)
+    keys = step_lib.example_keys(state.rng, state.step, jnp.asarray(batch["index"]))
+    x = step_lib.augment(jnp.asarray(batch["image"], jnp.float32),
+                         jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys), AUG)
+    weights = WEIGHTS[batch["label"]] * batch["valid"]
+
+    def loss_fn(p):
+        m = nnx.merge(graphdef, p, rest, copy=True)
+        m.train()
+        num, den = step_lib.weighted_cross_entropy(m(x), jnp.asarray(batch["label"]),
+                                                   weights, 0.1)
+        return num / den
+
+    loss_ref, grads_ref = jax.value_and_grad(loss_fn)(params)
+    np.testing.assert_allclose(float(loss_n), float(loss_ref), rtol=1e-6)
+    assert_trees_close(grads_n, grads_ref)
+
+
+@pytest.mark.parametrize("make_model", [resnet_model, vit_model], ids=["resnet", "vit_dropout"])
+def test_sgd_steps_give_the_same_parameters_on_any_device_count(make_model):
+    optimizer = optax.sgd(0.05)
+    finals = []
+    for n in (jax.device_count(), 1):
+        mesh = mesh_of(n)
+        graphdef, state = state_lib.create(make_model(), optimizer, seed=5)
+        train_step = step_lib.make_train_step(graphdef, optimizer, mesh, num_classes=3,
+                                              augment_config=AUG, class_weights=WEIGHTS,
+                                              label_smoothing=0.1)
+        state = on_mesh(state, mesh, P())
+        for s in range(3):
+            state, metrics = train_step(state, on_mesh(batch_of(seed=s), mesh, P("data")))
+            assert np.isfinite(float(metrics["loss"]))
+        assert int(state.step) == 3
+        finals.append(jax.device_get(state))
+    assert_trees_close(finals[0].params, finals[1].params)
+    assert_trees_close(finals[0].rest, finals[1].rest)
+    # Training moved the parameters.
+    _, start = state_lib.create(make_model(), optimizer, seed=5)
+    moved = [not np.allclose(np.asarray(a), np.asarray(b)) for a, b in
+             zip(jax.tree.leaves(start.params), jax.tree.leaves(finals[0].params), strict=True)]
+    assert sum(moved) > len(moved) // 2
+
+
+def test_padding_rows_do_not_count():
+    batch = batch_of()
+    loss_a, grads_a, _, _ = sharded_loss_and_grad(vit_model(), batch, jax.device_count())
+    changed = {k: v.copy() for k, v in batch.items()}
+    changed["image"][-1] = 100.0          # the invalid row's content and label are irrelevant
+    changed["label"][-1] = (changed["label"][-1] + 1) % 3
+    loss_b, grads_b, _, _ = sharded_loss_and_grad(vit_model(), changed, jax.device_count())
+    np.testing.assert_allclose(float(loss_a), float(loss_b), rtol=1e-6)
+    assert_trees_close(grads_a, grads_b)
+
+
+def test_weighted_cross_entropy_with_label_smoothing():
+    logits = jnp.asarray([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
+    labels = jnp.asarray([0, 2])
+    weights = jnp.asarray([1.0, 3.0])
+    num, den = step_lib.weighted_cross_entropy(logits, labels, weights, 0.3)
+    logp = np.log(np.exp(np.asarray(logits)) / np.exp(np.asarray(logits)).sum(1, keepdims=True))
+    target = np.full((2, 3), 0.1) + 0.7 * np.eye(3)[[0, 2]]
+    expected = (-(target * logp).sum(1) * [1.0, 3.0]).sum()
+    np.testing.assert_allclose(float(num), expected, rtol=1e-6)
+    assert float(den) == 4.0
+
+
+def test_augmentation_is_keyed_per_example():
+    image = jnp.asarray(np.random.default_rng(0).standard_normal((4, 6, 6, 6, 1)), jnp.float32)
+    keys = step_lib.example_keys(jax.random.key_data(jax.random.key(0)), jnp.int32(7),
+                                 jnp.arange(4))
+    a = step_lib.augment(image, keys, AUG)
+    b = step_lib.augment(image[::-1], keys[::-1], AUG)[::-1]
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    assert not np.allclose(np.asarray(a), np.asarray(image))
+    np.testing.assert_array_equal(np.asarray(step_lib.augment(image, keys, step_lib.Augment())),
+                                  np.asarray(image))
+    other = step_lib.example_keys(jax.random.key_data(jax.random.key(0)), jnp.int32(8),
+                                  jnp.arange(4))
+    assert not np.allclose(np.asarray(step_lib.augment(image, other, AUG)), np.asarray(a))
