@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -25,7 +26,8 @@ from .test_port import (
 
 
 def load_config(name: str):
-    spec = importlib.util.spec_from_file_location(name, f"configs/{name}.py")
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config()

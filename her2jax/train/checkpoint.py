@@ -315,6 +315,9 @@ class Checkpoints:
         Raises:
           Her2jaxError: the newest step was written for another model (names or shapes
             differ); nothing is moved.
+          ValueError (or orbax's own error): the step reads into host arrays but not into
+            this target, e.g. shardings missing or not dividing the shapes; a bug, nothing
+            is moved.
         """
         moved = []
         while (step := self._latest.latest_step()) is not None:

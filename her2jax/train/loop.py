@@ -1,6 +1,6 @@
 """The training loop and the modes that use a trained workdir (eval, features, predict).
 
-``train`` reads top to bottom: mesh -> data -> workdir claim -> model, optimizer, state ->
+``train`` reads top to bottom: mesh -> data -> model, optimizer, state -> workdir claim ->
 restore -> step functions -> loop. Resume order:
 
 1. build the initial state (shapes, shardings) exactly as a fresh run would;
@@ -135,15 +135,16 @@ def train(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
     logging.info("splits: %s", pipeline.describe(splits))
     total = tc.steps * tc.grad_accum
 
-    # 3. The workdir belongs to this config and dataset.
-    run_config = workdir_lib.claim(workdir, config, dataset.meta, force=force)["config"]
-
-    # 4. Model, optimizer and the initial state.
+    # 3. Model, optimizer and the initial state (a bad setting fails here, before the
+    # workdir is touched).
     model = factory.build_model(config, bn_axis_name=step_lib.AXIS)
     optimizer = _optimizer(config, nnx.state(model, nnx.Param))
     graphdef, state = state_lib.create(model, optimizer, tc.seed)
     del model
     state = jax.device_put(state, replicated)
+
+    # 4. The workdir belongs to this config and dataset.
+    run_config = workdir_lib.claim(workdir, config, dataset.meta, force=force)["config"]
 
     # 5. Restore the latest checkpoint; its step is the data position.
     checkpoints = checkpoint.Checkpoints(workdir, save_every=tc.save_every,

@@ -1,0 +1,200 @@
+"""The training loop end to end on the shared phantom dataset: outputs, eval-only, restart
+rules, exact resume after SIGKILL, resume on another device count, no TensorFlow."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from her2jax.errors import Her2jaxError
+from her2jax.evaluate import files
+from her2jax.train import logger, loop
+
+from .test_factory import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def small_config(data_dir: Path, **train):
+    """demo_cpu at the shared dataset's 24^3 crops, a handful of steps."""
+    config = load_config("demo_cpu")
+    config.data.data_dir = str(data_dir)
+    config.data.recipe.shape = (24, 24, 24)
+    config.train.update({**dict(batch_size=8, steps=12, warmup_steps=2, eval_every=6,
+                                save_every=6, log_every=3, eval_batch_size=8), **train})
+    return config
+
+
+@pytest.fixture(scope="module")
+def data_dir(prepared) -> Path:
+    return prepared.dataset_dir.parents[2]
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory) -> tuple[Path, loop.TrainResult]:
+    workdir = tmp_path_factory.mktemp("run")
+    return workdir, loop.train(small_config(data_dir), workdir, progress=False)
+
+
+def test_training_writes_its_workdir(trained, prepared):
+    workdir, result = trained
+    assert result.steps == 12 and result.stopped == "done"
+    record = json.loads((workdir / "config.json").read_text())
+    meta = json.loads((prepared.dataset_dir / "her2jax.json").read_text())
+    assert record["provenance"]["dataset"]["listing_hash"] == meta["listing_hash"]
+    assert record["provenance"]["versions"]["jax"] == jax.__version__
+    assert record["config"]["train"]["steps"] == 12
+    records = logger.read_metrics(workdir)
+    assert [r["step"] for r in records if r["split"] == "train"] == [3, 6, 9, 12]
+    assert [r["step"] for r in records if r["split"] == "val"] == [6, 12]
+    assert all(np.isfinite(r["loss"]) and r["volumes_per_s"] > 0
+               for r in records if r["split"] == "train")
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (workdir / "checkpoints" / "latest").iterdir()
+                  if p.name.isdigit()) == ["12", "6"]
+    assert result.best_step in (6, 12)
+
+
+def test_eval_reproduces_the_validation_metric_of_the_best_step(trained):
+    workdir, result = trained
+    recorded = next(r["macro_auc"] for r in logger.read_metrics(workdir)
+                    if r["split"] == "val" and r["step"] == result.best_step)
+    summaries = loop.evaluate(workdir, splits=["val", "test_CENTER_C"], n_boot=200)
+    assert summaries["val"]["macro_auc"]["value"] == pytest.approx(recorded, abs=1e-9)
+    assert result.best_metric == pytest.approx(recorded, abs=1e-9)
+    test = summaries["test_CENTER_C"]
+    low, value, high = (test["macro_auc"][k] for k in ("ci_low", "value", "ci_high"))
+    assert low <= value <= high
+    frame = files.read_predictions(workdir / "eval" / "test_CENTER_C" / "predictions.csv")
+    assert list(frame.columns[:6]) == ["patient_id", "center", "label", "prob_HER2-zero",
+                                       "prob_HER2-low", "prob_HER2-positive"]
+    assert "manufacturer" in frame.columns and set(frame["center"]) == {"CENTER_C"}
+    assert len(frame) == test["n"]
+    probs = frame[[c for c in frame.columns if c.startswith("prob_")]].to_numpy()
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    metrics_json = json.loads((workdir / "eval" / "val" / "metrics.json").read_text())
+    assert {"n", "micro_auc", "macro_auc", "per_class_auc", "pairwise_auc",
+            "confusion_matrix", "class_names"} <= set(metrics_json)
+
+
+def test_features_mode_writes_embeddings(trained):
+    workdir, _ = trained
+    paths = loop.extract_features(workdir, splits=["CENTER_A"])
+    with np.load(paths["CENTER_A"]) as npz:
+        assert npz["features"].shape == (len(npz["labels"]), 48)
+        assert set(npz["centers"].tolist()) == {"CENTER_A"}
+        np.testing.assert_allclose(npz["probs"].sum(1), 1.0, atol=1e-5)
+
+
+def test_a_workdir_refuses_another_config_unless_forced(trained, data_dir, tmp_path):
+    workdir, _ = trained
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    with pytest.raises(Her2jaxError, match=r"train\.learning_rate 0\.001 -> 0\.002"):
+        loop.train(small_config(data_dir, learning_rate=2e-3), copy, progress=False)
+    result = loop.train(small_config(data_dir, learning_rate=2e-3), copy, force=True,
+                        progress=False)
+    assert result.steps == 12   # already complete: nothing more to do
+    assert "forced_changes" in json.loads((copy / "config.json").read_text())["provenance"]
+
+
+def test_bad_training_settings_fail_before_the_workdir_is_touched(data_dir, tmp_path):
+    with pytest.raises(Her2jaxError, match="train.batch_size"):
+        loop.train(small_config(data_dir, batch_size=6), tmp_path / "a", progress=False)
+    with pytest.raises(Her2jaxError, match="train.warmup_steps"):
+        loop.train(small_config(data_dir, warmup_steps=50), tmp_path / "b", progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b" / "config.json").exists()
+
+
+# ---------------------------------------------------------------- real processes
+
+RESUME_ARGS = ["--config=configs/demo_cpu.py", "--config.data.recipe.shape=(24,24,24)",
+               "--config.train.steps=160", "--config.train.save_every=40",
+               "--config.train.eval_every=80", "--config.train.batch_size=8",
+               "--config.train.warmup_steps=10", "--config.train.eval_batch_size=8",
+               "--noprogress"]
+
+
+def _her2jax(workdir: Path, data_dir: Path, *extra: str, env=None, wait=True):
+    command = [sys.executable, "-m", "her2jax.main", f"--workdir={workdir}", *RESUME_ARGS,
+               f"--config.data.data_dir={data_dir}", *extra]
+    if not wait:
+        return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _final_params(workdir: Path):
+    return jax.device_get(loop.load_trained(workdir, which="latest").state.params)
+
+
+def _kill_after_first_checkpoint(workdir: Path, data_dir: Path) -> int:
+    """Starts a run and SIGKILLs it as soon as its first checkpoint is complete."""
+    process = _her2jax(workdir, data_dir, wait=False)
+    latest = workdir / "checkpoints" / "latest"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if latest.exists() and any(p.name.isdigit() for p in latest.iterdir()):
+            break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    done = max(int(p.name) for p in latest.iterdir() if p.name.isdigit())
+    assert done < 160
+    return done
+
+
+@pytest.fixture(scope="module")
+def straight(data_dir, tmp_path_factory) -> Path:
+    """160 steps uninterrupted, with a stub `tensorflow` first on the path that records any
+    import attempt (training must not import TensorFlow)."""
+    root = tmp_path_factory.mktemp("straight")
+    stub = root / "stub" / "tensorflow"
+    stub.mkdir(parents=True)
+    marker = root / "tensorflow-imported"
+    (stub / "__init__.py").write_text(
+        "import pathlib, traceback\n"
+        f"pathlib.Path({str(marker)!r}).write_text(''.join(traceback.format_stack()))\n"
+        "raise ImportError('her2jax must not import tensorflow')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(stub.parent), str(REPO)])}
+    _her2jax(root / "run", data_dir, env=env)
+    assert not marker.exists(), marker.read_text() if marker.exists() else ""
+    return root / "run"
+
+
+def test_resume_after_sigkill_is_bitwise_exact(straight, data_dir, tmp_path):
+    workdir = tmp_path / "run"
+    killed_at = _kill_after_first_checkpoint(workdir, data_dir)
+    _her2jax(workdir, data_dir)
+    resumed_steps = [r["step"] for r in logger.read_metrics(workdir) if r["split"] == "train"]
+    assert max(resumed_steps) == 160 and killed_at < 160
+    for a, b in zip(jax.tree.leaves(_final_params(straight)),
+                    jax.tree.leaves(_final_params(workdir)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_checkpoint_from_4_devices_resumes_on_2(straight, data_dir, tmp_path):
+    workdir = tmp_path / "run"
+    _kill_after_first_checkpoint(workdir, data_dir)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    _her2jax(workdir, data_dir, env=env)
+    record = json.loads((workdir / "config.json").read_text())
+    assert record["provenance"]["devices"].startswith("4 x")   # the run that claimed it
+    for a, b in zip(jax.tree.leaves(_final_params(straight)),
+                    jax.tree.leaves(_final_params(workdir)), strict=True):
+        # Same examples, different reduction order: AdamW amplifies float noise a little.
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-3, rtol=2e-2)
