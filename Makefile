@@ -27,14 +27,18 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check her2jax tests benchmarks configs
 
-# Phantom cohort -> TFDS dataset -> a look at the train / val / test splits and one global
-# batch. Later stages (train, evaluate, analyse, report) extend this chain.
+# Phantom cohort -> TFDS dataset -> train the tiny ViT (configs/demo_cpu.py) -> evaluate on
+# the held-out centre. Re-running resumes / reuses each stage.
 demo: $(STAMP)
 	test -f $(DEMO)/cohort/clinical.csv || \
 	  $(BIN)/her2jax-phantom --out=$(DEMO)/cohort --patients=120 --centers=3 --seed=0
 	$(BIN)/her2jax-prepare --cohort=$(DEMO)/cohort --data_dir=$(DEMO)/data \
-	  --config=configs/demo_cpu.py
+	  --config=configs/demo_cpu.py --noprogress
 	$(BIN)/python -m her2jax.cli.inspect_data --data_dir=$(DEMO)/data --config=configs/demo_cpu.py
+	$(BIN)/her2jax --config=configs/demo_cpu.py --workdir=$(DEMO)/run --mode=train \
+	  --config.data.data_dir=$(DEMO)/data --noprogress
+	$(BIN)/her2jax --workdir=$(DEMO)/run --mode=eval
+	@echo "outputs: $(DEMO)/run (config.json, metrics.jsonl, tensorboard/, checkpoints/, eval/)"
 
 clean-demo:
 	rm -rf $(DEMO)
