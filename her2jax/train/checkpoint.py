@@ -30,6 +30,7 @@ import datetime
 import functools
 import json
 import math
+import os
 from typing import Any
 
 import jax
@@ -176,7 +177,8 @@ class Checkpoints:
         if save_every < 1 or keep_latest < 1:
             raise Her2jaxError(f"save_every ({save_every}) and keep_latest ({keep_latest}) "
                                "must be at least 1", key="save_every")
-        self.root = epath.Path(workdir) / "checkpoints"
+        # orbax wants absolute paths (a relative --workdir fails deep inside tensorstore).
+        self.root = epath.Path(os.path.abspath(workdir)) / "checkpoints"
         self.save_every = int(save_every)
         self._closed = False
         self._barriers = 0
