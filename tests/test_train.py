@@ -198,3 +198,21 @@ def test_a_checkpoint_from_4_devices_resumes_on_2(straight, data_dir, tmp_path):
                     jax.tree.leaves(_final_params(workdir)), strict=True):
         # Same examples, different reduction order: AdamW amplifies float noise a little.
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-3, rtol=2e-2)
+
+
+def test_a_relative_workdir_works(data_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = loop.train(small_config(data_dir, steps=4, eval_every=4, save_every=4),
+                        "runs/relative", progress=False)
+    assert result.steps == 4
+    assert (tmp_path / "runs" / "relative" / "checkpoints" / "latest" / "4").is_dir()
+
+
+def test_eval_on_a_directory_that_is_not_a_workdir(tmp_path):
+    with pytest.raises(Her2jaxError, match="not a her2jax workdir"):
+        loop.evaluate(tmp_path)
+    result = subprocess.run([sys.executable, "-m", "her2jax.main", f"--workdir={tmp_path}",
+                             "--mode=eval"], cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2 and "not a her2jax workdir" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

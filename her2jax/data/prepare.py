@@ -276,6 +276,29 @@ def _preprocess_all(cohort, recipe: dict, spool: Path, workers: int, progress: b
     return records, rejected
 
 
+def crop_case(case: cohort_lib.Case, recipe: dict, needed_phases: int) -> preprocess.Crop:
+    """Loads, checks and preprocesses one case: the one code path from NIfTI files to the
+    network input, shared by prepare and predict so that both see identical crops.
+
+    Args:
+      case: a valid case of ``cohort.read_cohort``.
+      recipe: the plain preprocessing recipe (``recipes.plain(config.data.recipe)``).
+      needed_phases: ``preprocess.required_phases(recipe)``.
+
+    Returns:
+      The case's Crop (image [D, H, W, C] float16).
+
+    Raises:
+      Her2jaxError: naming the patient (and file): too few phases, or any problem
+        ``nifti.load_case`` / ``preprocess.preprocess`` finds.
+    """
+    if len(case.phases) < needed_phases:
+        raise Her2jaxError(f"has {len(case.phases)} phases, the recipe needs "
+                           f"{needed_phases}", patient=case.patient_id)
+    phases, mask, affine = nifti.load_case(case)
+    return preprocess.preprocess(phases, mask, affine, recipe)
+
+
 def _preprocess_case(case: cohort_lib.Case, recipe: dict, spool: str, needed_phases: int):
     """Worker: load, check and preprocess one case into the spool.
 
@@ -283,11 +306,7 @@ def _preprocess_case(case: cohort_lib.Case, recipe: dict, spool: str, needed_pha
       (record, None) with the example's metadata, or (None, Rejection).
     """
     try:
-        if len(case.phases) < needed_phases:
-            raise Her2jaxError(f"has {len(case.phases)} phases, the recipe needs "
-                               f"{needed_phases}", patient=case.patient_id)
-        phases, mask, affine = nifti.load_case(case)
-        crop = preprocess.preprocess(phases, mask, affine, recipe)
+        crop = crop_case(case, recipe, needed_phases)
     except Her2jaxError as e:
         return None, cohort_lib.Rejection(case.patient_id, e.file or "", e.reason)
     spool_file = Path(spool) / f"{hashlib.sha1(case.patient_id.encode()).hexdigest()}.npz"
