@@ -3,6 +3,10 @@
   her2jax --config=configs/X.py --workdir=DIR --mode=train
   her2jax --workdir=DIR --mode=eval [--splits=val,test_CENTER_C] [--checkpoint=best|latest]
   her2jax --workdir=DIR --mode=features [--splits=...]
+  her2jax --workdir=DIR --mode=predict --cohort=NIFTI_COHORT [--out=DIR] [--skip_invalid]
+
+With ``train.protocol='pca_lr'`` (configs/fmbcmri_pca_lr.py) train fits the study's protocol
+(frozen encoder features -> PCA -> logistic regression) instead of gradient training.
 
 train runs (or resumes) the config's training in DIR; the other modes use DIR's own
 config.json and checkpoints, so a workdir is all they need (``--data_dir`` says where the
@@ -17,9 +21,9 @@ from ml_collections import config_flags
 from her2jax import cli
 from her2jax.errors import Her2jaxError
 from her2jax.evaluate import metrics
-from her2jax.train import loop
+from her2jax.train import loop, pca_lr, predict
 
-MODES = ("train", "eval", "features")
+MODES = ("train", "eval", "features", "predict")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (train mode).",
                                           lock_config=True)
@@ -33,6 +37,12 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "Prepared dataset location (ov
                                 "config's data.data_dir).")
 _FORCE = flags.DEFINE_bool("force", False, "Continue a workdir whose config or dataset changed.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
+_COHORT = flags.DEFINE_string("cohort", None, "NIfTI cohort to predict (MAMA-MIA layout or "
+                              "manifest CSV; labels optional).")
+_OUT = flags.DEFINE_string("out", None, "predict: output folder (default "
+                           "WORKDIR/predict/<cohort name>).")
+_SKIP_INVALID = flags.DEFINE_bool("skip_invalid", False, "predict: leave invalid cases out "
+                                  "(listed in rejected.csv) instead of stopping.")
 _BOOTSTRAP = flags.DEFINE_integer("bootstrap", 2000, "Bootstrap resamples for the CIs.",
                                   lower_bound=0)
 
@@ -48,24 +58,49 @@ def _main(argv: list[str]) -> None:
         if _DATA_DIR.value:
             with config.unlocked():
                 config.data.data_dir = _DATA_DIR.value
+        if config.train.protocol == "pca_lr":
+            for name, summary in pca_lr.fit(config, _WORKDIR.value, force=_FORCE.value,
+                                            n_boot=_BOOTSTRAP.value).items():
+                _print_summary(name, summary)
+            print(f"predictions and metrics in {_WORKDIR.value}/eval/")
+            return
         result = loop.train(config, _WORKDIR.value, force=_FORCE.value,
                             progress=_PROGRESS.value)
         best = "n/a" if result.best_metric is None else f"{result.best_metric:.3f}"
         print(f"{result.stopped} at step {result.steps}; best validation macro AUC {best} "
               f"(step {result.best_step}); checkpoints in {_WORKDIR.value}/checkpoints")
     elif _MODE.value == "eval":
-        results = loop.evaluate(_WORKDIR.value, splits=_SPLITS.value, which=_CHECKPOINT.value,
-                                data_dir=_DATA_DIR.value, n_boot=_BOOTSTRAP.value)
+        if pca_lr.is_pca_lr(_WORKDIR.value):
+            results = pca_lr.evaluate(_WORKDIR.value, splits=_SPLITS.value,
+                                      data_dir=_DATA_DIR.value, n_boot=_BOOTSTRAP.value)
+        else:
+            results = loop.evaluate(_WORKDIR.value, splits=_SPLITS.value,
+                                    which=_CHECKPOINT.value, data_dir=_DATA_DIR.value,
+                                    n_boot=_BOOTSTRAP.value)
         for name, summary in results.items():
-            print(f"{name} (n={summary['n']}): macro-average AUC "
-                  f"{metrics.format_auc(summary['macro_auc'])}, micro-average AUC "
-                  f"{metrics.format_auc(summary['micro_auc'])}")
+            _print_summary(name, summary)
         print(f"predictions and metrics in {_WORKDIR.value}/eval/")
+    elif _MODE.value == "predict":
+        if not _COHORT.value:
+            raise Her2jaxError("--cohort is required to predict")
+        if pca_lr.is_pca_lr(_WORKDIR.value):
+            raise Her2jaxError("predict on a pca_lr workdir is not supported yet; use "
+                               "--mode=eval on a prepared dataset", file=_WORKDIR.value)
+        path = predict.predict_cohort(_WORKDIR.value, _COHORT.value, out=_OUT.value,
+                                      which=_CHECKPOINT.value, skip_invalid=_SKIP_INVALID.value,
+                                      n_boot=_BOOTSTRAP.value)
+        print(f"wrote {path}")
     elif _MODE.value == "features":
         for name, path in loop.extract_features(_WORKDIR.value, splits=_SPLITS.value,
                                                 which=_CHECKPOINT.value,
                                                 data_dir=_DATA_DIR.value).items():
             print(f"{name}: {path}")
+
+
+def _print_summary(name: str, summary: dict) -> None:
+    print(f"{name} (n={summary['n']}): macro-average AUC "
+          f"{metrics.format_auc(summary['macro_auc'])}, micro-average AUC "
+          f"{metrics.format_auc(summary['micro_auc'])}")
 
 
 def main() -> None:

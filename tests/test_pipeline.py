@@ -199,3 +199,14 @@ def test_global_batch_is_sharded_over_the_data_axis(dataset, data_config):
         assert shard.data.shape[0] == 2
         np.testing.assert_array_equal(np.asarray(shard.data), host["image"][rows])
     np.testing.assert_array_equal(np.asarray(batch["label"]), host["label"])
+
+
+def test_permuted_training_labels_are_a_negative_control(dataset):
+    plain = pipeline.select_splits(dataset, _config())
+    permuted = pipeline.select_splits(dataset, _config(permute_train_labels=True))
+    assert permuted["train"].patient_ids == plain["train"].patient_ids
+    assert sorted(permuted["train"].labels) == sorted(plain["train"].labels)
+    assert not (permuted["train"].labels == plain["train"].labels).all()
+    np.testing.assert_array_equal(permuted["val"].labels, plain["val"].labels)
+    np.testing.assert_array_equal(permuted["test_CENTER_C"].labels,
+                                  plain["test_CENTER_C"].labels)

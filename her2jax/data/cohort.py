@@ -235,7 +235,7 @@ class _Columns:
     clinical: list[tuple[str, int]]
 
 
-def _resolve_columns(table: _Table, columns) -> _Columns:
+def _resolve_columns(table: _Table, columns, require_labels: bool = True) -> _Columns:
     def find(key: str) -> int | None:
         name = str(_setting(columns, key)).strip()
         if not name:
@@ -258,7 +258,7 @@ def _resolve_columns(table: _Table, columns) -> _Columns:
         missing.append(f"'{names[0]}'" + (f" (or {', '.join(repr(n) for n in names[1:])})"
                                           if len(names) > 1 else ""))
     ihc, ish, her2 = find("ihc"), find("ish"), find("her2")
-    if ihc is None and her2 is None:
+    if ihc is None and her2 is None and require_labels:
         wanted = [f"'{_setting(columns, k)}'" for k in ("ihc", "her2") if _setting(columns, k)]
         missing.append("a label column: " + (" or ".join(wanted) if wanted else
                                              "none configured (columns.ihc / columns.her2)"))
@@ -401,7 +401,7 @@ def _locate(path: pathlib.Path) -> tuple[str, pathlib.Path, pathlib.Path]:
 
 
 def read_cohort(path, columns, *, clinical_sheet: str = "dataset_info",
-                allow_outside_root: bool = False) -> Cohort:
+                allow_outside_root: bool = False, require_labels: bool = True) -> Cohort:
     """Reads a cohort's table and checks every listed patient's files and label values.
 
     Args:
@@ -413,6 +413,8 @@ def read_cohort(path, columns, *, clinical_sheet: str = "dataset_info",
         aliases ``centre``, ``dataset`` (MAMA-MIA) and ``site``.
       clinical_sheet: the sheet read from an ``.xlsx`` table.
       allow_outside_root: let manifest paths leave the manifest's folder.
+      require_labels: a table without any label column (IHC or binary her2) is an error;
+        predict reads new, unlabelled cohorts with False.
 
     Returns:
       The Cohort: valid cases and rejections, each sorted by patient_id.
@@ -423,7 +425,7 @@ def read_cohort(path, columns, *, clinical_sheet: str = "dataset_info",
     path = pathlib.Path(os.path.abspath(os.path.expanduser(str(path))))
     source, root, table_path = _locate(path)
     table = _read_table(table_path, clinical_sheet)
-    cols = _resolve_columns(table, columns)
+    cols = _resolve_columns(table, columns, require_labels)
     phase_cols: list[int] = []
     mask_col = None
     if source == "manifest":

@@ -178,6 +178,10 @@ def select_splits(dataset: Dataset, data_config) -> dict[str, Split]:
     held = stratified_holdout(pool.labels, data_config.val_fraction, data_config.seed)
     splits = {"train": _subset(pool, np.flatnonzero(~held), "train"),
               "val": _subset(pool, np.flatnonzero(held), "val")}
+    if data_config.get("permute_train_labels", False):
+        train_labels = np.random.default_rng((data_config.seed, 1)).permutation(
+            splits["train"].labels)
+        splits["train"] = dataclasses.replace(splits["train"], labels=train_labels)
     for center in test:
         name = f"test_{dataset.split_of.get(center, center)}"
         splits[name] = centre_split(dataset, [center], scheme, name=name)
