@@ -67,7 +67,7 @@ def _main(argv: list[str]) -> None:
         result = loop.train(config, _WORKDIR.value, force=_FORCE.value,
                             progress=_PROGRESS.value)
         best = "n/a" if result.best_metric is None else f"{result.best_metric:.3f}"
-        print(f"{result.stopped} at step {result.steps}; best validation macro AUC {best} "
+        print(f"{result.stopped.replace('_', ' ')} at step {result.steps}; best validation macro AUC {best} "
               f"(step {result.best_step}); checkpoints in {_WORKDIR.value}/checkpoints")
     elif _MODE.value == "eval":
         if pca_lr.is_pca_lr(_WORKDIR.value):

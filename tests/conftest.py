@@ -6,7 +6,7 @@ import os
 
 # Several fake CPU devices so sharding code runs as on a multi-device host; must be set
 # before jax initialises its backends.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402

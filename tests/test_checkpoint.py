@@ -370,7 +370,7 @@ def test_a_bad_restore_target_is_a_bug_not_corruption(ckpts, tmp_path):
 # --------------------------------------------------------------------------- mesh
 
 def test_a_state_saved_on_4_devices_restores_onto_2(tmp_path):
-    assert jax.device_count() >= 4, "tests/conftest.py asks for 4 CPU devices"
+    assert jax.device_count() >= 4, "tests/conftest.py asks for 8 CPU devices"
     mesh4 = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4])
     mesh2 = jax.make_mesh((2,), ("data",), devices=jax.devices()[2:4])
     state = jax.device_put(make_state(10), NamedSharding(mesh4, P()))

@@ -185,8 +185,8 @@ def test_eval_batches_cover_the_split_once_in_order(dataset, data_config):
 
 
 def test_global_batch_is_sharded_over_the_data_axis(dataset, data_config):
-    assert jax.device_count() == 4, "conftest asks for 4 CPU devices"
-    mesh = jax.make_mesh((4,), ("data",))
+    assert jax.device_count() == 8, "conftest asks for 8 CPU devices"
+    mesh = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4])
     split = pipeline.select_splits(dataset, data_config)["train"]
     host = next(pipeline.train_batches(dataset, split, global_batch_size=8, seed=0,
                                        start_step=0, stop_step=1))

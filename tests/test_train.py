@@ -141,7 +141,8 @@ def _final_params(workdir: Path):
     return jax.device_get(loop.load_trained(workdir, which="latest").state.params)
 
 
-def _kill_after_first_checkpoint(workdir: Path, data_dir: Path) -> int:
+def _kill_after_first_checkpoint(workdir: Path, data_dir: Path,
+                                 sig: int = signal.SIGKILL) -> int:
     """Starts a run and SIGKILLs it as soon as its first checkpoint is complete."""
     process = _her2jax(workdir, data_dir, wait=False)
     latest = workdir / "checkpoints" / "latest"
@@ -150,9 +151,15 @@ def _kill_after_first_checkpoint(workdir: Path, data_dir: Path) -> int:
         if latest.exists() and any(p.name.isdigit() for p in latest.iterdir()):
             break
         time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    process.send_signal(sig)
+    started = time.monotonic()
+    process.wait(timeout=120)
+    if sig == signal.SIGTERM:   # preemption: a checkpoint, then a clean exit within 30 s
+        assert process.returncode == 0, process.stderr.read()[-2000:]
+        assert time.monotonic() - started < 30
+        assert "preempted at step" in process.stdout.read()
+    else:
+        assert process.returncode == -signal.SIGKILL, "the run ended before it was killed"
     done = max(int(p.name) for p in latest.iterdir() if p.name.isdigit())
     assert done < 160
     return done
@@ -187,13 +194,13 @@ def test_resume_after_sigkill_is_bitwise_exact(straight, data_dir, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_a_checkpoint_from_4_devices_resumes_on_2(straight, data_dir, tmp_path):
+def test_a_checkpoint_from_8_devices_resumes_on_2(straight, data_dir, tmp_path):
     workdir = tmp_path / "run"
     _kill_after_first_checkpoint(workdir, data_dir)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     _her2jax(workdir, data_dir, env=env)
     record = json.loads((workdir / "config.json").read_text())
-    assert record["provenance"]["devices"].startswith("4 x")   # the run that claimed it
+    assert record["provenance"]["devices"].startswith("8 x")   # the run that claimed it
     for a, b in zip(jax.tree.leaves(_final_params(straight)),
                     jax.tree.leaves(_final_params(workdir)), strict=True):
         # Same examples, different reduction order: AdamW amplifies float noise a little.
@@ -216,3 +223,30 @@ def test_eval_on_a_directory_that_is_not_a_workdir(tmp_path):
                             timeout=300)
     assert result.returncode == 2 and "not a her2jax workdir" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_sigterm_saves_and_stops_then_the_run_continues(data_dir, tmp_path):
+    workdir = tmp_path / "run"
+    stopped_at = _kill_after_first_checkpoint(workdir, data_dir, signal.SIGTERM)
+    assert stopped_at < 160   # the step it was at when the signal came, saved off-interval
+    _her2jax(workdir, data_dir)
+    assert max(r["step"] for r in logger.read_metrics(workdir) if r["split"] == "train") == 160
+
+
+def test_early_stopping_and_gradient_accumulation(data_dir, tmp_path):
+    # lr 0: the validation AUC never improves after the first evaluation.
+    result = loop.train(small_config(data_dir, learning_rate=0.0, eval_every=2,
+                                     early_stop_patience=2, warmup_steps=0), tmp_path / "a",
+                        progress=False)
+    assert result.stopped == "early_stop" and result.steps == 6 and result.best_step == 2
+    assert (tmp_path / "a" / "checkpoints" / "latest" / "6").is_dir()
+    accumulated = loop.train(small_config(data_dir, steps=3, grad_accum=2, eval_every=6,
+                                          save_every=6, warmup_steps=1), tmp_path / "b",
+                             progress=False)
+    assert accumulated.steps == 6   # 3 optimizer updates of 2 batches each
+
+
+def test_profiler_traces_the_requested_steps(data_dir, tmp_path):
+    loop.train(small_config(data_dir, steps=4, eval_every=4, save_every=4,
+                            profile_steps=(1, 2)), tmp_path / "run", progress=False)
+    assert list((tmp_path / "run" / "profile").rglob("*.xplane.pb"))
