@@ -250,3 +250,41 @@ def test_profiler_traces_the_requested_steps(data_dir, tmp_path):
     loop.train(small_config(data_dir, steps=4, eval_every=4, save_every=4,
                             profile_steps=(1, 2)), tmp_path / "run", progress=False)
     assert list((tmp_path / "run" / "profile").rglob("*.xplane.pb"))
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--config.train.nonexistent=1"], "nonexistent"),
+    (["--config.train.steps=many"], "steps"),
+    (["--mode=dance"], "mode"),
+])
+def test_bad_engine_flags_are_one_line_errors(args, named, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "her2jax.main", f"--workdir={tmp_path / 'w'}",
+                             "--config=configs/demo_cpu.py", *args], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and named in lines[0], result.stderr
+    assert not (tmp_path / "w").exists()
+
+
+def test_linear_probe_trains_only_the_head(data_dir, tmp_path):
+    config = small_config(data_dir, steps=4, eval_every=4, save_every=4)
+    probe = load_config("linear_probe")
+    for key in ("freeze", "optimizer", "learning_rate", "momentum", "weight_decay",
+                "layer_decay", "warmup_steps", "grad_clip"):
+        config.train[key] = probe.train[key]
+    loop.train(config, tmp_path / "run", progress=False)
+    start = loop.load_trained(tmp_path / "run", which="latest")
+    fresh = jax.device_get(state_params_at_init(config))
+    trained_params = jax.device_get(start.state.params)
+    assert np.array_equal(np.asarray(fresh["encoder"]["norm"]["scale"][...]),
+                          np.asarray(trained_params["encoder"]["norm"]["scale"][...]))
+    assert not np.array_equal(np.asarray(fresh["head"]["fc"]["kernel"][...]),
+                              np.asarray(trained_params["head"]["fc"]["kernel"][...]))
+
+
+def state_params_at_init(config):
+    from flax import nnx
+
+    from her2jax.models import factory
+
+    return nnx.state(factory.build_model(config), nnx.Param)
