@@ -82,3 +82,22 @@ def materialize(make_model, seed: int = 0):
 
     nnx.update(model, jax.tree_util.tree_map_with_path(fill, state))
     return model
+
+
+def tensorflow_stub(root):
+    """(env, marker): PYTHONPATH puts a `tensorflow` package first that records any import
+    attempt in ``marker`` (with the importing stack) and then fails the import."""
+    import os
+    from pathlib import Path
+
+    root = Path(root)
+    stub = root / "stub" / "tensorflow"
+    stub.mkdir(parents=True)
+    marker = root / "tensorflow-imported"
+    (stub / "__init__.py").write_text(
+        "import pathlib, traceback\n"
+        f"pathlib.Path({str(marker)!r}).write_text(''.join(traceback.format_stack()))\n"
+        "raise ImportError('her2jax must not import tensorflow')\n")
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(stub.parent), str(repo)])}
+    return env, marker

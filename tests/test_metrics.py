@@ -12,7 +12,13 @@ import pytest
 import scipy.stats
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sklearn.metrics import balanced_accuracy_score, confusion_matrix, roc_auc_score
+from sklearn.metrics import (
+    balanced_accuracy_score,
+    cohen_kappa_score,
+    confusion_matrix,
+    f1_score,
+    roc_auc_score,
+)
 from sklearn.preprocessing import label_binarize
 
 from her2jax.errors import Her2jaxError
@@ -190,7 +196,8 @@ def test_seeded_bootstrap_is_reproducible():
     assert c["macro_auc"]["ci_low"] != a["macro_auc"]["ci_low"]
     assert abs(c["macro_auc"]["ci_low"] - a["macro_auc"]["ci_low"]) < 0.02
     assert a["bootstrap"] == {"method": "stratified percentile", "n_boot": 500, "seed": 7,
-                              "confidence": 0.95, "skipped": a["bootstrap"]["skipped"]}
+                              "confidence": 0.95, "skipped": a["bootstrap"]["skipped"],
+                              "note": None}
 
 
 def test_confidence_level_widens_the_interval():
@@ -431,3 +438,211 @@ def test_metrics_json_round_trip(tmp_path):
     (tmp_path / "bad.json").write_text("[1, 2]")
     with pytest.raises(Her2jaxError, match="JSON object"):
         files.read_metrics(tmp_path / "bad.json")
+
+
+# --- new metrics: F1, kappa, Brier, ECE, DeLong, binary operating points, BCa -------------------
+
+Z95 = 1.959963984540054  # Phi^-1(0.975)
+
+
+def binary_six():
+    """3 negatives scored 0.15, 0.45, 0.65 and 3 positives 0.35, 0.75, 0.95 (p(positive))."""
+    p = np.array([0.15, 0.45, 0.65, 0.35, 0.75, 0.95])
+    return np.array([0, 0, 0, 1, 1, 1]), np.stack([1 - p, p], axis=1)
+
+
+def binormal(n: int, shift: float, seed: int):
+    """Binary cases, half negative N(0, 1) and half positive N(shift, 1), as probabilities.
+
+    The true AUC is Phi(shift / sqrt(2)) (the sigmoid is monotone, so ranks are the x's).
+    """
+    rng = np.random.default_rng(seed)
+    labels = np.repeat([0, 1], [n // 2, n - n // 2])
+    p = 1 / (1 + np.exp(-(rng.normal(size=n) + shift * labels)))
+    return labels, np.stack([1 - p, p], axis=1)
+
+
+def test_new_metrics_hand_computed_binary():
+    labels, probs = binary_six()
+    s = metrics.summarize(labels, probs, BINARY, n_boot=0)
+    # argmax calls 0.65 positive and 0.35 negative: confusion [[2, 1], [1, 2]].
+    assert s["confusion_matrix"] == [[2, 1], [1, 2]]
+    assert s["macro_f1"] == pytest.approx(2 / 3)           # both classes P = R = 2/3
+    # kappa: observed disagreement 2/6, expected (3*3 + 3*3) / 36 = 1/2 -> 1 - (2/6) / (1/2).
+    assert s["quadratic_weighted_kappa"] == pytest.approx(1 / 3)
+    # Brier: 2 (p1 - y)^2 per case: 2 (.0225 + .2025 + .4225 + .4225 + .0625 + .0025) / 6.
+    assert s["brier"] == pytest.approx(2.27 / 6)
+    # ECE: top confidences .85 .55 .65 .65 .75 .95, correct T T F F T T, one bin each except .65:
+    # (|1 - .55| + 2 |0 - .65| + |1 - .75| + |1 - .85| + |1 - .95|) / 6.
+    assert s["ece"] == pytest.approx(2.2 / 6)
+    assert s["macro_f1"] == pytest.approx(f1_score(labels, probs.argmax(1), average="macro"))
+    assert s["quadratic_weighted_kappa"] == pytest.approx(
+        cohen_kappa_score(labels, probs.argmax(1), weights="quadratic"))
+
+    # DeLong: V10 = (1/3, 1, 1), V01 = (1, 2/3, 2/3); AUC 7/9; S10 = 4/27, S01 = 1/27;
+    # Var = S10 / 3 + S01 / 3 = 5/81, SE = sqrt(5) / 9.
+    delong = s["per_class_auc_delong"]["HER2-positive"]
+    assert delong["value"] == pytest.approx(7 / 9)
+    assert delong["ci_low"] == pytest.approx(7 / 9 - Z95 * math.sqrt(5) / 9)
+    assert delong["ci_high"] == 1.0  # 7/9 + 0.487 clipped
+    assert s["per_class_auc_delong"]["HER2-negative"] == pytest.approx(delong)
+    assert s["binary"]["auc_delong"] == delong
+    assert s["binary"]["auc"]["value"] == pytest.approx(7 / 9)
+
+    # Thresholds (call positive when p >= t): .95 -> (1/3, 1), .75 -> (2/3, 1), .65 -> (2/3, 2/3),
+    # .45 -> (2/3, 1/3), .35 -> (1, 1/3), .15 -> (1, 0). Youden J peaks at .75 (J = 2/3);
+    # the most specific threshold with sensitivity >= 0.9 is .35.
+    assert s["binary"]["youden"] == pytest.approx(
+        {"threshold": 0.75, "sensitivity": 2 / 3, "specificity": 1.0})
+    assert s["binary"]["at_sensitivity"] == pytest.approx(
+        {"target": 0.9, "threshold": 0.35, "sensitivity": 1.0, "specificity": 1 / 3})
+
+
+def test_new_metrics_hand_computed_three_class():
+    labels = np.array([0, 0, 0, 1, 1, 2])
+    probs = np.array([[0.7, 0.2, 0.1], [0.2, 0.7, 0.1], [0.1, 0.2, 0.7],
+                      [0.1, 0.8, 0.1], [0.1, 0.8, 0.1], [0.6, 0.1, 0.3]])
+    s = metrics.summarize(labels, probs, THREE, n_boot=0)
+    # Confusion [[1, 1, 1], [0, 2, 0], [1, 0, 0]]: F1 = 2TP / (row + column) = 2/5, 4/5, 0.
+    assert s["macro_f1"] == pytest.approx(0.4)
+    # Quadratic weights (i - j)^2: observed sum 1 + 4 + 4 = 9; expected outer((3, 2, 1),
+    # (2, 3, 1)) / 6 weighted: 3.5 + 1 + 11/6 = 19/3 -> kappa = 1 - 27/19 = -8/19.
+    assert s["quadratic_weighted_kappa"] == pytest.approx(-8 / 19)
+    # Brier: .14 + 1.14 + 1.34 + .06 + .06 + .86 = 3.6, over 6 cases.
+    assert s["brier"] == pytest.approx(0.6)
+    predicted = probs.argmax(1)
+    assert s["macro_f1"] == pytest.approx(f1_score(labels, predicted, average="macro"))
+    assert s["quadratic_weighted_kappa"] == pytest.approx(
+        cohen_kappa_score(labels, predicted, weights="quadratic"))
+    assert s["binary"] is None
+    assert set(s["per_class_auc_delong"]) == set(THREE)
+
+
+def test_new_metrics_undefined_are_none(tmp_path):
+    empty = metrics.summarize(np.zeros(0, dtype=int), np.zeros((0, 2)), BINARY, n_boot=10)
+    for key in ("macro_f1", "quadratic_weighted_kappa", "brier", "ece"):
+        assert empty[key] is None
+    assert empty["binary"]["youden"]["threshold"] is None
+    assert empty["binary"]["auc"]["value"] is None
+    one_class = metrics.summarize(np.zeros(4, dtype=int), np.full((4, 2), 0.5), BINARY, n_boot=10)
+    assert one_class["quadratic_weighted_kappa"] is None  # all true and predicted in class 0
+    assert one_class["per_class_auc_delong"]["HER2-positive"]["value"] is None
+    files.write_metrics(tmp_path / "m.json", one_class)
+    back = files.read_metrics(tmp_path / "m.json")
+    assert back["binary"]["at_sensitivity"]["target"] == 0.9 and back["brier"] == 0.25 * 2
+
+
+@pytest.mark.parametrize("k,seed", [(2, 20), (3, 21), (4, 22)])
+def test_delong_point_estimate_equals_sklearn(k, seed):
+    labels, probs = softmax_cases(300, k=k, seed=seed)
+    probs = np.round(probs, 2)  # ties: the midranks must count them one half
+    probs /= probs.sum(axis=1, keepdims=True)
+    s = metrics.summarize(labels, probs, [f"c{c}" for c in range(k)], n_boot=0)
+    for c in range(k):
+        entry = s["per_class_auc_delong"][f"c{c}"]
+        assert entry["value"] == pytest.approx(roc_auc_score(labels == c, probs[:, c]), abs=1e-12)
+        assert entry["ci_low"] < entry["value"] < entry["ci_high"]
+
+
+def test_midrank_equals_scipy_rankdata():
+    x = np.array([3.0, 1.0, 3.0, 2.0, 3.0, 1.0, 7.0])
+    np.testing.assert_array_equal(metrics._midrank(x), scipy.stats.rankdata(x))
+
+
+def test_delong_agrees_with_bootstrap_on_a_large_sample():
+    """At N=2000 DeLong's normal interval and the 2,000-resample percentile interval agree.
+
+    Both estimate the same sampling variance (the bootstrap's Monte Carlo error of an end is
+    ~0.002 here, and the AUC's sampling distribution is near normal): ends within 0.01.
+    """
+    labels, probs = softmax_cases(2000, signal=1.0, seed=23)
+    s = metrics.summarize(labels, probs, THREE, n_boot=2000)
+    for name in THREE:
+        boot, delong = s["per_class_auc"][name], s["per_class_auc_delong"][name]
+        assert delong["value"] == pytest.approx(boot["value"], abs=1e-12)
+        assert delong["ci_low"] == pytest.approx(boot["ci_low"], abs=0.01)
+        assert delong["ci_high"] == pytest.approx(boot["ci_high"], abs=0.01)
+    labels, probs = binormal(2000, 1.0, seed=24)
+    s = metrics.summarize(labels, probs, BINARY, n_boot=2000)
+    assert s["binary"]["auc_delong"]["ci_low"] == pytest.approx(s["binary"]["auc"]["ci_low"],
+                                                                abs=0.01)
+    assert s["binary"]["auc_delong"]["ci_high"] == pytest.approx(s["binary"]["auc"]["ci_high"],
+                                                                 abs=0.01)
+
+
+def test_percentile_and_delong_intervals_cover_the_true_auc():
+    """100 binormal data sets (N=200, true AUC Phi(1/sqrt 2) = 0.760): 95% CIs cover 85-100%.
+
+    With 100 trials the binomial SD of a 95% coverage is ~2%, so 85% is a >4 SD miss.
+    """
+    true_auc = scipy.stats.norm.cdf(1.0 / math.sqrt(2.0))
+    covered = {"bootstrap": 0, "delong": 0}
+    for trial in range(100):
+        labels, probs = binormal(200, 1.0, seed=1000 + trial)
+        s = metrics.summarize(labels, probs, BINARY, n_boot=200, seed=trial)
+        for key, entry in (("bootstrap", s["binary"]["auc"]), ("delong", s["binary"]["auc_delong"])):
+            covered[key] += entry["ci_low"] <= true_auc <= entry["ci_high"]
+    assert 85 <= covered["bootstrap"] <= 100
+    assert 85 <= covered["delong"] <= 100
+
+
+def test_bca_agrees_with_scipy():
+    """BCa vs scipy.stats.bootstrap(method='BCa') with one sample per true class (stratified).
+
+    scipy's multi-sample acceleration is the per-sample jackknife we use. With the same seed the
+    resamples are the same (see test_bootstrap_agrees_with_scipy_stratified), so the intervals
+    agree to rounding (1e-9); with another seed, within 0.015 (Monte Carlo error ~0.003 at 1,000
+    resamples and N=400, larger for BCa's adjusted tail levels).
+    """
+    labels, probs = softmax_cases(400, seed=25)
+    n_boot = 1000
+
+    def statistic(*by_class):
+        idx = np.concatenate(by_class)
+        y, p = labels[idx], probs[idx]
+        return np.array([mann_whitney_auc(p[y == c, c], p[y != c, c]) for c in (0, 2)])
+
+    data = tuple(np.flatnonzero(labels == c) for c in range(3))
+    s = metrics.summarize(labels, probs, THREE, n_boot=n_boot, seed=0, ci_method="bca")
+    assert s["bootstrap"]["method"] == "stratified bca" and s["bootstrap"]["note"] is None
+    ours = [s["per_class_auc"]["HER2-zero"], s["per_class_auc"]["HER2-positive"]]
+    for seed, tolerance in ((0, 1e-9), (123, 0.015)):
+        reference = scipy.stats.bootstrap(data, statistic, n_resamples=n_boot, method="BCa",
+                                          vectorized=False, paired=False,
+                                          rng=np.random.default_rng(seed))
+        for m, entry in enumerate(ours):
+            assert entry["ci_low"] == pytest.approx(reference.confidence_interval.low[m],
+                                                    abs=tolerance)
+            assert entry["ci_high"] == pytest.approx(reference.confidence_interval.high[m],
+                                                     abs=tolerance)
+
+
+def test_bca_is_percentile_when_symmetric_and_moves_away_from_the_ceiling_when_skewed():
+    # Chance AUC on 1,000 cases: the bootstrap distribution is symmetric about the estimate,
+    # so z0 ~ 0 and a ~ 0 and BCa is the percentile interval (within Monte Carlo noise).
+    labels, probs = binormal(1000, 0.0, seed=26)
+    pct = metrics.summarize(labels, probs, BINARY, n_boot=1000)["macro_auc"]
+    bca = metrics.summarize(labels, probs, BINARY, n_boot=1000, ci_method="bca")["macro_auc"]
+    assert bca["ci_low"] == pytest.approx(pct["ci_low"], abs=0.005)
+    assert bca["ci_high"] == pytest.approx(pct["ci_high"], abs=0.005)
+    # AUC 0.975 on 40 cases: the bootstrap distribution piles up against 1 and is skewed left;
+    # BCa reaches further down than the percentile interval (which is too short on that side).
+    labels, probs = binormal(40, 3.0, seed=1)
+    pct = metrics.summarize(labels, probs, BINARY, n_boot=2000)["macro_auc"]
+    bca = metrics.summarize(labels, probs, BINARY, n_boot=2000, ci_method="bca")["macro_auc"]
+    assert pct["value"] == bca["value"] == pytest.approx(0.975)
+    assert bca["ci_low"] < pct["ci_low"] - 0.02
+    assert bca["ci_low"] < bca["value"] <= bca["ci_high"] <= 1.0
+
+
+def test_bca_falls_back_to_percentile_above_the_cap(monkeypatch):
+    labels, probs = softmax_cases(120, seed=27)
+    pct = metrics.summarize(labels, probs, THREE, n_boot=200)
+    monkeypatch.setattr(metrics, "BCA_MAX_N", 100)
+    s = metrics.summarize(labels, probs, THREE, n_boot=200, ci_method="bca")
+    assert s["bootstrap"]["method"] == "stratified percentile"
+    assert "N = 120 > 100" in s["bootstrap"]["note"]
+    assert s["macro_auc"] == pct["macro_auc"]
+    with pytest.raises(Her2jaxError) as error:
+        metrics.summarize(labels, probs, THREE, ci_method="basic")
+    assert error.value.key == "ci_method"

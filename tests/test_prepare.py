@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import gzip
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from PIL import Image
 from her2jax.data import prepare, tfds_builder
 from her2jax.errors import Her2jaxError
 
-from .conftest import small_data_config
+from .conftest import small_data_config, tensorflow_stub
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -396,14 +395,7 @@ def test_cli_bad_flags_exit_2_with_one_line(phantom_cohort, tmp_path, args, name
 
 def test_cli_writes_the_dataset_without_tensorflow(phantom_cohort, tmp_path):
     """A stub `tensorflow` that records any import attempt sits first on the path."""
-    stub = tmp_path / "stub" / "tensorflow"
-    stub.mkdir(parents=True)
-    marker = tmp_path / "tensorflow-imported"
-    (stub / "__init__.py").write_text(
-        "import pathlib, traceback\n"
-        f"pathlib.Path({str(marker)!r}).write_text(''.join(traceback.format_stack()))\n"
-        "raise ImportError('her2jax must not import tensorflow')\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(stub.parent), str(REPO)])}
+    env, marker = tensorflow_stub(tmp_path)
     cohort = copy_cohort(phantom_cohort, tmp_path / "cohort", per_center=4)
     result = _run(f"--cohort={cohort}", f"--data_dir={tmp_path / 'data'}", "--workers=2",
                   "--config=configs/demo_cpu.py", env=env)
@@ -411,10 +403,10 @@ def test_cli_writes_the_dataset_without_tensorflow(phantom_cohort, tmp_path):
     assert "wrote 12 cases" in result.stdout
     read = subprocess.run(
         [sys.executable, "-m", "her2jax.cli.inspect_data", f"--data_dir={tmp_path / 'data'}",
-         "--config=configs/demo_cpu.py", "--batch_size=4"],
+         "--config=configs/demo_cpu.py", "--config.data.test_centers=()", "--batch_size=8"],
         capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert read.returncode == 0, read.stderr
-    assert "global batch 0: image (4, 32, 32, 32, 1) float16" in read.stdout
+    assert "global batch 0: image (8, 32, 32, 32, 1) float16 over 8 device(s)" in read.stdout
     assert not marker.exists(), marker.read_text() if marker.exists() else ""
 
 

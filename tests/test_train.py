@@ -20,6 +20,7 @@ from her2jax.errors import Her2jaxError
 from her2jax.evaluate import files
 from her2jax.train import logger, loop
 
+from .conftest import tensorflow_stub
 from .test_factory import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -170,14 +171,7 @@ def straight(data_dir, tmp_path_factory) -> Path:
     """160 steps uninterrupted, with a stub `tensorflow` first on the path that records any
     import attempt (training must not import TensorFlow)."""
     root = tmp_path_factory.mktemp("straight")
-    stub = root / "stub" / "tensorflow"
-    stub.mkdir(parents=True)
-    marker = root / "tensorflow-imported"
-    (stub / "__init__.py").write_text(
-        "import pathlib, traceback\n"
-        f"pathlib.Path({str(marker)!r}).write_text(''.join(traceback.format_stack()))\n"
-        "raise ImportError('her2jax must not import tensorflow')\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(stub.parent), str(REPO)])}
+    env, marker = tensorflow_stub(root)
     _her2jax(root / "run", data_dir, env=env)
     assert not marker.exists(), marker.read_text() if marker.exists() else ""
     return root / "run"

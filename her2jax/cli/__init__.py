@@ -41,13 +41,19 @@ def _flags_parser(prog: str) -> Callable[[Sequence[str]], list[str]]:
     return parse
 
 
-def run(main: Callable[[list[str]], int | None]) -> None:
-    """Runs ``main`` as an absl app with her2jax's exit-code contract (2 = user error)."""
+def run(main: Callable[[list[str]], int | None], *, positional: int = 0) -> None:
+    """Runs ``main`` as an absl app with her2jax's exit-code contract (2 = user error).
+
+    Args:
+      main: receives argv (program name, then up to ``positional`` arguments).
+      positional: how many non-flag arguments the program takes; more is a user error.
+    """
     prog = Path(sys.argv[0]).name
 
     def wrapped(argv: list[str]) -> int | None:
-        if len(argv) > 1:
-            fail(prog, f"unexpected arguments {' '.join(argv[1:])!r} (flags are --name=value)")
+        if len(argv) > 1 + positional:
+            extra = argv[1 + positional:]
+            fail(prog, f"unexpected arguments {' '.join(extra)!r} (flags are --name=value)")
         if not flags.FLAGS["verbosity"].present:
             # Libraries (TFDS, JAX, orbax) log chattily at INFO; ask with --verbosity=0.
             logging.set_verbosity(logging.WARNING)

@@ -189,6 +189,24 @@ def select_splits(dataset: Dataset, data_config) -> dict[str, Split]:
     return splits
 
 
+def named_splits(dataset: Dataset, data_config, names=()) -> dict[str, Split]:
+    """Splits to evaluate by name: default val and every test split; a name from
+    :func:`select_splits`, or any centre (whole, labelled cases only)."""
+    selected = select_splits(dataset, data_config)
+    if not names:
+        return {k: v for k, v in selected.items() if k != "train"}
+    out = {}
+    for name in names:
+        if name in selected:
+            out[name] = selected[name]
+        elif name in dataset.centers:
+            out[name] = centre_split(dataset, [name], data_config.scheme, name=name)
+        else:
+            raise Her2jaxError(f"unknown split {name!r} (known: {', '.join(selected)}, or a "
+                               f"centre: {', '.join(dataset.centers)})", key="splits")
+    return out
+
+
 def _check_no_patient_overlap(splits: dict[str, Split]) -> None:
     owner: dict[str, str] = {}
     for name, split in splits.items():

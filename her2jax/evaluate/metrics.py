@@ -47,13 +47,21 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+from scipy.special import ndtr, ndtri
 
 from her2jax.errors import Her2jaxError
+from her2jax.evaluate.calibration import reliability
 
 # Bootstrap weights are processed in chunks of at most this many (resample, item) entries, to
 # bound memory for large cohorts (the micro AUC has N * K items per resample).
 _CHUNK_ENTRIES = 4_000_000
 _ROW_SUM_TOLERANCE = 1e-3
+# BCa's acceleration needs a jackknife (N leave-one-out AUCs per metric, O(N^2) work); above
+# this many cases summarize falls back to percentile intervals and says so in a note.
+BCA_MAX_N = 2000
+CI_METHODS = ("percentile", "bca")
+# The binary block's high-sensitivity operating point.
+TARGET_SENSITIVITY = 0.9
 
 
 class _Auc:
@@ -140,8 +148,139 @@ def _none_entry() -> dict:
     return {"value": None, "ci_low": None, "ci_high": None}
 
 
+def _midrank(x: np.ndarray) -> np.ndarray:
+    """1-based ranks of ``x`` with ties given their mean rank (Sun & Xu 2014's midranks)."""
+    order = np.argsort(x, kind="mergesort")
+    ordered = x[order]
+    starts = np.r_[True, ordered[1:] != ordered[:-1]] if len(x) else np.zeros(0, dtype=bool)
+    first = np.flatnonzero(starts)
+    end = np.r_[first[1:], len(x)]
+    out = np.empty(len(x))
+    out[order] = ((first + 1 + end) / 2.0)[np.cumsum(starts) - 1]
+    return out
+
+
+def _delong(scores: np.ndarray, positive: np.ndarray, z: float) -> dict:
+    """AUC with DeLong's interval, by the fast midrank algorithm of Sun & Xu (2014).
+
+    With m positives X and n negatives Y, the structural components are
+    ``V10_i = (T_Z(X_i) - T_X(X_i)) / n`` (the fraction of negatives below positive i, ties one
+    half) and ``V01_j = 1 - (T_Z(Y_j) - T_Y(Y_j)) / m``, where T_X, T_Y, T_Z are midranks within
+    X, within Y and within both. AUC = mean(V10); Var = S10 / m + S01 / n with S the sample
+    variances (ddof 1). The interval is AUC +- z SE on the AUC scale, clipped to [0, 1]; it is
+    NaN when m or n is below 2 (no variance).
+    """
+    positive = np.asarray(positive, dtype=bool)
+    x, y = scores[positive], scores[~positive]
+    m, n = len(x), len(y)
+    if not (m and n):
+        return _none_entry()
+    t_z = _midrank(np.concatenate([x, y]))
+    v10 = (t_z[:m] - _midrank(x)) / n
+    v01 = 1.0 - (t_z[m:] - _midrank(y)) / m
+    auc = float(v10.mean())
+    if m < 2 or n < 2:
+        return {"value": auc, "ci_low": math.nan, "ci_high": math.nan}
+    se = math.sqrt(np.var(v10, ddof=1) / m + np.var(v01, ddof=1) / n)
+    return {"value": auc, "ci_low": float(max(0.0, auc - z * se)),
+            "ci_high": float(min(1.0, auc + z * se))}
+
+
+def _operating_points(scores: np.ndarray, positive: np.ndarray, target: float) -> dict:
+    """Youden and at-sensitivity operating points; a case is called positive when score >= t.
+
+    Candidate thresholds are the distinct scores. Youden's threshold maximises
+    sensitivity + specificity - 1 (the highest such threshold on ties); the at-sensitivity
+    threshold is the highest one whose sensitivity is at least ``target`` (so the most
+    specific), reported with the sensitivity and specificity it achieves.
+    """
+    none = {"threshold": None, "sensitivity": None, "specificity": None}
+    pos, neg = np.sort(scores[positive]), np.sort(scores[~positive])
+    if not (len(pos) and len(neg)):
+        return {"youden": none, "at_sensitivity": {"target": target, **none}}
+    thresholds = np.unique(scores)[::-1]
+    sensitivity = (len(pos) - np.searchsorted(pos, thresholds, side="left")) / len(pos)
+    specificity = np.searchsorted(neg, thresholds, side="left") / len(neg)
+
+    def point(i: int) -> dict:
+        return {"threshold": float(thresholds[i]), "sensitivity": float(sensitivity[i]),
+                "specificity": float(specificity[i])}
+
+    youden = int(np.argmax(sensitivity + specificity - 1.0))
+    reaching = int(np.flatnonzero(sensitivity >= target)[0])  # the lowest score reaches 1.0
+    return {"youden": point(youden), "at_sensitivity": {"target": target, **point(reaching)}}
+
+
+def _jackknife(problem: _Auc, n: int) -> np.ndarray:
+    """[N] leave-one-case-out AUCs (weights 1 everywhere but 0 for the left-out case)."""
+    out = np.empty(n)
+    items = len(problem.positive_cases) + len(problem.negative_cases)
+    chunk = max(1, _CHUNK_ENTRIES // max(1, n, items))
+    for start in range(0, n, chunk):
+        size = min(chunk, n - start)
+        weights = np.ones((size, n))
+        weights[np.arange(size), start + np.arange(size)] = 0.0
+        out[start:start + size] = problem.evaluate(weights)
+    return out
+
+
+def _bca_ends(boot: np.ndarray, value: float, jack: np.ndarray, by_class: list[np.ndarray],
+              alpha: float) -> tuple[float, float] | None:
+    """BCa interval ends, or None when the bias correction is infinite (use the percentile one).
+
+    Bias: ``z0 = Phi^-1(fraction of bootstrap values below the estimate)``, ties counting one
+    half (as scipy.stats.bootstrap). Acceleration: the stratified jackknife -- within each true
+    class j, ``U_i = (n_j - 1)(mean(theta_-i) - theta_-i)`` over its cases, and
+    ``a = sum_j sum_i U^3 / n_j^3 / (6 (sum_j sum_i U^2 / n_j^2)^1.5)``, the multi-sample form
+    scipy uses for independent samples. When the jackknife is undefined or constant, a = 0.
+    """
+    fraction = (np.sum(boot < value) + np.sum(boot <= value)) / (2.0 * len(boot))
+    if not 0.0 < fraction < 1.0:
+        return None
+    z0 = ndtri(fraction)
+    num = den = 0.0
+    for members in by_class:
+        if len(members) == 0:
+            continue
+        theta = jack[members]
+        u = (len(members) - 1) * (theta.mean() - theta)
+        num += np.sum(u ** 3) / len(members) ** 3
+        den += np.sum(u ** 2) / len(members) ** 2
+    accel = num / (6.0 * den ** 1.5) if den > 0 and math.isfinite(num / den ** 1.5) else 0.0
+    z = ndtri(np.array([alpha, 1.0 - alpha]))
+    levels = ndtr(z0 + (z0 + z) / (1.0 - accel * (z0 + z)))
+    low, high = np.percentile(boot, 100.0 * levels)
+    return float(low), float(high)
+
+
+def _quadratic_kappa(confusion: np.ndarray) -> float | None:
+    """Cohen's kappa with quadratic weights (i - j)^2 from a K x K confusion matrix."""
+    n = confusion.sum()
+    if not n:
+        return None
+    k = len(confusion)
+    weights = (np.arange(k)[:, None] - np.arange(k)[None, :]) ** 2
+    expected = np.outer(confusion.sum(axis=1), confusion.sum(axis=0)) / n
+    denominator = float(np.sum(weights * expected))
+    if denominator == 0:
+        return None
+    return 1.0 - float(np.sum(weights * confusion)) / denominator
+
+
+def _macro_f1(confusion: np.ndarray) -> float | None:
+    """Mean F1 = 2 TP / (2 TP + FP + FN) over the classes that are true or predicted at least once
+    (scikit-learn's ``f1_score(average='macro')`` default label set)."""
+    true, predicted = confusion.sum(axis=1), confusion.sum(axis=0)
+    seen = (true + predicted) > 0
+    if not seen.any():
+        return None
+    f1 = 2.0 * np.diag(confusion)[seen] / (true + predicted)[seen]
+    return float(f1.mean())
+
+
 def summarize(labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str], *,
-              n_boot: int = 2000, seed: int = 0, confidence: float = 0.95) -> dict:
+              n_boot: int = 2000, seed: int = 0, confidence: float = 0.95,
+              ci_method: str = "percentile") -> dict:
     """The metrics.json dict: AUCs with stratified-bootstrap CIs, confusion matrix, accuracies.
 
     Args:
@@ -151,14 +290,18 @@ def summarize(labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str],
       n_boot: bootstrap resamples (0: no intervals, the CI ends are NaN).
       seed: seed of the bootstrap's ``numpy.random.Generator``.
       confidence: the interval's level, in (0, 1).
+      ci_method: ``"percentile"`` or ``"bca"`` (bias-corrected and accelerated; falls back to
+        percentile, with a note, above ``BCA_MAX_N`` cases).
 
     Returns:
       ``{"n", "class_names", "class_counts", "micro_auc", "macro_auc", "per_class_auc",
-      "pairwise_auc", "confusion_matrix", "accuracy", "balanced_accuracy", "bootstrap"}``:
-      every AUC is ``{"value", "ci_low", "ci_high"}`` (plain floats, or None when undefined);
-      ``confusion_matrix`` is K x K ints, rows true, columns predicted (argmax);
-      ``bootstrap`` records ``method``, ``n_boot``, ``seed``, ``confidence`` and ``skipped``
-      (resamples skipped per AUC, by metric name). See the module docstring for definitions.
+      "pairwise_auc", "per_class_auc_delong", "confusion_matrix", "accuracy",
+      "balanced_accuracy", "macro_f1", "quadratic_weighted_kappa", "brier", "ece", "binary",
+      "bootstrap"}``: every AUC is ``{"value", "ci_low", "ci_high"}`` (plain floats, or None
+      when undefined); ``confusion_matrix`` is K x K ints, rows true, columns predicted (argmax);
+      ``binary`` is None unless K == 2; ``bootstrap`` records ``method``, ``n_boot``, ``seed``,
+      ``confidence``, ``skipped`` (resamples skipped per AUC, by metric name) and ``note``
+      (None, or why BCa fell back to percentile). See the module docstring for definitions.
 
     Raises:
       Her2jaxError: shapes disagree, a label is out of range, or probs are not probabilities.
@@ -168,6 +311,9 @@ def summarize(labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str],
         raise Her2jaxError(f"confidence must lie in (0, 1), got {confidence}", key="confidence")
     if n_boot < 0:
         raise Her2jaxError(f"n_boot must be >= 0, got {n_boot}", key="n_boot")
+    if ci_method not in CI_METHODS:
+        raise Her2jaxError(f"ci_method must be one of {CI_METHODS}, got {ci_method!r}",
+                           key="ci_method")
     n, k = probs.shape
     by_class = [np.flatnonzero(labels == c) for c in range(k)]
     present = [len(members) > 0 for members in by_class]
@@ -219,6 +365,18 @@ def summarize(labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str],
             samples["macro_auc"].append(np.mean([samples[key][-1] for key in macro_parts], axis=0))
         done += size
 
+    note = None
+    use_bca = ci_method == "bca" and n_boot > 0
+    if use_bca and n > BCA_MAX_N:
+        use_bca = False
+        note = (f"bca requested but N = {n} > {BCA_MAX_N} (the jackknife is O(N^2)): "
+                "percentile intervals reported")
+    jack: dict[str, np.ndarray] = {}
+    if use_bca:
+        jack = {key: _jackknife(problem, n) for key, problem in defined.items()}
+        if enough_classes:
+            jack["macro_auc"] = np.mean([jack[key] for key in macro_parts], axis=0)
+
     alpha = (1.0 - confidence) / 2.0
     entries: dict[str, dict] = {}
     skipped: dict[str, int] = {}
@@ -229,13 +387,26 @@ def summarize(labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str],
         if n_boot == 0 or skipped[key] > n_boot / 2:
             low = high = math.nan
         else:
-            low, high = (float(x) for x in np.percentile(finite, [100 * alpha, 100 * (1 - alpha)]))
+            ends = _bca_ends(finite, value, jack[key], by_class, alpha) if use_bca else None
+            if ends is None:
+                ends = tuple(float(x) for x in
+                             np.percentile(finite, [100 * alpha, 100 * (1 - alpha)]))
+            low, high = ends
         entries[key] = {"value": value, "ci_low": low, "ci_high": high}
+
+    z = float(ndtri(1.0 - alpha))
+    delong = {name: _delong(probs[:, c], labels == c, z) for c, name in enumerate(class_names)}
+    binary = None
+    if k == 2:
+        binary = {"auc": entries.get(per_class_keys[class_names[1]], _none_entry()),
+                  "auc_delong": delong[class_names[1]],
+                  **_operating_points(probs[:, 1], labels == 1, TARGET_SENSITIVITY)}
 
     predicted = np.argmax(probs, axis=1) if n else np.zeros(0, dtype=np.int64)
     confusion = np.zeros((k, k), dtype=np.int64)
     np.add.at(confusion, (labels, predicted), 1)
     recalls = [confusion[c, c] / len(by_class[c]) for c in range(k) if present[c]]
+    one_hot = (labels[:, None] == np.arange(k)[None, :]).astype(np.float64)
 
     return {
         "n": int(n),
@@ -246,11 +417,18 @@ def summarize(labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str],
         "per_class_auc": {name: entries.get(key, _none_entry())
                           for name, key in per_class_keys.items()},
         "pairwise_auc": {name: entries.get(key, _none_entry()) for name, key in pair_keys.items()},
+        "per_class_auc_delong": delong,
         "confusion_matrix": confusion.tolist(),
         "accuracy": float(np.trace(confusion) / n) if n else None,
         "balanced_accuracy": float(np.mean(recalls)) if recalls else None,
-        "bootstrap": {"method": "stratified percentile", "n_boot": int(n_boot), "seed": int(seed),
-                      "confidence": float(confidence), "skipped": skipped},
+        "macro_f1": _macro_f1(confusion),
+        "quadratic_weighted_kappa": _quadratic_kappa(confusion),
+        "brier": float(np.mean(np.sum((probs - one_hot) ** 2, axis=1))) if n else None,
+        "ece": reliability(labels, probs, n_bins=10)["ece"],
+        "binary": binary,
+        "bootstrap": {"method": "stratified bca" if use_bca else "stratified percentile",
+                      "n_boot": int(n_boot), "seed": int(seed), "confidence": float(confidence),
+                      "skipped": skipped, "note": note},
     }
 
 

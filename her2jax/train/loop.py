@@ -320,23 +320,6 @@ def load_trained(workdir, *, which: str = "best", data_dir: str | None = None) -
     return Trained(config, graphdef, state, mesh, int(jax.device_get(state.step)))
 
 
-def _named_splits(trained: Trained, dataset, names) -> dict[str, pipeline.Split]:
-    selected = pipeline.select_splits(dataset, trained.config.data)
-    if not names:
-        return {k: v for k, v in selected.items() if k != "train"}
-    out = {}
-    for name in names:
-        if name in selected:
-            out[name] = selected[name]
-        elif name in dataset.centers:   # any centre, whole, labelled cases only
-            out[name] = pipeline.centre_split(dataset, [name], trained.config.data.scheme,
-                                              name=name)
-        else:
-            raise Her2jaxError(f"unknown split {name!r} (known: {', '.join(selected)}, or a "
-                               f"centre: {', '.join(dataset.centers)})", key="splits")
-    return out
-
-
 def evaluate(workdir, *, splits=(), which: str = "best", data_dir: str | None = None,
              n_boot: int = 2000) -> dict[str, dict]:
     """Writes ``eval/<split>/predictions.csv`` and ``metrics.json`` for the named splits
@@ -347,7 +330,7 @@ def evaluate(workdir, *, splits=(), which: str = "best", data_dir: str | None = 
     predict = step_lib.make_predict(trained.graphdef)
     batch_size = _eval_batch(trained.config)
     results = {}
-    for name, split in _named_splits(trained, dataset, splits).items():
+    for name, split in pipeline.named_splits(dataset, trained.config.data, splits).items():
         probs, _ = predict_split(predict, trained.state, dataset, split, trained.mesh,
                                  batch_size)
         summary = metrics.summarize(split.labels, probs, split.class_names, n_boot=n_boot)
@@ -373,7 +356,7 @@ def extract_features(workdir, *, splits=(), which: str = "best",
     dataset = pipeline.open_dataset(trained.config.data.data_dir, trained.config.data)
     predict = step_lib.make_predict(trained.graphdef)
     written = {}
-    for name, split in _named_splits(trained, dataset, splits).items():
+    for name, split in pipeline.named_splits(dataset, trained.config.data, splits).items():
         probs, features = predict_split(predict, trained.state, dataset, split, trained.mesh,
                                         _eval_batch(trained.config))
         path = workdir / "features" / f"{name}.npz"

@@ -401,23 +401,6 @@ def _restore_encoder(path: Path, abstract: dict) -> dict:
     return checkpointer.restore(path, target)
 
 
-def _named_splits(config, dataset: pipeline.Dataset, names) -> dict[str, pipeline.Split]:
-    """Val and every test split by default; a split name, or any centre (whole, labelled)."""
-    selected = pipeline.select_splits(dataset, config.data)
-    if not names:
-        return {k: v for k, v in selected.items() if k != "train"}
-    out = {}
-    for name in names:
-        if name in selected:
-            out[name] = selected[name]
-        elif name in dataset.centers:
-            out[name] = pipeline.centre_split(dataset, [name], config.data.scheme, name=name)
-        else:
-            raise Her2jaxError(f"unknown split {name!r} (known: {', '.join(selected)}, or a "
-                               f"centre: {', '.join(dataset.centers)})", key="splits")
-    return out
-
-
 def evaluate(workdir, *, splits: Sequence[str] = (), data_dir: str | None = None,
              n_boot: int = 2000) -> dict[str, dict]:
     """Recomputes features with the saved encoder and writes ``eval/<split>/`` (and
@@ -431,7 +414,7 @@ def evaluate(workdir, *, splits: Sequence[str] = (), data_dir: str | None = None
     fitted = load(workdir, data_dir=data_dir)
     config = fitted.config
     dataset = pipeline.open_dataset(config.data.data_dir, config.data)
-    named = _named_splits(config, dataset, splits)
+    named = pipeline.named_splits(dataset, config.data, splits)
     predict = fitted.predict_fn()
     features = {name: loop.predict_split(predict, fitted.weights, dataset, split, fitted.mesh,
                                          _eval_batch(config))[1]
