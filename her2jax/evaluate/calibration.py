@@ -132,7 +132,7 @@ def plot_reliability(path: str | Path, labels: np.ndarray, probs: np.ndarray,
     ax.set_title("Reliability")
     top = np.asarray(probs, dtype=np.float64).max(axis=1) if len(probs) else np.zeros(0)
     hist.hist(top, bins=curves["bin_edges"], color="steelblue", edgecolor="white")
-    hist.set_xlabel("predicted probability (top class)")
+    hist.set_xlabel("predicted probability (histogram: top-class confidence)")
     hist.set_ylabel("cases")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -36,6 +36,33 @@ skipped the interval is NaN (``null`` in metrics.json). Because class sizes are 
 resample of an AUC whose point estimate is defined is always defined, so with stratification
 nothing is skipped in practice; the rule guards the general case.
 
+Further metrics (argmax predictions; plain floats, None when undefined):
+
+* **macro_f1**: mean of 2 TP / (2 TP + FP + FN) over the classes that are true or predicted at
+  least once (scikit-learn's ``f1_score(average='macro')``).
+* **quadratic_weighted_kappa**: Cohen's kappa with weights (i - j)^2 over the class order
+  (scikit-learn's ``cohen_kappa_score(weights='quadratic')``, also for K == 2); None when the
+  expected disagreement is 0 (every true and predicted class the same).
+* **brier**: multi-class Brier score, the mean over cases of ``sum_k (p_k - y_k)^2`` (in [0, 2]).
+* **ece**: expected calibration error of the top-class confidence over 10 equal-width bins
+  ``[lo, hi)`` (``calibration.reliability``).
+* **per_class_auc_delong**: the one-vs-rest AUCs with DeLong's variance (fast midrank algorithm
+  of Sun & Xu 2014) and the normal interval AUC +- z SE on the AUC scale (not logit), clipped
+  to [0, 1]; NaN ends when a class has fewer than 2 positives or negatives.
+* **binary** (K == 2 only, else None): ``auc`` (= macro_auc, bootstrap CI), ``auc_delong``, and
+  operating points on p(positive), a case called positive when ``p >= threshold``: ``youden``
+  (max sensitivity + specificity - 1, highest threshold on ties) and ``at_sensitivity`` (the
+  highest threshold reaching sensitivity ``target`` = 0.9), each with the sensitivity and
+  specificity it achieves.
+
+BCa (``ci_method='bca'``): the same stratified resamples; bias correction
+``z0 = Phi^-1(fraction of resampled values below the estimate, ties one half)``; acceleration
+from a stratified jackknife over cases (every case left out once, each AUC recomputed at once
+from weights like the bootstrap's; per-class sums as in scipy.stats.bootstrap's multi-sample
+BCa, which it matches). The jackknife is O(N^2), so above ``BCA_MAX_N`` (2,000) cases
+percentile intervals are reported and ``bootstrap['note']`` says so. Where z0 is infinite (no
+resample on one side of the estimate) that metric keeps its percentile interval.
+
 Undefined values: an AUC whose positive or negative class is absent from the labels is
 ``{"value": None, "ci_low": None, "ci_high": None}`` (the shape stays the same, so a reader can
 always index ``["value"]``); micro and macro AUC are None when fewer than two classes are present.
