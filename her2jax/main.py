@@ -20,7 +20,6 @@ from ml_collections import config_flags
 
 from her2jax import cli
 from her2jax.errors import Her2jaxError
-from her2jax.evaluate import metrics
 from her2jax.train import loop, pca_lr, predict
 
 MODES = ("train", "eval", "features", "predict")
@@ -98,9 +97,7 @@ def _main(argv: list[str]) -> None:
 
 
 def _print_summary(name: str, summary: dict) -> None:
-    print(f"{name} (n={summary['n']}): macro-average AUC "
-          f"{metrics.format_auc(summary['macro_auc'])}, micro-average AUC "
-          f"{metrics.format_auc(summary['micro_auc'])}")
+    print(f"{name} (n={summary['n']}): {loop.summary_line(summary)}")
 
 
 def main() -> None:

@@ -83,6 +83,13 @@ def test_eval_reproduces_the_validation_metric_of_the_best_step(trained):
     assert len(frame) == test["n"]
     probs = frame[[c for c in frame.columns if c.startswith("prob_")]].to_numpy()
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    rows = json.loads((workdir / "eval" / "per_center.json").read_text())["rows"]
+    assert [r["group"] for r in rows] == ["CENTER_C", "pooled"]
+    assert rows[1]["n"] == test["n"]
+    assert rows[1]["macro_auc"]["value"] == pytest.approx(value, abs=1e-12)
+    summary_txt = (workdir / "eval" / "summary.txt").read_text()
+    assert f"test_CENTER_C (n={test['n']}): macro-average AUC {value:.3f} (95% CI" in summary_txt
+    assert (workdir / "eval" / "subgroups.md").read_text().count("manufacturer = ") >= 1
     metrics_json = json.loads((workdir / "eval" / "val" / "metrics.json").read_text())
     assert {"n", "micro_auc", "macro_auc", "per_class_auc", "pairwise_auc",
             "confusion_matrix", "class_names"} <= set(metrics_json)

@@ -147,3 +147,42 @@ def to_markdown(rows: Sequence[dict]) -> str:
         lines.append("| " + " | ".join(_cell(x) for x in (group, row["n"], *aucs, row["note"]))
                      + " |")
     return "\n".join(lines) + "\n"
+
+
+def write_tables(eval_dir, frames: dict[str, pd.DataFrame], class_names: Sequence[str],
+                 clinical: Sequence[str], *, n_boot: int = 2000, seed: int = 0) -> dict:
+    """The per-centre and subgroup tables of the external (test) predictions, pooled.
+
+    Writes ``per_center.{json,md}`` and, when clinical columns are present,
+    ``subgroups.{json,md}`` into ``eval_dir``.
+
+    Args:
+      eval_dir: the workdir's ``eval`` folder.
+      frames: evaluated split name -> its predictions (``files.read_predictions``); the
+        splits whose name starts with ``test`` are pooled (none: nothing is written).
+      class_names: the scheme's classes.
+      clinical: clinical column names carried in the predictions.
+      n_boot, seed: bootstrap settings.
+
+    Returns:
+      ``{"per_center": rows, "subgroups": rows}`` (empty lists when nothing was pooled).
+    """
+    from pathlib import Path
+
+    from her2jax.evaluate.files import write_metrics
+
+    external = [f for name, f in frames.items() if name.startswith("test")]
+    if not external:
+        return {"per_center": [], "subgroups": []}
+    pooled = pd.concat(external, ignore_index=True)
+    out = Path(eval_dir)
+    centre_rows = per_center(pooled, class_names, n_boot=n_boot, seed=seed)
+    write_metrics(out / "per_center.json", {"rows": centre_rows})
+    (out / "per_center.md").write_text(to_markdown(centre_rows) + "\n")
+    present = [c for c in clinical if c in pooled.columns]
+    group_rows = subgroups(pooled, class_names, present, n_boot=n_boot, seed=seed) if present \
+        else []
+    if group_rows:
+        write_metrics(out / "subgroups.json", {"rows": group_rows})
+        (out / "subgroups.md").write_text(to_markdown(group_rows) + "\n")
+    return {"per_center": centre_rows, "subgroups": group_rows}

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from her2jax import labels as labels_lib
 from her2jax.data import pipeline
 from her2jax.errors import Her2jaxError
-from her2jax.evaluate import files, metrics
+from her2jax.evaluate import files, metrics, tables
 from her2jax.models import factory
 from her2jax.train import checkpoint, optim
 from her2jax.train import logger as logger_lib
@@ -345,7 +345,21 @@ def evaluate(workdir, *, splits=(), which: str = "best", data_dir: str | None = 
                 clinical=pipeline.clinical_columns(dataset, split,
                                                    trained.config.data.columns.clinical))
             files.write_metrics(out / "metrics.json", summary)
+    if jax.process_index() == 0:
+        eval_dir = workdir / "eval"
+        frames = {name: files.read_predictions(eval_dir / name / "predictions.csv")
+                  for name in results}
+        tables.write_tables(eval_dir, frames, class_names(trained.config),
+                            trained.config.data.columns.clinical, n_boot=n_boot)
+        (eval_dir / "summary.txt").write_text("".join(
+            f"{name} (n={s['n']}): {summary_line(s)}\n" for name, s in results.items()))
     return results
+
+
+def summary_line(summary: dict) -> str:
+    """The study's style: ``macro-average AUC 0.833 (95% CI 0.818–0.847), micro-...``."""
+    return (f"macro-average AUC {metrics.format_auc(summary['macro_auc'])}, "
+            f"micro-average AUC {metrics.format_auc(summary['micro_auc'])}")
 
 
 def extract_features(workdir, *, splits=(), which: str = "best",
