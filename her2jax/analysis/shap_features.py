@@ -179,10 +179,12 @@ def plot(result: dict, out_dir, class_names: Sequence[str]) -> list[Path]:
             values=values[:, :, c], data=np.asarray(result["data"]),
             base_values=np.full(len(values), result["base_values"][c]),
             feature_names=list(result["feature_names"]))
-        for kind, draw in (("beeswarm", shap.plots.beeswarm), ("bar", shap.plots.bar)):
-            fig = plt.figure()
+        for kind, draw, extra in (("beeswarm", shap.plots.beeswarm, {"plot_size": None}),
+                                  ("bar", shap.plots.bar, {})):
+            # shap's own sizing (8 x rows) but on our figure: it refuses a size with an axis.
+            fig = plt.figure(figsize=(8, 0.4 * n_features + 1.5))
             try:
-                draw(explanation, max_display=n_features, ax=fig.gca(), show=False)
+                draw(explanation, max_display=n_features, ax=fig.gca(), show=False, **extra)
                 ax = fig.axes[0]
                 ax.set_title(f"SHAP on PCA components: P({name})")
                 path = out_dir / f"shap_{kind}_{_slug(name)}.png"
