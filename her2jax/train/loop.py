@@ -329,31 +329,38 @@ def evaluate(workdir, *, splits=(), which: str = "best", data_dir: str | None = 
     dataset = pipeline.open_dataset(trained.config.data.data_dir, trained.config.data)
     predict = step_lib.make_predict(trained.graphdef)
     batch_size = _eval_batch(trained.config)
-    results = {}
+    outputs = {}
     for name, split in pipeline.named_splits(dataset, trained.config.data, splits).items():
         probs, _ = predict_split(predict, trained.state, dataset, split, trained.mesh,
                                  batch_size)
         summary = metrics.summarize(split.labels, probs, split.class_names, n_boot=n_boot)
-        summary["step"] = trained.step
-        summary["checkpoint"] = which
-        results[name] = summary
-        if jax.process_index() == 0:
-            out = workdir / "eval" / name
-            files.write_predictions(
-                out / "predictions.csv", patient_ids=split.patient_ids, centers=split.centers,
-                labels=split.labels, probs=probs, class_names=split.class_names,
-                clinical=pipeline.clinical_columns(dataset, split,
-                                                   trained.config.data.columns.clinical))
-            files.write_metrics(out / "metrics.json", summary)
-    if jax.process_index() == 0:
-        eval_dir = workdir / "eval"
-        frames = {name: files.read_predictions(eval_dir / name / "predictions.csv")
-                  for name in results}
-        tables.write_tables(eval_dir, frames, class_names(trained.config),
-                            trained.config.data.columns.clinical, n_boot=n_boot)
-        (eval_dir / "summary.txt").write_text("".join(
-            f"{name} (n={s['n']}): {summary_line(s)}\n" for name, s in results.items()))
-    return results
+        summary.update(step=trained.step, checkpoint=which)
+        outputs[name] = (split, probs, summary)
+    write_eval(workdir, dataset, trained.config, outputs, n_boot=n_boot)
+    return {name: summary for name, (_, _, summary) in outputs.items()}
+
+
+def write_eval(workdir: Path, dataset: pipeline.Dataset, config,
+               outputs: dict[str, tuple], *, n_boot: int) -> None:
+    """The eval files (process 0): ``eval/<split>/{predictions.csv,metrics.json}`` for each
+    (split, probs [N, K], summary) of ``outputs``, then ``eval/summary.txt`` and the pooled
+    per-centre / subgroup tables of the test splits."""
+    if jax.process_index() != 0:
+        return
+    eval_dir = Path(workdir) / "eval"
+    clinical = config.data.columns.clinical
+    for name, (split, probs, summary) in outputs.items():
+        files.write_predictions(
+            eval_dir / name / "predictions.csv", patient_ids=split.patient_ids,
+            centers=split.centers, labels=split.labels, probs=probs,
+            class_names=split.class_names,
+            clinical=pipeline.clinical_columns(dataset, split, clinical))
+        files.write_metrics(eval_dir / name / "metrics.json", summary)
+    frames = {name: files.read_predictions(eval_dir / name / "predictions.csv")
+              for name in outputs}
+    tables.write_tables(eval_dir, frames, class_names(config), clinical, n_boot=n_boot)
+    (eval_dir / "summary.txt").write_text("".join(
+        f"{name} (n={s['n']}): {summary_line(s)}\n" for name, (_, _, s) in outputs.items()))
 
 
 def summary_line(summary: dict) -> str:

@@ -48,7 +48,7 @@ from sklearn.preprocessing import StandardScaler
 
 from her2jax.data import pipeline
 from her2jax.errors import Her2jaxError
-from her2jax.evaluate import files, metrics
+from her2jax.evaluate import metrics
 from her2jax.models import factory
 from her2jax.train import loop
 from her2jax.train import state as state_lib
@@ -292,7 +292,7 @@ def _write_outputs(workdir: Path, config, dataset: pipeline.Dataset,
                    classifier: PcaLr, *, n_boot: int) -> dict[str, dict]:
     """``features/<split>.npz`` for every split with features, ``eval/<split>/`` for every
     split but train. Returns the eval summaries."""
-    results = {}
+    outputs = {}
     for name, split in splits.items():
         if name not in features:
             logging.warning("split %s is empty: nothing to write", name)
@@ -309,15 +309,9 @@ def _write_outputs(workdir: Path, config, dataset: pipeline.Dataset,
         summary = metrics.summarize(split.labels, probs, split.class_names, n_boot=n_boot)
         summary.update(step=0, checkpoint=MODEL_FILE, protocol=PROTOCOL,
                        pca_components=classifier.n_components, encoder=classifier.encoder)
-        results[name] = summary
-        if jax.process_index() == 0:
-            out = workdir / "eval" / name
-            files.write_predictions(
-                out / "predictions.csv", patient_ids=split.patient_ids, centers=split.centers,
-                labels=split.labels, probs=probs, class_names=split.class_names,
-                clinical=pipeline.clinical_columns(dataset, split, config.data.columns.clinical))
-            files.write_metrics(out / "metrics.json", summary)
-    return results
+        outputs[name] = (split, probs, summary)
+    loop.write_eval(workdir, dataset, config, outputs, n_boot=n_boot)
+    return {name: summary for name, (_, _, summary) in outputs.items()}
 
 
 # ---------------------------------------------------------------- a fitted workdir
