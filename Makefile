@@ -28,7 +28,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check her2jax tests benchmarks configs
 
 # Phantom cohort -> TFDS dataset -> train the tiny ViT (configs/demo_cpu.py) -> evaluate on
-# the held-out centre. Re-running resumes / reuses each stage.
+# the held-out centre -> t-SNE / UMAP and feature-space SHAP. Re-running resumes / reuses.
 demo: $(STAMP)
 	test -f $(DEMO)/cohort/clinical.csv || \
 	  $(BIN)/her2jax-phantom --out=$(DEMO)/cohort --patients=120 --centers=3 --seed=0
@@ -38,7 +38,8 @@ demo: $(STAMP)
 	$(BIN)/her2jax --config=configs/demo_cpu.py --workdir=$(DEMO)/run --mode=train \
 	  --config.data.data_dir=$(DEMO)/data --noprogress
 	$(BIN)/her2jax --workdir=$(DEMO)/run --mode=eval
-	@echo "outputs: $(DEMO)/run (config.json, metrics.jsonl, tensorboard/, checkpoints/, eval/)"
+	$(BIN)/her2jax --workdir=$(DEMO)/run --mode=analyze --noprogress
+	@echo "outputs: $(DEMO)/run (config.json, metrics.jsonl, tensorboard/, checkpoints/, eval/, features/, analysis/)"
 
 clean-demo:
 	rm -rf $(DEMO)

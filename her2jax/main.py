@@ -4,6 +4,7 @@
   her2jax --workdir=DIR --mode=eval [--splits=val,test_CENTER_C] [--checkpoint=best|latest]
   her2jax --workdir=DIR --mode=features [--splits=...]
   her2jax --workdir=DIR --mode=predict --cohort=NIFTI_COHORT [--out=DIR] [--skip_invalid]
+  her2jax --workdir=DIR --mode=analyze     (t-SNE / UMAP, feature-space SHAP -> DIR/analysis)
 
 With ``train.protocol='pca_lr'`` (configs/fmbcmri_pca_lr.py) train fits the study's protocol
 (frozen encoder features -> PCA -> logistic regression) instead of gradient training.
@@ -22,7 +23,7 @@ from her2jax import cli
 from her2jax.errors import Her2jaxError
 from her2jax.train import loop, pca_lr, predict
 
-MODES = ("train", "eval", "features", "predict")
+MODES = ("train", "eval", "features", "predict", "analyze")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (train mode).",
                                           lock_config=True)
@@ -79,6 +80,16 @@ def _main(argv: list[str]) -> None:
         for name, summary in results.items():
             _print_summary(name, summary)
         print(f"predictions and metrics in {_WORKDIR.value}/eval/")
+    elif _MODE.value == "analyze":
+        from her2jax.analysis import stage  # umap / shap load only here
+
+        summary = stage.analyze(_WORKDIR.value, data_dir=_DATA_DIR.value,
+                                which=_CHECKPOINT.value, progress=_PROGRESS.value)
+        sil = summary["embeddings"]["silhouette"]
+        print(f"silhouette by class {sil['by_class']}, by centre {sil['by_center']}"
+              + ("; WARNING: features cluster by centre (domain shift)"
+                 if summary["embeddings"]["domain_shift_warning"] else ""))
+        print(f"analysis in {_WORKDIR.value}/analysis/ (summary.json, embeddings, SHAP plots)")
     elif _MODE.value == "predict":
         if not _COHORT.value:
             raise Her2jaxError("--cohort is required to predict")

@@ -1,0 +1,44 @@
+"""The analysis stage on a trained workdir: embeddings, feature-space SHAP, summary.json."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+from her2jax.analysis import stage
+
+from .test_train import data_dir, trained  # noqa: F401  (module fixtures used here)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_analyze_writes_embeddings_shap_and_summary(trained, tmp_path):  # noqa: F811
+    workdir = tmp_path / "run"
+    shutil.copytree(trained[0], workdir)
+    shutil.rmtree(workdir / "features", ignore_errors=True)   # extracted on demand
+    summary = stage.analyze(workdir, seed=0, methods=("tsne",), progress=False)
+    assert set(summary["features"]) == {"train", "val", "test_CENTER_C"}
+    assert (workdir / "features" / "train.npz").exists()
+    sil = summary["embeddings"]["silhouette"]
+    assert all(v is None or -1 <= v <= 1 for v in sil.values())
+    assert isinstance(summary["embeddings"]["domain_shift_warning"], bool)
+    for name in ["tsne_class.png", "tsne_center.png", *summary["shap"]["files"]]:
+        image = Image.open(workdir / "analysis" / name)
+        assert image.width > 100 and image.height > 100, name
+    assert len(summary["shap"]["files"]) == 6   # beeswarm + bar for 3 classes
+    assert summary["shap"]["explained_cases"] > 0
+    assert set(summary["shap"]["mean_abs"]) == {"HER2-zero", "HER2-low", "HER2-positive"}
+    on_disk = json.loads((workdir / "analysis" / "summary.json").read_text())
+    assert on_disk == summary
+
+
+def test_analyze_on_a_directory_that_is_not_a_workdir(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "her2jax.main", f"--workdir={tmp_path}",
+                             "--mode=analyze"], cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2 and "not a her2jax workdir" in result.stderr
