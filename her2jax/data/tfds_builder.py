@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
-import json
 import re
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -31,6 +30,7 @@ from array_record.python import array_record_module
 from tensorflow_datasets.proto import tf_example_pb2
 
 from her2jax.errors import Her2jaxError
+from her2jax.jsonfile import read_json
 
 DATASET_NAME = "her2_dce_mri"
 FORMAT_VERSION = "1.0.0"  # the feature layout below; bump when it changes
@@ -188,11 +188,7 @@ def find_datasets(data_dir: Path) -> list[Path]:
 
 def read_meta(version_dir: Path) -> dict:
     """``her2jax.json`` of a prepared dataset."""
-    path = Path(version_dir) / META_FILE
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise Her2jaxError(f"unreadable dataset metadata ({e})", file=str(path)) from None
+    return read_json(Path(version_dir) / META_FILE, missing="dataset metadata is missing")
 
 
 def data_source(version_dir: Path, split: str):

@@ -41,6 +41,7 @@ import numpy as np
 from flax import nnx
 
 from her2jax.errors import Her2jaxError
+from her2jax.jsonfile import read_json
 from her2jax.models import resnet3d, torch_checkpoint, vit3d
 
 SOURCES = ("fmbcmri", "medicalnet")
@@ -412,14 +413,8 @@ def _write(out: Path, pure: dict, report: PortReport) -> None:
 
 def read_port(directory) -> dict:
     """``port.json`` of a port directory."""
-    path = Path(directory) / PORT_FILE
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise Her2jaxError("is not a her2jax-port output (no port.json)",
-                           file=str(directory)) from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise Her2jaxError(f"unreadable port.json ({e})", file=str(path)) from None
+    return read_json(Path(directory) / PORT_FILE, where=directory,
+                     missing="is not a her2jax-port output (no port.json)")
 
 
 def load_pretrained(model: nnx.Module, directory) -> dict:

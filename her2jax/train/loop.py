@@ -237,7 +237,7 @@ def train(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
     return result
 
 
-def _gather(x: jax.Array) -> np.ndarray:
+def gather(x: jax.Array) -> np.ndarray:
     """A global array (sharded over processes) as one host numpy array on every process."""
     if jax.process_count() == 1:
         return np.asarray(x)
@@ -253,9 +253,9 @@ def predict_split(predict, state, dataset: pipeline.Dataset, split: pipeline.Spl
                                       process_count=jax.process_count()):
         batch = pipeline.to_global(host, mesh)
         p, f = predict(state.params, state.rest, batch["image"])
-        valid = _gather(batch["valid"])
-        probs.append(_gather(p)[valid])
-        features.append(_gather(f)[valid])
+        valid = gather(batch["valid"])
+        probs.append(gather(p)[valid])
+        features.append(gather(f)[valid])
     if not probs:
         return np.zeros((0, len(split.class_names)), np.float32), np.zeros((0, 0), np.float32)
     return np.concatenate(probs), np.concatenate(features)
@@ -328,7 +328,7 @@ def evaluate(workdir, *, splits=(), which: str = "best", data_dir: str | None = 
     trained = load_trained(workdir, which=which, data_dir=data_dir)
     dataset = pipeline.open_dataset(trained.config.data.data_dir, trained.config.data)
     predict = step_lib.make_predict(trained.graphdef)
-    batch_size = _eval_batch(trained.config)
+    batch_size = eval_batch_size(trained.config)
     outputs = {}
     for name, split in pipeline.named_splits(dataset, trained.config.data, splits).items():
         probs, _ = predict_split(predict, trained.state, dataset, split, trained.mesh,
@@ -379,7 +379,7 @@ def extract_features(workdir, *, splits=(), which: str = "best",
     written = {}
     for name, split in pipeline.named_splits(dataset, trained.config.data, splits).items():
         probs, features = predict_split(predict, trained.state, dataset, split, trained.mesh,
-                                        _eval_batch(trained.config))
+                                        eval_batch_size(trained.config))
         path = workdir / "features" / f"{name}.npz"
         if jax.process_index() == 0:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -391,7 +391,8 @@ def extract_features(workdir, *, splits=(), which: str = "best",
     return written
 
 
-def _eval_batch(config) -> int:
+def eval_batch_size(config) -> int:
+    """train.eval_batch_size rounded to a multiple of the device count."""
     n = jax.device_count()
     return max(config.train.eval_batch_size // n, 1) * n
 

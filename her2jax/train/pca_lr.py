@@ -194,12 +194,6 @@ def _check_settings(config) -> None:
                            "'balanced' or 'none')", key="train.class_weighting")
 
 
-def _eval_batch(config) -> int:
-    """The eval batch rounded to a multiple of the device count (as the loop's)."""
-    n = jax.device_count()
-    return max(config.train.eval_batch_size // n, 1) * n
-
-
 def _encoder_source(config) -> str:
     if config.model.pretrained:
         return str(Path(config.model.pretrained).absolute())
@@ -251,7 +245,7 @@ def fit(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
     # 4. Features of every split, once.
     predict = step_lib.make_predict(graphdef)
     features = {name: loop.predict_split(predict, weights, dataset, split, mesh,
-                                         _eval_batch(config))[1]
+                                         loop.eval_batch_size(config))[1]
                 for name, split in splits.items() if len(split)}
 
     # 5. StandardScaler -> PCA -> LogisticRegression on the training features.
@@ -411,7 +405,7 @@ def evaluate(workdir, *, splits: Sequence[str] = (), data_dir: str | None = None
     named = pipeline.named_splits(dataset, config.data, splits)
     predict = fitted.predict_fn()
     features = {name: loop.predict_split(predict, fitted.weights, dataset, split, fitted.mesh,
-                                         _eval_batch(config))[1]
+                                         loop.eval_batch_size(config))[1]
                 for name, split in named.items() if len(split)}
     return _write_outputs(workdir, config, dataset, named, features, fitted.classifier,
                           n_boot=n_boot)

@@ -128,7 +128,7 @@ def _batch_size(trained: loop.Trained, requested: int | None, num_cases: int) ->
     once; a cohort smaller than a batch gets a batch just large enough for it.
     """
     n = jax.device_count()
-    size = loop._eval_batch(trained.config) if requested is None else int(requested)
+    size = loop.eval_batch_size(trained.config) if requested is None else int(requested)
     if size < 1:
         raise Her2jaxError(f"must be positive, got {size}", key="batch_size")
     size = -(-size // n) * n
@@ -149,7 +149,7 @@ def _predict_cases(trained: loop.Trained, cases, recipe: dict, batch_size: int,
         images = np.stack(pending + pending[:1] * (batch_size - n))   # padding repeats row 0
         batch = pipeline.to_global({"image": images[rows]}, trained.mesh)
         p, _ = predict(trained.state.params, trained.state.rest, batch["image"])
-        probs.append(loop._gather(p)[:n])   # rows n.. are padding
+        probs.append(loop.gather(p)[:n])   # rows n.. are padding
         pending.clear()
 
     for case in cases:

@@ -16,6 +16,7 @@ from pathlib import Path
 import jax
 
 from her2jax.errors import Her2jaxError
+from her2jax.jsonfile import read_json
 
 CONFIG_FILE = "config.json"
 _PACKAGES = ("her2jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint",
@@ -105,11 +106,5 @@ def claim(workdir: Path, config, dataset_meta: dict, *, force: bool = False) -> 
 
 def read(workdir: Path) -> dict:
     """config.json of a workdir (what eval / predict / features run with)."""
-    path = Path(workdir) / CONFIG_FILE
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise Her2jaxError("is not a her2jax workdir (no config.json); train first",
-                           file=str(workdir)) from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise Her2jaxError(f"unreadable ({e})", file=str(path)) from None
+    return read_json(Path(workdir) / CONFIG_FILE, where=workdir,
+                     missing="is not a her2jax workdir (no config.json); train first")
