@@ -15,9 +15,10 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 from her2jax.errors import Her2jaxError
-from her2jax.evaluate import files
+from her2jax.evaluate import calibration, files
 from her2jax.train import logger, loop
 
 from .conftest import tensorflow_stub
@@ -94,6 +95,33 @@ def test_eval_reproduces_the_validation_metric_of_the_best_step(trained):
     assert {"n", "micro_auc", "macro_auc", "per_class_auc", "pairwise_auc",
             "confusion_matrix", "class_names"} <= set(metrics_json)
 
+
+
+def test_eval_fits_calibration_on_val_and_applies_it_to_the_test_split(trained, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(trained[0], workdir)
+    shutil.rmtree(workdir / "eval", ignore_errors=True)
+    summaries = loop.evaluate(workdir, splits=["test_CENTER_C"], n_boot=0)
+    assert set(summaries) == {"val", "test_CENTER_C"}   # val joins: calibration is fitted there
+    record = json.loads((workdir / "eval" / "calibration.json").read_text())
+    val_labels, val_probs, _ = files.prediction_arrays(
+        files.read_predictions(workdir / "eval" / "val" / "predictions.csv"))
+    assert record["fitted_on"] == "val" and record["n_val"] == len(val_labels)
+    assert record["temperature"] == pytest.approx(
+        calibration.fit_temperature(val_labels, val_probs), rel=1e-4)
+    assert set(record["splits"]) == {"val", "test_CENTER_C"}
+    raw = files.read_predictions(workdir / "eval" / "test_CENTER_C" / "predictions.csv")
+    cal = files.read_predictions(
+        workdir / "eval" / "test_CENTER_C" / "predictions_calibrated.csv")
+    prob_columns = [c for c in raw.columns if c.startswith("prob_")]
+    np.testing.assert_allclose(
+        cal[prob_columns].to_numpy(),
+        calibration.apply_temperature(raw[prob_columns].to_numpy(), record["temperature"]),
+        atol=1e-6)
+    assert (cal[prob_columns].to_numpy().argmax(1) == raw[prob_columns].to_numpy().argmax(1)).all()
+    assert Image.open(workdir / record["splits"]["test_CENTER_C"]["reliability_png"]).width > 100
+    summary_txt = (workdir / "eval" / "summary.txt").read_text()
+    assert "fitted on the validation split" in summary_txt
 
 def test_features_mode_writes_embeddings(trained):
     workdir, _ = trained

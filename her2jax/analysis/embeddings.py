@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from her2jax.errors import Her2jaxError
+from her2jax.evaluate import files
 
 METHODS = ("tsne", "umap")
 MIN_EMBED_ROWS = 5
@@ -249,9 +250,7 @@ def plot_embedding(path, coords: np.ndarray, groups: np.ndarray, *, title: str,
     ax.set_yticks([])
     ax.legend(loc="best", fontsize=8, frameon=False)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
+    files.write_figure(path, fig)
 
 
 def _palette(n: int) -> list:

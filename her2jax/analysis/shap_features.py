@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from her2jax.errors import Her2jaxError
+from her2jax.evaluate import files
 
 
 def _labelled(train: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -188,7 +189,7 @@ def plot(result: dict, out_dir, class_names: Sequence[str]) -> list[Path]:
                 ax = fig.axes[0]
                 ax.set_title(f"SHAP on PCA components: P({name})")
                 path = out_dir / f"shap_{kind}_{_slug(name)}.png"
-                fig.savefig(path, format="png", dpi=100, bbox_inches="tight")
+                files.write_figure(path, fig, dpi=100, bbox_inches="tight")
             finally:
                 plt.close(fig)
             written.append(path)

@@ -21,6 +21,7 @@ import numpy as np
 import scipy.optimize
 
 from her2jax.errors import Her2jaxError
+from her2jax.evaluate import files
 
 # Probabilities are clipped here before the log that turns them into logits (a zero would give
 # -inf and an infinite NLL).
@@ -135,7 +136,7 @@ def plot_reliability(path: str | Path, labels: np.ndarray, probs: np.ndarray,
     hist.set_xlabel("predicted probability (histogram: top-class confidence)")
     hist.set_ylabel("cases")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    files.write_figure(path, fig, dpi=100)
     plt.close(fig)
 
 

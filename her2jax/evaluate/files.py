@@ -30,7 +30,7 @@ PREDICTION_COLUMNS = ("patient_id", "center", "label")
 PROB_PREFIX = "prob_"
 
 
-def _atomic_write_text(path: str | os.PathLike, text: str) -> None:
+def write_text(path: str | os.PathLike, text: str) -> None:
     """Writes ``text`` to ``path`` through a temporary file in the same folder and a rename."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -45,6 +45,21 @@ def _atomic_write_text(path: str | os.PathLike, text: str) -> None:
         pathlib.Path(tmp).unlink(missing_ok=True)
         raise
 
+
+
+def write_figure(path: str | os.PathLike, fig, **savefig) -> None:
+    """Saves a matplotlib figure as PNG through a temporary file in the same folder and a rename
+    (a killed run never leaves a truncated image)."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", **savefig)
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
 
 def _cell(value) -> str:
     """A clinical value as CSV text: missing (None, NaN, pandas NA) is empty."""
@@ -105,7 +120,7 @@ def write_predictions(path: str | os.PathLike, *, patient_ids: Sequence[str],
         rows.append([str(patient_ids[i]), str(centers[i]), label,
                      *(repr(float(p)) for p in probs[i]),
                      *(_cell(column[i]) for column in clinical.values())])
-    _atomic_write_text(path, _csv_text([header, *rows]))
+    write_text(path, _csv_text([header, *rows]))
 
 
 def _csv_text(rows: Iterable[Sequence[str]]) -> str:
@@ -201,7 +216,7 @@ def _jsonable(value):
 def write_metrics(path: str | os.PathLike, summary: dict) -> None:
     """Writes ``metrics.json`` atomically: indent 2, NaN / infinities as ``null``."""
     text = json.dumps(_jsonable(summary), indent=2, allow_nan=False, ensure_ascii=False)
-    _atomic_write_text(path, text + "\n")
+    write_text(path, text + "\n")
 
 
 def read_metrics(path: str | os.PathLike) -> dict:

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from her2jax import labels as labels_lib
 from her2jax.data import pipeline
 from her2jax.errors import Her2jaxError
-from her2jax.evaluate import files, metrics, tables
+from her2jax.evaluate import calibration, decision, files, metrics, tables
 from her2jax.models import factory
 from her2jax.train import checkpoint, optim
 from her2jax.train import logger as logger_lib
@@ -330,7 +330,7 @@ def evaluate(workdir, *, splits=(), which: str = "best", data_dir: str | None = 
     predict = step_lib.make_predict(trained.graphdef)
     batch_size = eval_batch_size(trained.config)
     outputs = {}
-    for name, split in pipeline.named_splits(dataset, trained.config.data, splits).items():
+    for name, split in eval_splits(dataset, trained.config.data, splits).items():
         probs, _ = predict_split(predict, trained.state, dataset, split, trained.mesh,
                                  batch_size)
         summary = metrics.summarize(split.labels, probs, split.class_names, n_boot=n_boot)
@@ -340,27 +340,66 @@ def evaluate(workdir, *, splits=(), which: str = "best", data_dir: str | None = 
     return {name: summary for name, (_, _, summary) in outputs.items()}
 
 
+def eval_splits(dataset: pipeline.Dataset, data_config, names=()) -> dict[str, pipeline.Split]:
+    """``pipeline.named_splits`` plus ``val`` whenever the run has a non-empty one: calibration
+    and thresholds are fitted on it (``evaluate.decision``), whichever splits were asked for."""
+    named = pipeline.named_splits(dataset, data_config, names)
+    if "val" not in named:
+        val = pipeline.select_splits(dataset, data_config).get("val")
+        if val is not None and len(val):
+            named = {"val": val, **named}
+    return named
+
+
 def write_eval(workdir: Path, dataset: pipeline.Dataset, config,
                outputs: dict[str, tuple], *, n_boot: int) -> None:
     """The eval files (process 0): ``eval/<split>/{predictions.csv,metrics.json}`` for each
-    (split, probs [N, K], summary) of ``outputs``, then ``eval/summary.txt`` and the pooled
-    per-centre / subgroup tables of the test splits."""
+    (split, probs [N, K], summary) of ``outputs``, the validation-fitted calibration
+    (``eval/calibration.json``, ``eval/<split>/{predictions_calibrated.csv,reliability.png}``),
+    then ``eval/summary.txt`` and the pooled per-centre / subgroup tables of the test splits."""
     if jax.process_index() != 0:
         return
     eval_dir = Path(workdir) / "eval"
     clinical = config.data.columns.clinical
     for name, (split, probs, summary) in outputs.items():
-        files.write_predictions(
-            eval_dir / name / "predictions.csv", patient_ids=split.patient_ids,
-            centers=split.centers, labels=split.labels, probs=probs,
-            class_names=split.class_names,
-            clinical=pipeline.clinical_columns(dataset, split, clinical))
+        _write_predictions(eval_dir / name / "predictions.csv", dataset, split, probs, clinical)
         files.write_metrics(eval_dir / name / "metrics.json", summary)
+    fitted = _write_calibration(eval_dir, dataset, outputs, clinical)
     frames = {name: files.read_predictions(eval_dir / name / "predictions.csv")
               for name in outputs}
     tables.write_tables(eval_dir, frames, class_names(config), clinical, n_boot=n_boot)
-    (eval_dir / "summary.txt").write_text("".join(
-        f"{name} (n={s['n']}): {summary_line(s)}\n" for name, (_, _, s) in outputs.items()))
+    lines = [f"{name} (n={s['n']}): {summary_line(s)}\n" for name, (_, _, s) in outputs.items()]
+    lines.append(f"calibration: {fitted['statement']}\n")
+    files.write_text(eval_dir / "summary.txt", "".join(lines))
+
+
+def _write_predictions(path: Path, dataset: pipeline.Dataset, split: pipeline.Split,
+                       probs: np.ndarray, clinical) -> None:
+    files.write_predictions(path, patient_ids=split.patient_ids, centers=split.centers,
+                            labels=split.labels, probs=probs, class_names=split.class_names,
+                            clinical=pipeline.clinical_columns(dataset, split, clinical))
+
+
+def _write_calibration(eval_dir: Path, dataset: pipeline.Dataset, outputs: dict[str, tuple],
+                       clinical) -> dict:
+    """Fits temperature (and binary thresholds) on val, applies them to every split of
+    ``outputs`` and writes ``eval/calibration.json``; returns its content."""
+    val = outputs.get(decision.FITTED_ON)
+    if val is None or not len(val[0]):
+        fitted = decision.not_fitted("no validation split was evaluated")
+    else:
+        fitted = decision.fit(val[0].labels, val[1], val[0].class_names)
+        fitted["splits"] = {}
+        for name, (split, probs, _) in outputs.items():
+            entry, calibrated = decision.apply(fitted, split.labels, probs)
+            _write_predictions(eval_dir / name / "predictions_calibrated.csv", dataset, split,
+                               calibrated, clinical)
+            calibration.plot_reliability(eval_dir / name / "reliability.png", split.labels,
+                                         calibrated, split.class_names)
+            entry["reliability_png"] = f"eval/{name}/reliability.png"
+            fitted["splits"][name] = entry
+    files.write_metrics(eval_dir / "calibration.json", fitted)
+    return fitted
 
 
 def summary_line(summary: dict) -> str:

@@ -402,7 +402,7 @@ def evaluate(workdir, *, splits: Sequence[str] = (), data_dir: str | None = None
     fitted = load(workdir, data_dir=data_dir)
     config = fitted.config
     dataset = pipeline.open_dataset(config.data.data_dir, config.data)
-    named = pipeline.named_splits(dataset, config.data, splits)
+    named = loop.eval_splits(dataset, config.data, splits)
     predict = fitted.predict_fn()
     features = {name: loop.predict_split(predict, fitted.weights, dataset, split, fitted.mesh,
                                          loop.eval_batch_size(config))[1]
