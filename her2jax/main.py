@@ -60,7 +60,8 @@ def _main(argv: list[str]) -> None:
                 config.data.data_dir = _DATA_DIR.value
         if config.train.protocol == "pca_lr":
             for name, summary in pca_lr.fit(config, _WORKDIR.value, force=_FORCE.value,
-                                            n_boot=_BOOTSTRAP.value).items():
+                                            n_boot=_BOOTSTRAP.value,
+                                            progress=_PROGRESS.value).items():
                 _print_summary(name, summary)
             print(f"predictions and metrics in {_WORKDIR.value}/eval/")
             return
@@ -72,11 +73,12 @@ def _main(argv: list[str]) -> None:
     elif _MODE.value == "eval":
         if pca_lr.is_pca_lr(_WORKDIR.value):
             results = pca_lr.evaluate(_WORKDIR.value, splits=_SPLITS.value,
-                                      data_dir=_DATA_DIR.value, n_boot=_BOOTSTRAP.value)
+                                      data_dir=_DATA_DIR.value, n_boot=_BOOTSTRAP.value,
+                                      progress=_PROGRESS.value)
         else:
             results = loop.evaluate(_WORKDIR.value, splits=_SPLITS.value,
                                     which=_CHECKPOINT.value, data_dir=_DATA_DIR.value,
-                                    n_boot=_BOOTSTRAP.value)
+                                    n_boot=_BOOTSTRAP.value, progress=_PROGRESS.value)
         for name, summary in results.items():
             _print_summary(name, summary)
         print(f"predictions and metrics in {_WORKDIR.value}/eval/")

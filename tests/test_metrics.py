@@ -646,3 +646,13 @@ def test_bca_falls_back_to_percentile_above_the_cap(monkeypatch):
     with pytest.raises(Her2jaxError) as error:
         metrics.summarize(labels, probs, THREE, ci_method="basic")
     assert error.value.key == "ci_method"
+
+
+def test_bootstrap_progress_bar_shows_on_request_and_changes_nothing(capsys):
+    labels, probs = softmax_cases(200, seed=9)
+    quiet = metrics.summarize(labels, probs, THREE, n_boot=300, seed=1)
+    assert capsys.readouterr().err == ""
+    shown = metrics.summarize(labels, probs, THREE, n_boot=300, seed=1, progress="val")
+    err = capsys.readouterr().err
+    assert "bootstrap val" in err and "AUC" in err
+    assert shown == quiet

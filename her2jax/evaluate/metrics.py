@@ -75,6 +75,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from scipy.special import ndtr, ndtri
+from tqdm import tqdm
 
 from her2jax.errors import Her2jaxError
 from her2jax.evaluate.calibration import reliability
@@ -307,7 +308,7 @@ def _macro_f1(confusion: np.ndarray) -> float | None:
 
 def summarize(labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str], *,
               n_boot: int = 2000, seed: int = 0, confidence: float = 0.95,
-              ci_method: str = "percentile") -> dict:
+              ci_method: str = "percentile", progress: str | None = None) -> dict:
     """The metrics.json dict: AUCs with stratified-bootstrap CIs, confusion matrix, accuracies.
 
     Args:
@@ -319,6 +320,7 @@ def summarize(labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str],
       confidence: the interval's level, in (0, 1).
       ci_method: ``"percentile"`` or ``"bca"`` (bias-corrected and accelerated; falls back to
         percentile, with a note, above ``BCA_MAX_N`` cases).
+      progress: a label to show a bootstrap progress bar under (stderr); None for none.
 
     Returns:
       ``{"n", "class_names", "class_counts", "micro_auc", "macro_auc", "per_class_auc",
@@ -383,14 +385,20 @@ def summarize(labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str],
     chunk = max(1, _CHUNK_ENTRIES // max(1, n * k))
     rng = np.random.default_rng(seed)
     done = 0
+    # The bar counts AUCs x chunks of resamples (the chunks are what the draws depend on, so it
+    # cannot split them further without changing the intervals).
+    bar = tqdm(total=-(-n_boot // chunk) * len(defined), unit="AUC", leave=False,
+               desc=f"bootstrap {progress or ''}".strip(), disable=progress is None)
     while done < n_boot and values:
         size = min(chunk, n_boot - done)
         counts = _stratified_counts(rng, by_class, n, size)
         for key, problem in defined.items():
             samples[key].append(problem.evaluate(counts))
+            bar.update()
         if enough_classes:
             samples["macro_auc"].append(np.mean([samples[key][-1] for key in macro_parts], axis=0))
         done += size
+    bar.close()
 
     note = None
     use_bca = ci_method == "bca" and n_boot > 0

@@ -169,7 +169,7 @@ def write_tables(eval_dir, frames: dict[str, pd.DataFrame], class_names: Sequenc
     """
     from pathlib import Path
 
-    from her2jax.evaluate.files import write_metrics
+    from her2jax.evaluate.files import write_metrics, write_text
 
     external = [f for name, f in frames.items() if name.startswith("test")]
     if not external:
@@ -178,11 +178,11 @@ def write_tables(eval_dir, frames: dict[str, pd.DataFrame], class_names: Sequenc
     out = Path(eval_dir)
     centre_rows = per_center(pooled, class_names, n_boot=n_boot, seed=seed)
     write_metrics(out / "per_center.json", {"rows": centre_rows})
-    (out / "per_center.md").write_text(to_markdown(centre_rows) + "\n")
+    write_text(out / "per_center.md", to_markdown(centre_rows) + "\n")
     present = [c for c in clinical if c in pooled.columns]
     group_rows = subgroups(pooled, class_names, present, n_boot=n_boot, seed=seed) if present \
         else []
     if group_rows:
         write_metrics(out / "subgroups.json", {"rows": group_rows})
-        (out / "subgroups.md").write_text(to_markdown(group_rows) + "\n")
+        write_text(out / "subgroups.md", to_markdown(group_rows) + "\n")
     return {"per_center": centre_rows, "subgroups": group_rows}

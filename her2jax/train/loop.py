@@ -321,7 +321,7 @@ def load_trained(workdir, *, which: str = "best", data_dir: str | None = None) -
 
 
 def evaluate(workdir, *, splits=(), which: str = "best", data_dir: str | None = None,
-             n_boot: int = 2000) -> dict[str, dict]:
+             n_boot: int = 2000, progress: bool = False) -> dict[str, dict]:
     """Writes ``eval/<split>/predictions.csv`` and ``metrics.json`` for the named splits
     (default: val and every test centre). Returns the summaries."""
     workdir = Path(workdir)
@@ -333,7 +333,8 @@ def evaluate(workdir, *, splits=(), which: str = "best", data_dir: str | None = 
     for name, split in eval_splits(dataset, trained.config.data, splits).items():
         probs, _ = predict_split(predict, trained.state, dataset, split, trained.mesh,
                                  batch_size)
-        summary = metrics.summarize(split.labels, probs, split.class_names, n_boot=n_boot)
+        summary = metrics.summarize(split.labels, probs, split.class_names, n_boot=n_boot,
+                                    progress=name if progress else None)
         summary.update(step=trained.step, checkpoint=which)
         outputs[name] = (split, probs, summary)
     write_eval(workdir, dataset, trained.config, outputs, n_boot=n_boot)

@@ -201,7 +201,7 @@ def _encoder_source(config) -> str:
 
 
 def fit(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
-        n_boot: int = 2000) -> dict[str, dict]:
+        n_boot: int = 2000, progress: bool = False) -> dict[str, dict]:
     """Fits the protocol in ``workdir`` and evaluates it on val and every test centre.
 
     Args:
@@ -265,7 +265,7 @@ def fit(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
 
     # 7. Evaluation files and features.
     return _write_outputs(workdir, config, dataset, splits, features, classifier,
-                          n_boot=n_boot)
+                          n_boot=n_boot, progress=progress)
 
 
 def _replicated(params, rest, mesh) -> _Weights:
@@ -283,7 +283,7 @@ def _save_encoder(path: Path, pure: dict) -> None:
 
 def _write_outputs(workdir: Path, config, dataset: pipeline.Dataset,
                    splits: dict[str, pipeline.Split], features: dict[str, np.ndarray],
-                   classifier: PcaLr, *, n_boot: int) -> dict[str, dict]:
+                   classifier: PcaLr, *, n_boot: int, progress: bool = False) -> dict[str, dict]:
     """``features/<split>.npz`` for every split with features, ``eval/<split>/`` for every
     split but train. Returns the eval summaries."""
     outputs = {}
@@ -300,7 +300,8 @@ def _write_outputs(workdir: Path, config, dataset: pipeline.Dataset,
                 pca_features=classifier.transform(features[name])))
         if name == "train":
             continue
-        summary = metrics.summarize(split.labels, probs, split.class_names, n_boot=n_boot)
+        summary = metrics.summarize(split.labels, probs, split.class_names, n_boot=n_boot,
+                                    progress=name if progress else None)
         summary.update(step=0, checkpoint=MODEL_FILE, protocol=PROTOCOL,
                        pca_components=classifier.n_components, encoder=classifier.encoder)
         outputs[name] = (split, probs, summary)
@@ -390,7 +391,7 @@ def _restore_encoder(path: Path, abstract: dict) -> dict:
 
 
 def evaluate(workdir, *, splits: Sequence[str] = (), data_dir: str | None = None,
-             n_boot: int = 2000) -> dict[str, dict]:
+             n_boot: int = 2000, progress: bool = False) -> dict[str, dict]:
     """Recomputes features with the saved encoder and writes ``eval/<split>/`` (and
     ``features/<split>.npz``) for the named splits (default: val and every test centre);
     the results equal ``fit``'s.
@@ -408,7 +409,7 @@ def evaluate(workdir, *, splits: Sequence[str] = (), data_dir: str | None = None
                                          loop.eval_batch_size(config))[1]
                 for name, split in named.items() if len(split)}
     return _write_outputs(workdir, config, dataset, named, features, fitted.classifier,
-                          n_boot=n_boot)
+                          n_boot=n_boot, progress=progress)
 
 
 # ---------------------------------------------------------------- files
