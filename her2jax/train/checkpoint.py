@@ -155,6 +155,13 @@ def _item_handlers() -> dict:
     return {"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler()}
 
 
+def _barriers(manager: str) -> ocp.options.MultiprocessingOptions:
+    # Both managers save the same step at an eval step; orbax names its cross-process barriers
+    # by step, so without a prefix per manager the second save finds "barrier ... already
+    # ongoing" and a multi-process run hangs until orbax's barrier timeout (seen: 1 run in 6).
+    return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=manager)
+
+
 class _Unreadable(Exception):
     """A step whose files cannot be read back (as opposed to one that does not fit)."""
 
@@ -183,18 +190,20 @@ class Checkpoints:
         self._closed = False
         self._barriers = 0
         self._best_metric: float | None = None
+        # Set once every process agreed to save for a preemption (multi-process runs).
+        self.preempted = False
         self._latest = ocp.CheckpointManager(
             self.root / "latest", item_handlers=_item_handlers(),
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep_latest, save_interval_steps=self.save_every,
                 enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
-                create=True))
+                create=True, multiprocessing_options=_barriers("latest")))
         self._best = ocp.CheckpointManager(
             self.root / "best", item_handlers=_item_handlers(),
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=1, best_fn=lambda metrics: metrics[_METRIC], best_mode="max",
                 enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
-                create=True))
+                create=True, multiprocessing_options=_barriers("best")))
 
     # ---------------------------------------------------------------- queries
 
@@ -247,6 +256,7 @@ class Checkpoints:
         step = int(step)
         # Every step, on every process: the preemption sync protocol needs each step reported.
         preempted = self.reached_preemption(step)
+        self.preempted = self.preempted or preempted
         if not (force or preempted or step % self.save_every == 0):
             return False
         latest = self._latest.latest_step()
