@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.her2jax-installed
 DEMO   := runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: demo test install lint clean-demo
+.PHONY: demo test install lint clean-demo chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,16 +19,30 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[dev,parity]'
 	touch $@
 
-install: $(STAMP)
+# tests/test_report.py opens report.html in Debian's headless chromium through its chromedriver
+# (CI: root on Debian 12). A no-op when both are installed; `apt-get update` only when the
+# plain install fails (an empty or stale package list).
+CHROMIUM_PACKAGES := chromium chromium-driver
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends
 
-test: $(STAMP)
+chromium:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  $(APT_INSTALL) $(CHROMIUM_PACKAGES) || \
+	  { $(SUDO) apt-get update && $(APT_INSTALL) $(CHROMIUM_PACKAGES); }; \
+	fi
+
+install: $(STAMP) chromium
+
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check her2jax tests benchmarks configs
 
 # Phantom cohort -> TFDS dataset -> train the tiny ViT (configs/demo_cpu.py) -> evaluate on
-# the held-out centre -> t-SNE / UMAP and feature-space SHAP. Re-running resumes / reuses.
+# the held-out centre -> t-SNE / UMAP, feature- and image-space SHAP -> report.html.
+# Re-running resumes / reuses.
 demo: $(STAMP)
 	test -f $(DEMO)/cohort/clinical.csv || \
 	  $(BIN)/her2jax-phantom --out=$(DEMO)/cohort --patients=120 --centers=3 --seed=0
@@ -40,6 +54,7 @@ demo: $(STAMP)
 	$(BIN)/her2jax --workdir=$(DEMO)/run --mode=eval
 	$(BIN)/her2jax --workdir=$(DEMO)/run --mode=analyze --noprogress
 	@echo "outputs: $(DEMO)/run (config.json, metrics.jsonl, tensorboard/, checkpoints/, eval/, features/, analysis/)"
+	@echo "report:  $(DEMO)/run/report.html"
 
 clean-demo:
 	rm -rf $(DEMO)

@@ -1,0 +1,431 @@
+"""report.html (analysis.report, her2jax-report) and its figures (analysis.figures): content,
+escaping, privacy, self-containment, and rendering in headless Chromium."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import importlib.metadata
+import io
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+from her2jax.analysis import figures, report, stage
+from her2jax.errors import Her2jaxError
+from her2jax.evaluate import files, metrics, tables
+from her2jax.labels import CLASS_NAMES
+from her2jax.train import loop
+
+from .test_train import data_dir, trained  # noqa: F401  (module fixtures used here)
+
+REPO = Path(__file__).resolve().parents[1]
+THREE = list(CLASS_NAMES["her2_3class"])
+BINARY = list(CLASS_NAMES["her2_binary"])
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+HOSTILE_VALUE = "Sie<mens> & \"Co\" 'x'"
+HOSTILE_PID = "P&<b>\"7'"
+IMG_SRC = re.compile(r"<img\b[^>]*\bsrc=\"([^\"]*)\"")
+
+
+# ---------------------------------------------------------------- figures
+
+
+def _probs(labels, k, signal=1.5, seed=0):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(len(labels), k))
+    logits[np.arange(len(labels)), labels] += signal
+    return np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+
+
+def _png(path) -> Image.Image:
+    image = Image.open(path)
+    image.load()
+    assert image.format == "PNG" and image.width > 100 and image.height > 100, path
+    assert len(np.unique(np.asarray(image.convert("L")))) > 2, f"{path} is blank"
+    return image
+
+
+def test_roc_matches_sklearn_and_metrics(tmp_path):
+    labels = np.random.default_rng(1).integers(0, 3, 60)
+    probs = _probs(labels, 3)
+    drawn = figures.plot_roc(tmp_path / "roc.png", labels, probs, THREE)
+    _png(tmp_path / "roc.png")
+    one_hot = labels[:, None] == np.arange(3)[None, :]
+    micro = roc_auc_score(one_hot.ravel(), probs.ravel())
+    assert f"micro-average (AUC {micro:.3f})" in drawn["legend"]
+    assert drawn["auc"]["micro-average"] == pytest.approx(micro, abs=1e-12)
+    for c, name in enumerate(THREE):
+        assert drawn["auc"][name] == pytest.approx(roc_auc_score(labels == c, probs[:, c]))
+    summary = metrics.summarize(labels, probs, THREE, n_boot=0)
+    # The macro curve's area (interpolated mean TPR) is exactly the mean per-class AUC.
+    assert drawn["auc"]["macro-average"] == pytest.approx(summary["macro_auc"]["value"],
+                                                          abs=1e-12)
+    pairwise = figures.plot_pairwise_roc(tmp_path / "pairs.png", labels, probs, THREE)
+    _png(tmp_path / "pairs.png")
+    assert list(pairwise["auc"]) == list(summary["pairwise_auc"])   # zero-low, low-pos, zero-pos
+    for name, value in pairwise["auc"].items():
+        assert value == pytest.approx(summary["pairwise_auc"][name]["value"], abs=1e-12)
+
+
+def test_macro_curve_with_vertical_jumps_is_exact():
+    # Hand-made curves with vertical pieces at different FPRs: areas 0.875 and 0.5.
+    a = (np.array([0.0, 0.0, 0.5, 1.0]), np.array([0.0, 0.5, 1.0, 1.0]))
+    b = (np.array([0.0, 0.5, 0.5, 1.0]), np.array([0.0, 0.0, 1.0, 1.0]))
+    fpr, tpr = figures.macro_curve([a, b])
+    assert np.trapezoid(tpr, fpr) == pytest.approx((0.875 + 0.5) / 2)
+    assert np.trapezoid(a[1], a[0]) == pytest.approx(0.875)
+
+
+def test_roc_with_a_class_absent_and_with_one_class(tmp_path):
+    labels = np.array([0, 1, 0, 1, 1, 0, 1, 0])
+    probs = _probs(labels, 3, seed=2)
+    drawn = figures.plot_roc(tmp_path / "roc.png", labels, probs, THREE)
+    _png(tmp_path / "roc.png")
+    assert drawn["auc"]["HER2-positive"] is None
+    assert "HER2-positive: not in this split (no curve)" in drawn["legend"]
+    summary = metrics.summarize(labels, probs, THREE, n_boot=0)
+    assert drawn["auc"]["macro-average"] == pytest.approx(summary["macro_auc"]["value"])
+    pairwise = figures.plot_pairwise_roc(tmp_path / "pairs.png", labels, probs, THREE)
+    _png(tmp_path / "pairs.png")
+    assert pairwise["auc"]["HER2-low vs HER2-positive"] is None
+    assert pairwise["auc"]["HER2-zero vs HER2-low"] == pytest.approx(
+        summary["pairwise_auc"]["HER2-zero vs HER2-low"]["value"])
+    assert "HER2-zero vs HER2-positive: no HER2-positive in this split (no curve)" \
+        in pairwise["legend"]
+
+    only = figures.plot_roc(tmp_path / "one.png", np.array([1, 1, 1]), probs[:3], THREE)
+    _png(tmp_path / "one.png")
+    assert all(v is None for v in only["auc"].values())
+    assert "HER2-low: the only class in this split (no curve)" in only["legend"]
+
+
+def test_binary_roc(tmp_path):
+    labels = np.array([0, 0, 0, 1, 1, 0, 1, 1, 0, 1])
+    probs = _probs(labels, 2, signal=0.8, seed=3)
+    drawn = figures.plot_roc(tmp_path / "roc.png", labels, probs, BINARY)
+    _png(tmp_path / "roc.png")
+    auc = roc_auc_score(labels, probs[:, 1])
+    assert drawn["legend"] == [f"HER2-positive vs HER2-negative (AUC {auc:.3f})"]
+    summary = metrics.summarize(labels, probs, BINARY, n_boot=0)
+    assert drawn["auc"]["micro-average"] == pytest.approx(summary["micro_auc"]["value"])
+    assert drawn["auc"]["macro-average"] == pytest.approx(summary["macro_auc"]["value"])
+    pairwise = figures.plot_pairwise_roc(tmp_path / "pairs.png", labels, probs, BINARY)
+    assert pairwise["auc"] == {"HER2-negative vs HER2-positive": pytest.approx(auc)}
+    confusion = figures.plot_confusion(tmp_path / "cm.png", [[3, 2], [0, 5]], BINARY)
+    _png(tmp_path / "cm.png")
+    assert confusion["annotations"] == [["3\n60%", "2\n40%"], ["0\n0%", "5\n100%"]]
+
+
+def test_confusion_annotations_are_the_counts(tmp_path):
+    confusion = [[7, 2, 1], [0, 0, 0], [3, 4, 13]]
+    drawn = figures.plot_confusion(tmp_path / "cm.png", confusion, THREE)
+    _png(tmp_path / "cm.png")
+    assert [[int(cell.split("\n")[0]) for cell in row] for row in drawn["annotations"]] \
+        == confusion
+    assert drawn["annotations"][0] == ["7\n70%", "2\n20%", "1\n10%"]
+    assert drawn["annotations"][1] == ["0\n-", "0\n-", "0\n-"]     # no HER2-low case
+    assert drawn["percent"][2] == pytest.approx([15, 20, 65])
+    with pytest.raises(Her2jaxError, match="must be"):
+        figures.plot_confusion(tmp_path / "bad.png", [[1, 2]], THREE)
+
+
+# ---------------------------------------------------------------- the report
+
+
+def _rewrite_clinical(path: Path, column: str, value: str, rows: int) -> None:
+    """Sets ``column`` of the first ``rows`` rows of a predictions.csv (other cells untouched)."""
+    with open(path, newline="", encoding="utf-8") as f:
+        table = list(csv.reader(f))
+    index = table[0].index(column)
+    for row in table[1:rows + 1]:
+        row[index] = value
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(table)
+    files.write_text(path, buffer.getvalue())
+
+
+def _montage(path: Path, shade: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    gradient = np.tile(np.linspace(0, 255, 300, dtype=np.uint8), (120, 1))
+    Image.fromarray(np.stack([gradient, gradient // 2, np.full_like(gradient, shade)], -1)).save(
+        path)
+
+
+@pytest.fixture(scope="module")
+def reported(trained, tmp_path_factory):  # noqa: F811
+    """A trained, evaluated and analysed workdir with a hostile clinical value, image-SHAP cases
+    (one with a hostile patient id) and its report: (workdir, page text, shap patient ids)."""
+    workdir = tmp_path_factory.mktemp("report") / "run"
+    shutil.copytree(trained[0], workdir)
+    loop.evaluate(workdir, n_boot=50)
+    stage.analyze(workdir, methods=("tsne",), progress=False, max_explained=10)
+
+    eval_dir = workdir / "eval"
+    config = json.loads((workdir / "config.json").read_text())["config"]
+    test_csv = eval_dir / "test_CENTER_C" / "predictions.csv"
+    _rewrite_clinical(test_csv, "manufacturer", HOSTILE_VALUE, rows=3)
+    frames = {p.parent.name: files.read_predictions(p) for p in eval_dir.glob("*/predictions.csv")}
+    tables.write_tables(eval_dir, frames, THREE, config["data"]["columns"]["clinical"], n_boot=50)
+
+    shown = files.read_predictions(test_csv).iloc[0]
+    summary = json.loads((workdir / "analysis" / "summary.json").read_text())
+    cases = []
+    for i, (pid, name) in enumerate([(shown["patient_id"], shown["patient_id"]),
+                                     (HOSTILE_PID, "hostile")]):
+        _montage(workdir / "analysis" / "shap" / f"{name}_montage.png", shade=60 * i)
+        cases.append({"patient_id": pid, "center": "CENTER_C", "split": "test_CENTER_C",
+                      "label": "HER2-low", "predicted_class": "HER2-positive",
+                      "explained_class": "HER2-low", "probability": 0.4,
+                      "fraction_in_tumour": 0.5,
+                      "files": {"montage": f"shap/{name}_montage.png",
+                                "crop_map": f"shap/{name}_shap_crop.nii.gz"}})
+    summary["image_shap"] = {"method": "permutation", "baseline": "zero", "grid": [4, 4, 4],
+                             "cases": cases}
+    files.write_metrics(workdir / "analysis" / "summary.json", summary)
+
+    path = report.write_report(workdir)
+    assert path == workdir / "report.html"
+    return workdir, path.read_text(encoding="utf-8"), [c["patient_id"] for c in cases]
+
+
+def _section(page: str, ident: str) -> str:
+    start = page.index(f'<section id="{ident}">')
+    end = page.find('<section id="', start + 1)
+    return page[start:end if end > 0 else len(page)]
+
+
+def _expected_images(workdir: Path) -> int:
+    """The <img> count the page should have, from the files the stages wrote."""
+    splits = [p.parent.name for p in (workdir / "eval").glob("*/metrics.json")]
+    calibrated = json.loads((workdir / "eval" / "calibration.json").read_text())["splits"]
+    summary = json.loads((workdir / "analysis" / "summary.json").read_text())
+    return (3 * len(splits) + sum(1 for e in calibrated.values() if e.get("reliability_png"))
+            + len(summary["embeddings"]["files"]) + len(summary["shap"]["files"])
+            + len(summary["image_shap"]["cases"]))
+
+
+def test_report_shows_the_metrics_as_metrics_json_has_them(reported, tmp_path):
+    workdir, page, _ = reported
+    splits = sorted(p.parent.name for p in (workdir / "eval").glob("*/metrics.json"))
+    assert splits == ["test_CENTER_C", "val"]
+    for name in splits:
+        summary = files.read_metrics(workdir / "eval" / name / "metrics.json")
+        part = page[page.index(f'id="split-{name}"'):]
+        part = part[:part.index("</section>")]
+        assert f"macro-average AUC {metrics.format_auc(summary['macro_auc'])}" in part
+        assert f"micro-average AUC {metrics.format_auc(summary['micro_auc'])}" in part
+        for pair, entry in summary["pairwise_auc"].items():
+            assert f"<td>{pair} (one-vs-one)</td><td>{metrics.format_auc(entry)}</td>" in part
+        assert f"<td>accuracy</td><td class=\"num\">{summary['accuracy']:.3f}</td>" in part
+        assert f"{summary['quadratic_weighted_kappa']:.3f}" in part
+        for kind in ("roc", "pairwise_roc", "confusion"):
+            _png(workdir / "report_files" / f"{name}_{kind}.png")
+        # The ROC figure's macro-average is metrics.json's macro AUC.
+        y, probs, _ = files.prediction_arrays(files.read_predictions(
+            workdir / "eval" / name / "predictions.csv"))
+        drawn = figures.plot_roc(tmp_path / f"{name}.png", y, probs, THREE)
+        assert drawn["auc"]["macro-average"] == pytest.approx(summary["macro_auc"]["value"])
+    for name in THREE:
+        assert f">{name}</th>" in _section(page, "cohort")
+    assert "<title>her2jax report: run</title>" in page
+
+
+def test_report_has_every_part(reported):
+    workdir, page, _ = reported
+    calibration = _section(page, "calibration")
+    fitted = json.loads((workdir / "eval" / "calibration.json").read_text())
+    assert html.escape(fitted["statement"]) in calibration
+    assert f"{fitted['temperature']:.3f}" in calibration
+    centres = _section(page, "centres")
+    assert "<td>CENTER_C</td>" in centres and "<td>pooled</td>" in centres
+    assert "n=3: too small for a CI" in centres        # the small subgroup's note is kept
+    embeddings = _section(page, "embeddings")
+    summary = json.loads((workdir / "analysis" / "summary.json").read_text())
+    by_class = summary["embeddings"]["silhouette"]["by_class"]
+    assert f"{by_class:.3f}" in embeddings
+    assert ('class="warning"' in embeddings) == summary["embeddings"]["domain_shift_warning"]
+    assert "KernelExplainer" in _section(page, "shap-features")
+    assert "permutation explainer, baseline zero, grid 4 x 4 x 4" in _section(page, "shap-image")
+    assert "not run" not in page
+    software = _section(page, "software")
+    config = json.loads((workdir / "config.json").read_text())
+    assert html.escape(json.dumps(config["config"], indent=2)) in software
+    for package in ("jax", "flax", "scikit-learn", "shap", "umap-learn", "grain"):
+        recorded = config["provenance"]["versions"].get(package) or "not recorded"
+        now = importlib.metadata.version(package)
+        assert f"<td>{package}</td><td>{recorded}</td><td>{now}</td>" in software
+    assert f"<td>python</td><td>not recorded</td><td>{sys.version.split()[0]}</td>" in software
+    assert config["provenance"]["git_commit"] in page
+
+
+def test_report_is_self_contained(reported):
+    workdir, page, _ = reported
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:|//)""", page, re.I)
+    assert not re.search(r"<script|<link|<iframe|@import|url\(", page, re.I)
+    sources = IMG_SRC.findall(page)
+    assert len(sources) == page.count("<img ") == _expected_images(workdir) >= 3 * 2 + 2 + 8 + 2
+    for src in sources:
+        assert src.startswith("data:image/png;base64,"), src[:60]
+        data = base64.b64decode(src.split(",", 1)[1], validate=True)
+        Image.open(io.BytesIO(data)).verify()
+
+
+def test_report_escapes_and_shows_no_other_patient(reported):
+    workdir, page, shap_ids = reported
+    escaped = html.escape(HOSTILE_VALUE)
+    assert escaped in _section(page, "centres") and "Sie<mens>" not in page
+    assert html.escape(HOSTILE_PID) in _section(page, "shap-image") and "<b>\"7" not in page
+    every_id = set()
+    for npz in (workdir / "features").glob("*.npz"):
+        every_id |= set(np.load(npz)["patient_ids"].astype(str))
+    for frame in (files.read_predictions(p) for p in (workdir / "eval").glob("*/predictions.csv")):
+        every_id |= set(frame["patient_id"])
+    assert shap_ids[0] in every_id and len(every_id) > 20
+    outside = page.replace(_section(page, "shap-image"), "")
+    for pid in every_id:
+        assert pid not in outside, f"patient {pid} outside the image-SHAP section"
+        assert (pid in page) == (pid in shap_ids), pid
+
+
+def test_a_bare_workdir_parts_not_run_cohort_without_dataset(reported, tmp_path):
+    workdir, _, _ = reported
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(workdir / "config.json", bare)
+    for split in ("val", "test_CENTER_C"):
+        (bare / "eval" / split).mkdir(parents=True)
+        for name in ("metrics.json", "predictions.csv"):
+            shutil.copy(workdir / "eval" / split / name, bare / "eval" / split)
+    # A subgroup table of a column the config does not name stays off the page.
+    files.write_metrics(bare / "eval" / "subgroups.json", {"rows": [
+        {"column": "name", "value": "Jane Doe", "n": 3, "macro_auc": None, "micro_auc": None,
+         "per_class_auc": None, "note": "n=3: too small for a CI"},
+        {"column": "manufacturer", "value": "Philips", "n": 4, "macro_auc": None,
+         "micro_auc": None, "per_class_auc": None, "note": "n=4: too small for a CI"}]})
+    page = report.write_report(bare, data_dir=str(tmp_path / "moved")).read_text()
+    assert "Jane Doe" not in page and "<td>manufacturer</td><td>Philips</td>" in page
+    assert "Left out: 1 subgroup row(s) of columns that are not the config&#x27;s" in page
+    for ident in ("calibration", "embeddings", "shap-features", "shap-image"):
+        assert "<strong>not run</strong>" in _section(page, ident), ident
+    assert page.count("<img ") == 6           # ROC, pairwise ROC, confusion of two splits
+    cohort = _section(page, "cohort")
+    assert "not reachable" in cohort
+    frame = files.read_predictions(bare / "eval" / "test_CENTER_C" / "predictions.csv")
+    counts = [int((frame["label"] == name).sum()) for name in THREE]
+    row = "".join(f'<td class="num">{n}</td>' for n in [*counts, sum(counts)])
+    assert f"<td>test_CENTER_C</td><td>CENTER_C</td>{row}" in cohort
+
+
+def test_cohort_from_the_dataset_counts_every_split(reported):
+    workdir, page, _ = reported
+    cohort = _section(page, "cohort")
+    assert "From the prepared dataset" in cohort
+    frame = files.read_predictions(workdir / "eval" / "val" / "predictions.csv")
+    total = [int((frame["label"] == name).sum()) for name in THREE]
+    assert "<td>train</td>" in cohort
+    val_rows = re.findall(r"<tr><td>val</td><td>[^<]*</td>((?:<td class=\"num\">\d+</td>)+)",
+                          cohort)
+    last = [int(n) for n in re.findall(r">(\d+)<", val_rows[-1])]
+    assert last == [*total, sum(total)]     # one centre: its row; several: the total row last
+
+
+def test_write_report_refuses_a_non_workdir_and_an_unevaluated_one(reported, tmp_path):
+    with pytest.raises(Her2jaxError, match="not a her2jax workdir"):
+        report.write_report(tmp_path)
+    shutil.copy(reported[0] / "config.json", tmp_path)
+    with pytest.raises(Her2jaxError, match="run --mode=eval first"):
+        report.write_report(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "her2jax.cli.report", *map(str, args)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_cli(reported, tmp_path):
+    workdir, _, _ = reported
+    (workdir / "report.html").unlink()
+    result = _cli(workdir)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"wrote {workdir / 'report.html'}"
+    assert "<title>her2jax report: run</title>" in (workdir / "report.html").read_text()
+
+    result = _cli(tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"report.py: error: {tmp_path}: is not a her2jax workdir (no config.json); train first"]
+    shutil.copy(workdir / "config.json", tmp_path)
+    result = _cli(tmp_path, f"--out={tmp_path / 'r.html'}")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "run --mode=eval first" in result.stderr and str(tmp_path) in result.stderr
+    assert not (tmp_path / "r.html").exists()
+
+
+# ---------------------------------------------------------------- the browser
+
+
+def _chrome(tmp_path):
+    assert CHROMIUM.exists() and CHROMEDRIVER.exists(), (
+        "the report's browser test needs Debian's chromium and chromedriver: "
+        "apt-get install -y --no-install-recommends chromium chromium-driver (make test does)")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.fail("selenium is missing: pip install -e '.[dev]'")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    profile = tmp_path / "profile"
+    profile.mkdir()
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}",
+                 "--window-size=1400,1000"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+    # An explicit driver path: Selenium Manager (which downloads drivers) is never asked.
+    return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+
+
+def test_report_renders_in_headless_chromium(reported, tmp_path):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    workdir, page, _ = reported
+    driver = _chrome(tmp_path)
+    try:
+        driver.get((workdir / "report.html").as_uri())
+        WebDriverWait(driver, 30).until(
+            lambda d: d.execute_script("return document.readyState") == "complete")
+        assert driver.execute_script("return document.readyState") == "complete"
+        assert driver.title == "her2jax report: run"
+        images = driver.execute_script(
+            "return Array.from(document.images).map(i => [i.complete, i.naturalWidth])")
+        assert len(images) == _expected_images(workdir) == page.count("<img ")
+        assert all(complete and width > 0 for complete, width in images), images
+        severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not severe, severe
+        requested = [json.loads(e["message"])["message"] for e in driver.get_log("performance")]
+        urls = {m["params"]["request"]["url"] for m in requested
+                if m["method"] == "Network.requestWillBeSent"}
+        assert (workdir / "report.html").as_uri() in urls
+        # (the browser's own chrome:// new-tab page may load too; nothing may leave the machine)
+        remote = [u for u in urls if re.match(r"(https?|wss?|ftp):", u)]
+        assert not remote, remote
+        shot = tmp_path / "report.png"
+        assert driver.save_screenshot(str(shot))
+    finally:
+        driver.quit()
+    image = _png(shot)
+    grey = np.asarray(image.convert("L"), dtype=np.float64)
+    assert grey.std() > 10 and len(np.unique(grey)) > 50
