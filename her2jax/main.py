@@ -4,7 +4,8 @@
   her2jax --workdir=DIR --mode=eval [--splits=val,test_CENTER_C] [--checkpoint=best|latest]
   her2jax --workdir=DIR --mode=features [--splits=...]
   her2jax --workdir=DIR --mode=predict --cohort=NIFTI_COHORT [--out=DIR] [--skip_invalid]
-  her2jax --workdir=DIR --mode=analyze     (t-SNE / UMAP, feature-space SHAP -> DIR/analysis)
+  her2jax --workdir=DIR --mode=analyze     (t-SNE / UMAP, feature- and image-space SHAP ->
+                                            DIR/analysis, then DIR/report.html)
 
 With ``train.protocol='pca_lr'`` (configs/fmbcmri_pca_lr.py) train fits the study's protocol
 (frozen encoder features -> PCA -> logistic regression) instead of gradient training.
@@ -19,7 +20,7 @@ from __future__ import annotations
 from absl import flags
 from ml_collections import config_flags
 
-from her2jax import cli
+from her2jax import cli, distributed
 from her2jax.errors import Her2jaxError
 from her2jax.train import loop, pca_lr, predict
 
@@ -45,12 +46,29 @@ _SKIP_INVALID = flags.DEFINE_bool("skip_invalid", False, "predict: leave invalid
                                   "(listed in rejected.csv) instead of stopping.")
 _BOOTSTRAP = flags.DEFINE_integer("bootstrap", 2000, "Bootstrap resamples for the CIs.",
                                   lower_bound=0)
+_SHAP_PATIENTS = flags.DEFINE_list("shap_patients", [], "analyze: image-space SHAP for these "
+                                   "patients (default: the most confident per class).")
+_SHAP_PER_CLASS = flags.DEFINE_integer("shap_per_class", 1, "analyze: image-space SHAP for this "
+                                       "many top-confident test cases per class (0: none).",
+                                       lower_bound=0)
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-process runs: host:port "
+                                   "of process 0 (with --num_processes and --process_id; SLURM, "
+                                   "Open MPI and TPU pods are detected without them).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process runs: how many.",
+                                      lower_bound=1)
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's "
+                                   "index, from 0.", lower_bound=0)
+_HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout_s", distributed.DEFAULT_HEARTBEAT_TIMEOUT_S,
+                                  "Multi-process runs: seconds without a peer's heartbeat before "
+                                  "the survivors abort.", lower_bound=1)
 
 
 def _main(argv: list[str]) -> None:
     del argv
     if not _WORKDIR.value:
         raise Her2jaxError("--workdir is required")
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                           heartbeat_timeout_s=_HEARTBEAT.value)
     if _MODE.value == "train":
         if _CONFIG.value is None:
             raise Her2jaxError("--config is required to train")
@@ -85,13 +103,22 @@ def _main(argv: list[str]) -> None:
     elif _MODE.value == "analyze":
         from her2jax.analysis import stage  # umap / shap load only here
 
+        if distributed.process_count() > 1:
+            raise Her2jaxError("--mode=analyze runs as a single process; start it without "
+                               "the multi-process launcher")
+
         summary = stage.analyze(_WORKDIR.value, data_dir=_DATA_DIR.value,
-                                which=_CHECKPOINT.value, progress=_PROGRESS.value)
+                                which=_CHECKPOINT.value, progress=_PROGRESS.value,
+                                image_patients=_SHAP_PATIENTS.value,
+                                image_per_class=_SHAP_PER_CLASS.value)
         sil = summary["embeddings"]["silhouette"]
         print(f"silhouette by class {sil['by_class']}, by centre {sil['by_center']}"
               + ("; WARNING: features cluster by centre (domain shift)"
                  if summary["embeddings"]["domain_shift_warning"] else ""))
-        print(f"analysis in {_WORKDIR.value}/analysis/ (summary.json, embeddings, SHAP plots)")
+        print(f"analysis in {_WORKDIR.value}/analysis/ (summary.json, embeddings, SHAP plots, "
+              "shap/ NIfTI heatmaps)")
+        if summary.get("report"):
+            print(f"report: {_WORKDIR.value}/{summary['report']}")
     elif _MODE.value == "predict":
         if not _COHORT.value:
             raise Her2jaxError("--cohort is required to predict")

@@ -33,8 +33,37 @@ def test_analyze_writes_embeddings_shap_and_summary(trained, tmp_path):  # noqa:
     assert len(summary["shap"]["files"]) == 6   # beeswarm + bar for 3 classes
     assert summary["shap"]["explained_cases"] > 0
     assert set(summary["shap"]["mean_abs"]) == {"HER2-zero", "HER2-low", "HER2-positive"}
+    image = summary["image_shap"]
+    assert summary["image_shap_note"] is None
+    assert sorted(c["label"] for c in image["cases"]) == ["HER2-low", "HER2-positive",
+                                                          "HER2-zero"]   # one per class
+    for case in image["cases"]:
+        assert case["split"] == "test_CENTER_C" and case["explained_class"] == case["label"]
+        for name in case["files"].values():
+            assert (workdir / "analysis" / name).stat().st_size > 0, name
+    assert summary["report"] is None   # not evaluated yet: no report.html
+    assert not (workdir / "report.html").exists()
     on_disk = json.loads((workdir / "analysis" / "summary.json").read_text())
     assert on_disk == summary
+
+
+def test_analyze_writes_the_report_of_an_evaluated_workdir(trained, tmp_path):  # noqa: F811
+    workdir = tmp_path / "run"
+    shutil.copytree(trained[0], workdir)
+    result = subprocess.run([sys.executable, "-m", "her2jax.main", f"--workdir={workdir}",
+                             "--mode=eval", "--bootstrap=100", "--noprogress"], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    result = subprocess.run([sys.executable, "-m", "her2jax.main", f"--workdir={workdir}",
+                             "--mode=analyze", "--noprogress", "--shap_per_class=0",
+                             "--shap_patients=PHA_0002"], cwd=REPO, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert f"report: {workdir}/report.html" in result.stdout
+    summary = json.loads((workdir / "analysis" / "summary.json").read_text())
+    assert [c["patient_id"] for c in summary["image_shap"]["cases"]] == ["PHA_0002"]
+    html = (workdir / "report.html").read_text()
+    assert "PHA_0002" in html and "fitted on the validation split" in html
 
 
 def test_analyze_on_a_directory_that_is_not_a_workdir(tmp_path):

@@ -88,17 +88,25 @@ def _optimizer(config, params):
 
 
 class _Preemption:
-    """SIGTERM sets a flag; the loop saves at the next step and stops."""
+    """SIGTERM sets a flag; the loop saves at the next step and stops.
+
+    With several processes a SIGTERM reaches one or some of them; JAX's preemption service
+    (which catches SIGTERM itself) agrees on a step at which every process saves and stops, so
+    no Python handler is installed then.
+    """
 
     def __init__(self):
         self.requested = False
         self._previous = None
+        self._shared = jax.process_count() > 1
 
     def __enter__(self):
         def handler(signum, frame):
             del signum, frame
             self.requested = True
 
+        if self._shared:
+            return self
         try:
             self._previous = signal.signal(signal.SIGTERM, handler)
         except ValueError:   # not the main thread (e.g. some test runners): no handler
@@ -224,7 +232,7 @@ def train(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
             checkpoints.save_latest(done, state, config=run_config,
                                     force=done == total or stopped != "done"
                                     or preemption.requested)
-            if preemption.requested:
+            if preemption.requested or checkpoints.preempted:
                 stopped = "preempted"
             if stopped != "done":
                 break
