@@ -218,6 +218,9 @@ def test_resume_after_sigkill_is_bitwise_exact(straight, data_dir, tmp_path):
     _her2jax(workdir, data_dir)
     resumed_steps = [r["step"] for r in logger.read_metrics(workdir) if r["split"] == "train"]
     assert max(resumed_steps) == 160 and killed_at < 160
+    # Steps logged after the checkpoint by the killed run were dropped: each step once.
+    assert resumed_steps == [r["step"] for r in logger.read_metrics(straight)
+                             if r["split"] == "train"]
     for a, b in zip(jax.tree.leaves(_final_params(straight)),
                     jax.tree.leaves(_final_params(workdir)), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -360,6 +360,22 @@ class Checkpoints:
             raise Her2jaxError(f"best checkpoint step {step} is unreadable: {e}",
                                file=self._best.directory) from e
 
+    def restore_step(self, step: int, abstract_state: Any, which: str = "latest") -> TrainState:
+        """A given step of ``which`` (e.g. to compare runs step by step).
+
+        Raises:
+          Her2jaxError: no such step, it is unreadable, or it was written for another model.
+        """
+        manager = self._manager(which)
+        if step not in manager.all_steps():
+            raise Her2jaxError(f"no checkpoint at step {step} in {which} (kept: "
+                               f"{sorted(manager.all_steps())})", file=manager.directory)
+        try:
+            return self._restore(manager, int(step), abstract_state)
+        except _Unreadable as e:
+            raise Her2jaxError(f"{which} checkpoint step {step} is unreadable: {e}",
+                               file=manager.directory) from e
+
     def restored_config(self, which: str = "latest", step: int | None = None) -> dict:
         """The config saved beside a state.
 

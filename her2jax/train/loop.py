@@ -177,7 +177,7 @@ def train(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
     predict = step_lib.make_predict(graphdef)
 
     # 7. The loop.
-    log = logger_lib.MetricsLogger(workdir)
+    log = logger_lib.MetricsLogger(workdir, resume_step=start)
     batches = pipeline.train_batches(
         dataset, train_split, global_batch_size=tc.batch_size, seed=tc.seed, start_step=start,
         stop_step=total, process_index=jax.process_index(),
@@ -289,13 +289,15 @@ class Trained:
     step: int
 
 
-def load_trained(workdir, *, which: str = "best", data_dir: str | None = None) -> Trained:
+def load_trained(workdir, *, which: str = "best", data_dir: str | None = None,
+                 step: int | None = None) -> Trained:
     """Restores ``checkpoints/<which>`` of a workdir into the current mesh.
 
     Args:
       workdir: a trained workdir (config.json + checkpoints).
       which: 'best' or 'latest'.
       data_dir: where the prepared dataset is now (default: the config's).
+      step: a step kept in ``which`` (default: its best, or latest, step).
     """
     workdir = Path(workdir)
     record = workdir_lib.read(workdir)
@@ -314,7 +316,9 @@ def load_trained(workdir, *, which: str = "best", data_dir: str | None = None) -
     target = checkpoint.abstract_like(abstract, NamedSharding(mesh, P()))
     checkpoints = checkpoint.Checkpoints(workdir, save_every=1)
     try:
-        if which == "best":
+        if step is not None:
+            state = checkpoints.restore_step(step, target, which)
+        elif which == "best":
             state = checkpoints.restore_best(target)
         elif which == "latest":
             state = checkpoints.restore_latest(target)
