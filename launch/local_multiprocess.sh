@@ -33,13 +33,18 @@ shift
 declare -A task_of=()
 pids=()
 for (( i = 0; i < num; i++ )); do
-  "$@" --coordinator_address="127.0.0.1:${port}" --num_processes="$num" --process_id="$i" \
-    > >(sed -u "s/^/[task $i] /") 2> >(sed -u "s/^/[task $i] /" >&2) &
+  # bash starts background jobs with SIGINT and SIGQUIT ignored: restore them, so that a
+  # forwarded Ctrl-C reaches the task.
+  ( trap - INT QUIT
+    exec "$@" --coordinator_address="127.0.0.1:${port}" --num_processes="$num" --process_id="$i"
+  ) > >(sed -u "s/^/[task $i] /") 2> >(sed -u "s/^/[task $i] /" >&2) &
   pids+=("$!")
   task_of[$!]=$i
 done
 
+forwarded=""
 forward() {
+  forwarded=$1
   echo "local_multiprocess: passing $1 to ${num} task(s)" >&2
   kill "-$1" "${pids[@]}" 2>/dev/null || true
 }
@@ -70,7 +75,7 @@ while (( ${#running[@]} > 0 )); do
     echo "local_multiprocess: task ${task} (pid ${finished}) ended: $(describe "$status")" >&2
     if [[ -z $first_failed ]]; then
       first_failed=$task first_status=$status
-      if (( remaining > 0 )); then
+      if (( remaining > 0 )) && [[ -z $forwarded ]]; then
         echo "local_multiprocess: task ${task} died first; the other tasks abort when JAX's" \
           "heartbeat timeout passes" >&2
       fi
@@ -79,7 +84,10 @@ while (( ${#running[@]} > 0 )); do
 done
 wait   # the output filters
 
-if [[ -n $first_failed ]]; then
+if [[ -n $first_failed && -n $forwarded ]]; then
+  echo "local_multiprocess: stopped by SIG${forwarded}" >&2
+  exit $(( first_status > 0 ? first_status : 1 ))
+elif [[ -n $first_failed ]]; then
   echo "local_multiprocess: FAILED: task ${first_failed} died first ($(describe "$first_status"))" >&2
   exit $(( first_status > 0 ? first_status : 1 ))
 fi
