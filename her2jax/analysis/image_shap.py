@@ -54,6 +54,7 @@ from her2jax import labels as labels_lib
 from her2jax.data import pipeline, tfds_builder
 from her2jax.data.preprocess import Crop
 from her2jax.errors import Her2jaxError
+from her2jax.evaluate.files import file_mode
 from her2jax.train import loop, pca_lr
 from her2jax.train import step as step_lib
 from her2jax.train import workdir as workdir_lib
@@ -319,8 +320,11 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> None:
     """``write(tmp)`` to a temporary file beside ``path`` (same suffixes), then rename it."""
     suffix = "".join(path.suffixes)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
     try:
+        try:
+            os.fchmod(fd, file_mode())   # as open() would make it, not mkstemp's 0o600
+        finally:
+            os.close(fd)
         write(Path(tmp))
         os.replace(tmp, path)
     except BaseException:

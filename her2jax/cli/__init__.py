@@ -3,10 +3,15 @@
 User errors (a ``Her2jaxError``, a bad flag, a bad ``--config.x.y`` override) print one line
 ``<prog>: error: <what and why>`` on stderr and exit 2. Anything else is a bug and keeps
 its traceback.
+
+Every script also tightens the umask to at least :data:`UMASK` before it writes anything:
+outputs hold patient data, so what a run creates is readable by its owner and group only
+(a stricter umask the user set is kept).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,6 +21,7 @@ from absl import app, flags, logging
 from her2jax.errors import Her2jaxError
 
 EXIT_USER_ERROR = 2
+UMASK = 0o027   # no permission for "other"; no write for the group
 
 
 def fail(prog: str, message: object) -> None:
@@ -32,7 +38,11 @@ def _flags_parser(prog: str) -> Callable[[Sequence[str]], list[str]]:
         except flags.Error as e:
             fail(prog, e)
         except (KeyError, AttributeError, TypeError, ValueError) as e:
-            # ml_collections raises these for an override of a missing key or a wrong type.
+            # ml_collections raises these for an override of a missing key (a KeyError, or an
+            # AttributeError raised while handling one) or of a wrong type.
+            missing = e if isinstance(e, KeyError) else e.__context__
+            if isinstance(missing, KeyError):
+                fail(prog, _missing_key(argv, missing))
             fail(prog, f"bad flag or config override: {e}")
         except Her2jaxError as e:
             fail(prog, e)
@@ -41,14 +51,25 @@ def _flags_parser(prog: str) -> Callable[[Sequence[str]], list[str]]:
     return parse
 
 
+def _missing_key(argv: Sequence[str], error: KeyError) -> str:
+    """The one-line message for ml_collections' KeyError: the override and the missing key."""
+    key = str(error.args[0]).strip("'\"") if error.args else ""
+    flag = next((arg.split("=")[0] for arg in argv if arg.startswith("--")
+                 and key in arg.split("=")[0].lstrip("-").split(".")[1:]), None)
+    return f"config override {flag or ''}: the config has no key '{key}'".replace(" :", ":")
+
+
 def run(main: Callable[[list[str]], int | None], *, positional: int = 0) -> None:
-    """Runs ``main`` as an absl app with her2jax's exit-code contract (2 = user error).
+    """Runs ``main`` as an absl app with her2jax's exit-code contract (2 = user error), under a
+    umask of at least :data:`UMASK`.
 
     Args:
       main: receives argv (program name, then up to ``positional`` arguments).
       positional: how many non-flag arguments the program takes; more is a user error.
     """
     prog = Path(sys.argv[0]).name
+    # Before any thread or file exists: os.umask can only be read by setting it.
+    os.umask(os.umask(0) | UMASK)
 
     def wrapped(argv: list[str]) -> int | None:
         if len(argv) > 1 + positional:

@@ -7,7 +7,9 @@ shortest text that reads back to the same float64), so they round-trip exactly.
 
 ``metrics.json`` is ``metrics.summarize``'s dict as JSON (indent 2); NaN and infinities are
 written as ``null``. Both files are written atomically (a temporary file in the same folder,
-then a rename), so a reader never sees half a file.
+then a rename), so a reader never sees half a file. Written files get the mode ``open()`` would
+give them (``0o666`` less the umask; the console scripts set a umask of at least ``0o027``), not
+``tempfile.mkstemp``'s ``0o600``, so the group a site shares results with can read them.
 """
 
 from __future__ import annotations
@@ -28,6 +30,33 @@ from her2jax.errors import Her2jaxError
 
 PREDICTION_COLUMNS = ("patient_id", "center", "label")
 PROB_PREFIX = "prob_"
+# How far a row's probabilities may sum from 1 (float32 softmax written as float64 is ~1e-7 off;
+# logits or scores are far off). The same tolerance as metrics.summarize.
+PROB_SUM_TOLERANCE = 1e-3
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it (``os.umask`` can only be read by setting it,
+    which would race with threads creating files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o077)   # no /proc: a file made meanwhile is stricter, never looser
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The permission bits ``open()`` gives a new file: ``0o666`` less the umask.
+
+    ``tempfile.mkstemp`` makes its files ``0o600`` whatever the umask; atomic writers apply this
+    mode to their temporary file before renaming it into place.
+    """
+    return 0o666 & ~current_umask()
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -36,6 +65,7 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
             f.write(text)
             f.flush()
@@ -46,7 +76,6 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
-
 def write_figure(path: str | os.PathLike, fig, **savefig) -> None:
     """Saves a matplotlib figure as PNG through a temporary file in the same folder and a rename
     (a killed run never leaves a truncated image)."""
@@ -54,12 +83,14 @@ def write_figure(path: str | os.PathLike, fig, **savefig) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as f:
             fig.savefig(f, format="png", **savefig)
         os.replace(tmp, path)
     except BaseException:
         pathlib.Path(tmp).unlink(missing_ok=True)
         raise
+
 
 def _cell(value) -> str:
     """A clinical value as CSV text: missing (None, NaN, pandas NA) is empty."""
@@ -139,7 +170,8 @@ def read_predictions(path: str | os.PathLike) -> pd.DataFrame:
 
     Raises:
       Her2jaxError: naming the file: it is missing or unreadable, a required column is
-        missing or duplicated, a probability is not a number, or a label is not a class name.
+        missing or duplicated, a probability is not a number in [0, 1] (NaN, a logit), a row's
+        probabilities do not sum to 1, or a label is not a class name.
     """
     path = pathlib.Path(path)
     try:
@@ -147,7 +179,9 @@ def read_predictions(path: str | os.PathLike) -> pd.DataFrame:
             header = next(csv.reader(f), None)
     except FileNotFoundError:
         raise Her2jaxError("predictions file not found", file=path) from None
-    except (OSError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
+        raise _not_utf8(e, path) from None
+    except OSError as e:
         raise Her2jaxError(f"cannot read predictions file: {e}", file=path) from None
     if not header:
         raise Her2jaxError("predictions file is empty (no header)", file=path)
@@ -166,7 +200,9 @@ def read_predictions(path: str | os.PathLike) -> pd.DataFrame:
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False,
                             encoding="utf-8")
-    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:   # past the part read for the header
+        raise _not_utf8(e, path) from None
+    except pd.errors.ParserError as e:
         raise Her2jaxError(f"malformed predictions file: {e}", file=path) from None
     for column in prob_columns:
         try:
@@ -178,7 +214,43 @@ def read_predictions(path: str | os.PathLike) -> pd.DataFrame:
     if unknown:
         raise Her2jaxError(f"labels {unknown} are not classes ({', '.join(class_names)})",
                            file=path, key="label")
+    _check_probabilities(frame, prob_columns, path)
     return frame
+
+
+def _not_utf8(error: UnicodeDecodeError, path) -> Her2jaxError:
+    # The decoder's offset counts from the chunk it was decoding, not the file: name the byte.
+    return Her2jaxError(f"not UTF-8 text (byte 0x{error.object[error.start]:02x}); save the "
+                        "predictions as UTF-8 CSV", file=path)
+
+
+def _check_probabilities(frame: pd.DataFrame, prob_columns: list[str], path) -> None:
+    """Every probability finite and in [0, 1], every row summing to 1 (within tolerance)."""
+    probs = frame[prob_columns].to_numpy(dtype=np.float64)
+    if not len(probs):
+        return
+
+    def where(row: int) -> str:   # CSV row 1 is the header
+        return f"row {row + 2} (patient {frame['patient_id'].iloc[row]})"
+
+    # Rounding may put a sure prediction a hair above 1; anything more is not a probability.
+    bad = ~np.isfinite(probs) | (probs < 0) | (probs > 1 + PROB_SUM_TOLERANCE)
+    if bad.any():
+        row, col = (int(i) for i in np.argwhere(bad)[0])
+        value = probs[row, col]
+        what = "NaN" if np.isnan(value) else repr(float(value))
+        n = int(bad.sum())
+        raise Her2jaxError(f"{where(row)}: {what} is not a probability in [0, 1] ({n} bad "
+                           f"value{'s' * (n != 1)}); pass probabilities, not logits",
+                           file=path, key=prob_columns[col])
+    sums = probs.sum(axis=1)
+    off = np.abs(sums - 1.0) > PROB_SUM_TOLERANCE
+    if off.any():
+        row = int(np.argmax(off))
+        n = int(off.sum())
+        raise Her2jaxError(f"{where(row)}: probabilities sum to {sums[row]:.6g}, not 1 ({n} "
+                           f"row{'s' * (n != 1)} off); pass probabilities, not logits",
+                           file=path)
 
 
 def class_names_of(frame: pd.DataFrame) -> list[str]:
