@@ -56,6 +56,39 @@ def dataset(prepared, data_config):
     return pipeline.open_dataset(prepared.dataset_dir.parents[2], data_config)
 
 
+
+@pytest.fixture(scope="session")
+def data_dir(prepared):
+    """The shared dataset's ``--data_dir`` (read-only for tests)."""
+    return prepared.dataset_dir.parents[2]
+
+
+@pytest.fixture(scope="session")
+def trained(data_dir, tmp_path_factory):
+    """(workdir, TrainResult) of a 12-step tiny-ViT run on the shared dataset, trained once per
+    test run. Tests that change the workdir beyond adding eval / features / predict outputs
+    work on a copy."""
+    from her2jax.train import loop
+
+    from .test_train import small_config
+
+    workdir = tmp_path_factory.mktemp("run")
+    return workdir, loop.train(small_config(data_dir), workdir, progress=False)
+
+
+@pytest.fixture(scope="session")
+def straight(data_dir, tmp_path_factory):
+    """A 160-step run through the CLI, uninterrupted, with a stub ``tensorflow`` first on the
+    path that records any import attempt (training must not import TensorFlow): the reference
+    for every kill-and-resume test."""
+    from .test_train import _her2jax
+
+    root = tmp_path_factory.mktemp("straight")
+    env, marker = tensorflow_stub(root)
+    _her2jax(root / "run", data_dir, env=env)
+    assert not marker.exists(), marker.read_text() if marker.exists() else ""
+    return root / "run"
+
 def materialize(make_model, seed: int = 0):
     """``make_model()`` built from shapes only and filled with seeded random values.
 

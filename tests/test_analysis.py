@@ -12,14 +12,13 @@ from PIL import Image
 
 from her2jax.analysis import stage
 
-from .test_train import data_dir, trained  # noqa: F401  (module fixtures used here)
-
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_analyze_writes_embeddings_shap_and_summary(trained, tmp_path):  # noqa: F811
+def test_analyze_writes_embeddings_shap_and_summary(trained, tmp_path):
     workdir = tmp_path / "run"
-    shutil.copytree(trained[0], workdir)
+    # Not evaluated (the shared workdir may have been by other tests): no report expected.
+    shutil.copytree(trained[0], workdir, ignore=shutil.ignore_patterns("eval", "report*"))
     shutil.rmtree(workdir / "features", ignore_errors=True)   # extracted on demand
     summary = stage.analyze(workdir, seed=0, methods=("tsne",), progress=False)
     assert set(summary["features"]) == {"train", "val", "test_CENTER_C"}
@@ -47,7 +46,7 @@ def test_analyze_writes_embeddings_shap_and_summary(trained, tmp_path):  # noqa:
     assert on_disk == summary
 
 
-def test_analyze_writes_the_report_of_an_evaluated_workdir(trained, tmp_path):  # noqa: F811
+def test_analyze_writes_the_report_of_an_evaluated_workdir(trained, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(trained[0], workdir)
     result = subprocess.run([sys.executable, "-m", "her2jax.main", f"--workdir={workdir}",

@@ -31,7 +31,6 @@ from her2jax.evaluate import files
 
 from .test_nifti import _gzip_stream, _header_bytes
 from .test_prepare import copy_cohort, read_csv, write_csv
-from .test_train import data_dir, trained  # noqa: F401  (module fixtures used here)
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["HER2-zero", "HER2-low", "HER2-positive"]
@@ -302,7 +301,7 @@ PREDICT_CASES = ["absurd dimensions", "gzip bomb (huge header extension)", "syml
 
 
 @pytest.mark.parametrize("case", PREDICT_CASES)
-def test_predict_refuses(case, trained, small_cohort, tmp_path):  # noqa: F811
+def test_predict_refuses(case, trained, small_cohort, tmp_path):
     workdir, _ = trained
     cohort, pid = small_cohort
     named_file, reasons = PREPARE_CASES[case](cohort, pid)
@@ -314,7 +313,7 @@ def test_predict_refuses(case, trained, small_cohort, tmp_path):  # noqa: F811
     assert not out.exists() and snapshot(workdir) == before
 
 
-def test_eval_refuses_a_checkpoint_of_another_architecture(trained, tmp_path):  # noqa: F811
+def test_eval_refuses_a_checkpoint_of_another_architecture(trained, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(trained[0], workdir, ignore=shutil.ignore_patterns("eval", "predict"))
     record = json.loads((workdir / "config.json").read_text())
@@ -327,7 +326,7 @@ def test_eval_refuses_a_checkpoint_of_another_architecture(trained, tmp_path):  
     assert snapshot(workdir) == before
 
 
-def test_engine_refuses_a_config_override_of_the_wrong_type(data_dir, tmp_path):  # noqa: F811
+def test_engine_refuses_a_config_override_of_the_wrong_type(data_dir, tmp_path):
     workdir = tmp_path / "run"
     result = _cli("her2jax.main", f"--workdir={workdir}", "--config=configs/demo_cpu.py",
                   f"--config.data.data_dir={data_dir}", "--config.model.vit.patch_size=eight")
@@ -461,7 +460,7 @@ def test_compare_refuses_a_bad_predictions_file(how, tmp_path):
     assert not out.exists()
 
 
-def test_report_refuses_an_evaluation_with_a_bad_predictions_file(trained, tmp_path):  # noqa: F811
+def test_report_refuses_an_evaluation_with_a_bad_predictions_file(trained, tmp_path):
     workdir = tmp_path / "run"
     workdir.mkdir()
     shutil.copy(trained[0] / "config.json", workdir)

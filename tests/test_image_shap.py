@@ -17,8 +17,6 @@ from her2jax.analysis import image_shap
 from her2jax.data import preprocess, recipes, tfds_builder
 from her2jax.errors import Her2jaxError
 
-from .test_train import data_dir, trained  # noqa: F401  (module fixtures used here)
-
 # One case of each phantom centre: A axial RAS, B axial stored LPS, C sagittal PIR.
 ORIENTED = ("PHA_0001", "PHB_0001", "PHC_0001")
 
@@ -235,7 +233,7 @@ def _tumour_and_rim(mask: np.ndarray, zooms) -> tuple[np.ndarray, np.ndarray]:
     return rim, box
 
 
-def test_explain_workdir_writes_maps_montages_and_summary(trained, phantom_cohort, dataset,  # noqa: F811
+def test_explain_workdir_writes_maps_montages_and_summary(trained, phantom_cohort, dataset,
                                                           tmp_path):
     workdir = trained[0]
     out = tmp_path / "analysis" / "shap"
@@ -335,7 +333,7 @@ def _example(dataset, pid):
     return tfds_builder.data_source(dataset.path, row["split"])[row["position"]]
 
 
-def test_pca_lr_workdirs_are_refused(trained, tmp_path):  # noqa: F811
+def test_pca_lr_workdirs_are_refused(trained, tmp_path):
     workdir = tmp_path / "pca"
     workdir.mkdir()
     shutil.copy(trained[0] / "config.json", workdir / "config.json")

@@ -43,11 +43,6 @@ TRAIN_ARGS = [
     "--config.train.log_every=1", "--noprogress"]
 
 
-@pytest.fixture(scope="module")
-def data_dir(prepared) -> Path:
-    return prepared.dataset_dir.parents[2]
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -21,13 +21,13 @@ from her2jax.train import workdir as workdir_lib
 
 from .test_factory import load_config
 from .test_port import TorchViT3D, assert_parity, save_fmbcmri, to_torch
-from .test_train import data_dir, small_config  # noqa: F401  (data_dir is a fixture)
+from .test_train import small_config
 
 EVAL_SPLITS = ("val", "test_CENTER_C")
 ALL_SPLITS = ("train", *EVAL_SPLITS)
 
 
-def pca_config(data_dir, **train):  # noqa: F811
+def pca_config(data_dir, **train):
     config = small_config(data_dir)
     config.train.protocol = "pca_lr"
     config.train.pca_components = 4
@@ -45,7 +45,7 @@ def _npz(workdir, name) -> dict[str, np.ndarray]:
         return dict(npz)
 
 
-def _images(data_dir, config, name: str) -> np.ndarray:  # noqa: F811
+def _images(data_dir, config, name: str) -> np.ndarray:
     """[N, 24, 24, 24, 1] float32 volumes of a split, in split order."""
     dataset = pipeline.open_dataset(data_dir, config.data)
     split = pipeline.select_splits(dataset, config.data)[name]
@@ -54,7 +54,7 @@ def _images(data_dir, config, name: str) -> np.ndarray:  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def fitted(data_dir, tmp_path_factory):  # noqa: F811
+def fitted(data_dir, tmp_path_factory):
     """A fit with a seed-initialised encoder, and what it wrote (before evaluate rewrites it)."""
     workdir = tmp_path_factory.mktemp("pca_lr")
     config = pca_config(data_dir)
@@ -153,7 +153,7 @@ def test_evaluate_reproduces_fit(fitted):
             assert again[name][key] == summaries[name][key], key
 
 
-def test_no_gradient_step_the_features_are_the_built_encoders(fitted, data_dir):  # noqa: F811
+def test_no_gradient_step_the_features_are_the_built_encoders(fitted, data_dir):
     workdir, config, _, written = fitted
     fresh = factory.build_model(config)
     restored = pca_lr.load(workdir)
@@ -169,7 +169,7 @@ def test_no_gradient_step_the_features_are_the_built_encoders(fitted, data_dir):
                                atol=1e-5 * np.abs(written["val"]["features"]).max())
 
 
-def test_a_pretrained_port_gives_the_torch_references_features(data_dir, tmp_path):  # noqa: F811
+def test_a_pretrained_port_gives_the_torch_references_features(data_dir, tmp_path):
     torch.manual_seed(0)
     reference = TorchViT3D(in_chans=1, img=24, patch=8, dim=48, depth=2, heads=2).eval()
     port.port("fmbcmri", save_fmbcmri(reference, tmp_path / "ckpt.pth"), tmp_path / "port",
@@ -193,7 +193,7 @@ def test_a_pretrained_port_gives_the_torch_references_features(data_dir, tmp_pat
                                atol=1e-6)
 
 
-def test_binary_scheme_and_more_components_than_examples(data_dir, tmp_path):  # noqa: F811
+def test_binary_scheme_and_more_components_than_examples(data_dir, tmp_path):
     config = pca_config(data_dir, pca_components=1000, class_weighting="none")
     config.data.scheme = "her2_binary"
     summaries = pca_lr.fit(config, tmp_path / "run", n_boot=0)
@@ -209,7 +209,7 @@ def test_binary_scheme_and_more_components_than_examples(data_dir, tmp_path):  #
     np.testing.assert_array_equal(_probs(tmp_path / "run", "test_CENTER_C"), probs)
 
 
-def test_bad_settings_fail_before_the_workdir_is_touched(data_dir, tmp_path):  # noqa: F811
+def test_bad_settings_fail_before_the_workdir_is_touched(data_dir, tmp_path):
     for key, value in [("pca_components", 0), ("protocol", "gradient"),
                        ("class_weighting", "inverse")]:
         with pytest.raises(Her2jaxError, match=f"train.{key}"):
@@ -217,7 +217,7 @@ def test_bad_settings_fail_before_the_workdir_is_touched(data_dir, tmp_path):  #
         assert not (tmp_path / key).exists()
 
 
-def test_only_pca_lr_workdirs_are_evaluated_here(data_dir, tmp_path):  # noqa: F811
+def test_only_pca_lr_workdirs_are_evaluated_here(data_dir, tmp_path):
     assert not pca_lr.is_pca_lr(tmp_path / "nothing")
     workdir_lib.claim(tmp_path / "gradient", small_config(data_dir), {})
     assert not pca_lr.is_pca_lr(tmp_path / "gradient")

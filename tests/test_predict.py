@@ -16,13 +16,12 @@ from her2jax.train import loop
 from her2jax.train.predict import predict_cohort
 
 from .test_prepare import copy_cohort, read_csv, write_csv
-from .test_train import data_dir, trained  # noqa: F401  (module fixtures used here)
 
 PROBS = ["prob_HER2-zero", "prob_HER2-low", "prob_HER2-positive"]
 
 
 @pytest.fixture(scope="module")
-def predicted(trained, phantom_cohort) -> Path:  # noqa: F811
+def predicted(trained, phantom_cohort) -> Path:
     workdir, _ = trained
     return predict_cohort(workdir, phantom_cohort, n_boot=50)
 
@@ -32,7 +31,7 @@ def _probs(path: Path) -> dict[str, np.ndarray]:
     return dict(zip(frame["patient_id"], frame[PROBS].to_numpy(), strict=True))
 
 
-def test_predict_matches_eval_of_the_prepared_test_centre(trained, predicted,  # noqa: F811
+def test_predict_matches_eval_of_the_prepared_test_centre(trained, predicted,
                                                           phantom_cohort):
     workdir, _ = trained
     assert predicted == workdir / "predict" / phantom_cohort.name / "predictions.csv"
@@ -63,7 +62,7 @@ def test_predictions_list_every_cohort_patient(predicted, phantom_cohort):
     assert not (predicted.parent / "rejected.csv").exists()
 
 
-def test_a_moved_workdir_is_all_predict_needs(trained, predicted, phantom_cohort,  # noqa: F811
+def test_a_moved_workdir_is_all_predict_needs(trained, predicted, phantom_cohort,
                                               tmp_path):
     workdir, _ = trained
     moved = tmp_path / "elsewhere" / "run"
@@ -79,7 +78,7 @@ def test_a_moved_workdir_is_all_predict_needs(trained, predicted, phantom_cohort
         np.testing.assert_allclose(ours[pid], probs, atol=1e-7, rtol=0, err_msg=pid)
 
 
-def test_a_broken_case_stops_predict_unless_skipped(trained, predicted,  # noqa: F811
+def test_a_broken_case_stops_predict_unless_skipped(trained, predicted,
                                                     phantom_cohort, tmp_path):
     workdir, _ = trained
     cohort = copy_cohort(phantom_cohort, tmp_path / "cohort", per_center=2)
@@ -107,7 +106,7 @@ def test_a_broken_case_stops_predict_unless_skipped(trained, predicted,  # noqa:
     assert phase.name in rejected[0]["file"] and rejected[0]["reason"]
 
 
-def test_a_cohort_without_any_label_column_is_predicted(trained, phantom_cohort, tmp_path):  # noqa: F811
+def test_a_cohort_without_any_label_column_is_predicted(trained, phantom_cohort, tmp_path):
     workdir, _ = trained
     cohort = copy_cohort(phantom_cohort, tmp_path / "new", per_center=1)
     rows = [{k: v for k, v in r.items() if k not in ("ihc_score", "ish_result", "her2",

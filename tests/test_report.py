@@ -26,8 +26,6 @@ from her2jax.evaluate import files, metrics, tables
 from her2jax.labels import CLASS_NAMES
 from her2jax.train import loop
 
-from .test_train import data_dir, trained  # noqa: F401  (module fixtures used here)
-
 REPO = Path(__file__).resolve().parents[1]
 THREE = list(CLASS_NAMES["her2_3class"])
 BINARY = list(CLASS_NAMES["her2_binary"])
@@ -162,7 +160,7 @@ def _montage(path: Path, shade: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def reported(trained, tmp_path_factory):  # noqa: F811
+def reported(trained, tmp_path_factory):
     """A trained, evaluated and analysed workdir with a hostile clinical value, image-SHAP cases
     (one with a hostile patient id) and its report: (workdir, page text, shap patient ids)."""
     workdir = tmp_path_factory.mktemp("report") / "run"

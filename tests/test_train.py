@@ -21,7 +21,6 @@ from her2jax.errors import Her2jaxError
 from her2jax.evaluate import calibration, files
 from her2jax.train import logger, loop
 
-from .conftest import tensorflow_stub
 from .test_factory import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,17 +34,6 @@ def small_config(data_dir: Path, **train):
     config.train.update({**dict(batch_size=8, steps=12, warmup_steps=2, eval_every=6,
                                 save_every=6, log_every=3, eval_batch_size=8), **train})
     return config
-
-
-@pytest.fixture(scope="module")
-def data_dir(prepared) -> Path:
-    return prepared.dataset_dir.parents[2]
-
-
-@pytest.fixture(scope="module")
-def trained(data_dir, tmp_path_factory) -> tuple[Path, loop.TrainResult]:
-    workdir = tmp_path_factory.mktemp("run")
-    return workdir, loop.train(small_config(data_dir), workdir, progress=False)
 
 
 def test_training_writes_its_workdir(trained, prepared):
@@ -199,17 +187,6 @@ def _kill_after_first_checkpoint(workdir: Path, data_dir: Path,
     done = max(int(p.name) for p in latest.iterdir() if p.name.isdigit())
     assert done < 160
     return done
-
-
-@pytest.fixture(scope="module")
-def straight(data_dir, tmp_path_factory) -> Path:
-    """160 steps uninterrupted, with a stub `tensorflow` first on the path that records any
-    import attempt (training must not import TensorFlow)."""
-    root = tmp_path_factory.mktemp("straight")
-    env, marker = tensorflow_stub(root)
-    _her2jax(root / "run", data_dir, env=env)
-    assert not marker.exists(), marker.read_text() if marker.exists() else ""
-    return root / "run"
 
 
 def test_resume_after_sigkill_is_bitwise_exact(straight, data_dir, tmp_path):

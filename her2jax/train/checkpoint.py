@@ -22,15 +22,33 @@ Decisions (DESIGN.md):
   saved on 8 devices restores onto 2.
 - All processes agree on a preemption save (``reached_preemption``, which the loop must call
   at every step through ``save_latest``).
+- A save that cannot be written (disk full, read-only or vanished folder) is a user error:
+  ``Her2jaxError`` naming the manager's folder, the step and the operating system's reason.
+  orbax writes in the background, so the failure of step N surfaces at the next save or at
+  ``wait_until_finished`` / ``close``; the step it belongs to is remembered until then. The
+  unfinished step only ever existed as orbax's ``<step>.orbax-checkpoint-tmp`` folder, which
+  no restore lists, so the earlier steps remain the ones to resume from. orbax's own noise
+  about the abandoned writes (logged tracebacks, unraisable errors, unawaited coroutines)
+  is silenced, so that the command line prints the one line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import json
+import logging as std_logging
 import math
 import os
+import re
+import shutil
+import sys
+import threading
+import time
+import traceback
+import warnings
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -166,6 +184,96 @@ class _Unreadable(Exception):
     """A step whose files cannot be read back (as opposed to one that does not fit)."""
 
 
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"   # orbax's name for a step still being written
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+
+
+def os_reason(error: BaseException | None) -> str | None:
+    """The operating system's reason when ``error`` (or an exception it was raised from) is a
+    failed file operation, e.g. "No space left on device"; None for any other error.
+
+    orbax passes tensorstore's failures on as ``ValueError("RESOURCE_EXHAUSTED: ... Failed to
+    write ... [os_error_code='28']")``, so the code is read from the message as well as from
+    an ``OSError``'s ``errno``.
+    """
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno:
+            return error.strerror or os.strerror(error.errno)
+        match = _OS_ERROR_CODE.search(str(error))
+        if match:
+            return os.strerror(int(match.group(1)))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+class _QuietWriteFailures(std_logging.Filter):
+    """Drops the ERROR records of a save that failed for an operating-system reason: orbax
+    logs it with its traceback once per background thread, and asyncio once per abandoned
+    write task, before the failure reaches the caller. ``Checkpoints`` raises it as one
+    ``Her2jaxError`` line instead, which the command line prints; orbax's other errors
+    still show."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if error is None or os_reason(error) is None:
+            return True
+        frames = [record.pathname] + [frame.filename for frame in
+                                      traceback.extract_tb(error.__traceback__)]
+        # asyncio's records of abandoned writes carry no orbax frame, but name the folder.
+        return not (any(f"{os.sep}orbax{os.sep}" in name for name in frames)
+                    or _TMP_SUFFIX in str(error))
+
+
+_QUIET_WRITE_FAILURES = _QuietWriteFailures()
+
+
+def _quiet_abandoned_writes() -> None:
+    """Silences what orbax and tensorstore print about the writes of a failed save.
+
+    When one write of a save fails (a full disk fails them all), orbax raises at once and
+    abandons the others: it logs the failure with a traceback once per background thread,
+    asyncio logs each abandoned task, tensorstore reports each write ending after orbax
+    closed its event loop (``RuntimeError: Event loop is closed``, through
+    ``sys.unraisablehook`` from its own threads, up to hundreds of times), and the
+    abandoned coroutines warn at exit that they were never awaited. ``Checkpoints`` raises
+    the failure once, as a ``Her2jaxError``; nothing can act on the rest. Process-wide, and
+    narrow: a record or error is dropped only if it is one of these (other orbax errors and
+    any error of the main thread still show). Idempotent.
+    """
+    for name in ("absl", "asyncio"):   # a no-op after the first time: the same object
+        std_logging.getLogger(name).addFilter(_QUIET_WRITE_FAILURES)
+    warnings.filterwarnings("ignore", category=RuntimeWarning, message=(   # deduplicated
+        r"coroutine 'async_serialize_from_host\.<locals>\.\w+' was never awaited"))
+    previous = sys.unraisablehook
+    if getattr(previous, "her2jax_quiet", False):
+        return   # installed (again if something, e.g. pytest, replaced it since)
+
+    def unraisablehook(unraisable):
+        if (isinstance(unraisable.exc_value, RuntimeError) and unraisable.object is None
+                and str(unraisable.exc_value) == "Event loop is closed"
+                and threading.current_thread() is not threading.main_thread()):
+            return
+        previous(unraisable)
+
+    unraisablehook.her2jax_quiet = True
+    sys.unraisablehook = unraisablehook
+
+
+def _join_orbax_threads(timeout_s: float = 60.0) -> None:
+    """Waits (a bounded time) for orbax's background threads: after one write of a save
+    fails, orbax raises at once while its other writes of that save are still running, and
+    those would otherwise write into the step's folder after it is removed, or fail noisily
+    at interpreter shutdown."""
+    deadline = time.monotonic() + timeout_s
+    for thread in threading.enumerate():
+        if (thread is not threading.current_thread()
+                and type(thread).__module__.startswith("orbax.")):
+            with contextlib.suppress(Exception):   # orbax's threads re-raise their error
+                thread.join(max(deadline - time.monotonic(), 0.0))
+
+
 # --------------------------------------------------------------------------- managers
 
 class Checkpoints:
@@ -190,20 +298,31 @@ class Checkpoints:
         self._closed = False
         self._barriers = 0
         self._best_metric: float | None = None
+        # The step each manager may still be writing in the background (for error messages).
+        self._writing: dict[str, int | None] = dict.fromkeys(MANAGERS)
         # Set once every process agreed to save for a preemption (multi-process runs).
         self.preempted = False
-        self._latest = ocp.CheckpointManager(
+        _quiet_abandoned_writes()
+        try:
+            self._latest, self._best = self._managers(keep_latest, async_save)
+        except OSError as e:
+            raise Her2jaxError(f"cannot create the checkpoint folders: {os_reason(e) or e}",
+                               file=str(self.root)) from e
+
+    def _managers(self, keep_latest: int, async_save: bool):
+        latest = ocp.CheckpointManager(
             self.root / "latest", item_handlers=_item_handlers(),
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep_latest, save_interval_steps=self.save_every,
                 enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
                 create=True, multiprocessing_options=_barriers("latest")))
-        self._best = ocp.CheckpointManager(
+        best = ocp.CheckpointManager(
             self.root / "best", item_handlers=_item_handlers(),
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=1, best_fn=lambda metrics: metrics[_METRIC], best_mode="max",
                 enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
                 create=True, multiprocessing_options=_barriers("best")))
+        return latest, best
 
     # ---------------------------------------------------------------- queries
 
@@ -251,7 +370,8 @@ class Checkpoints:
           Whether a save was started (it may still be writing: see ``wait_until_finished``).
 
         Raises:
-          Her2jaxError: the state holds NaN/Inf (nothing is written).
+          Her2jaxError: the state holds NaN/Inf (nothing is written), or this save or the
+            previous one of ``latest`` cannot be written (disk full, read-only folder).
         """
         step = int(step)
         # Every step, on every process: the preemption sync protocol needs each step reported.
@@ -268,7 +388,7 @@ class Checkpoints:
         check_finite(state, step)
         if preempted:
             logging.warning("saving step %d because of a preemption notice", step)
-        return self._latest.save(step, args=self._save_args(state, config), force=True)
+        return self._save("latest", step, args=self._save_args(state, config), force=True)
 
     def save_best(self, step: int, state: TrainState, *, config: dict, metric: float) -> bool:
         """Saves ``state`` to ``best`` if ``metric`` beats the kept one (higher is better).
@@ -283,7 +403,8 @@ class Checkpoints:
           Whether ``state`` is now the best checkpoint.
 
         Raises:
-          Her2jaxError: the state holds NaN/Inf (nothing is written).
+          Her2jaxError: the state holds NaN/Inf (nothing is written), or this save or the
+            previous one of ``best`` cannot be written.
         """
         step, metric = int(step), float(metric)
         if not math.isfinite(metric):
@@ -294,13 +415,66 @@ class Checkpoints:
             return False
         check_finite(state, step)
         if step in self._best.all_steps():       # a better result for a step saved before
-            self._best.wait_until_finished()
+            self._wait("best")
             self._best.delete(step)
-        saved = self._best.save(step, args=self._save_args(state, config),
-                                metrics={_METRIC: metric}, force=True)
+        saved = self._save("best", step, args=self._save_args(state, config),
+                           metrics={_METRIC: metric}, force=True)
         if saved:
             self._best_metric = metric
         return saved
+
+    def _save(self, which: str, step: int, **kwargs) -> bool:
+        """``manager.save`` with write failures (of this step, or of the previous one still
+        being written) raised as ``Her2jaxError``."""
+        self._wait(which)   # so that the previous step's failure is reported as its own
+        manager = self._manager(which)
+        try:
+            saved = manager.save(step, **kwargs)
+        except Exception as e:
+            with contextlib.suppress(Exception):   # whatever part of it was started
+                manager.wait_until_finished()
+            user_error = self._write_error(which, step, e)
+            if user_error is None:
+                raise
+            raise user_error from e
+        if saved:
+            self._writing[which] = step
+        return saved
+
+    def _wait(self, which: str) -> None:
+        """Waits for ``which``'s background save; its failure becomes a ``Her2jaxError``."""
+        step, self._writing[which] = self._writing[which], None   # orbax raises a failure once
+        try:
+            self._manager(which).wait_until_finished()
+        except Exception as e:
+            user_error = self._write_error(which, step, e)
+            if user_error is None:
+                raise
+            raise user_error from e
+
+    def _write_error(self, which: str, step: int | None,
+                     error: Exception) -> Her2jaxError | None:
+        """For a save of ``step`` that failed with ``error``: a ``Her2jaxError`` naming the
+        folder, the step and the reason when the operating system refused the write (disk
+        full, read-only), else None (a bug, to be raised as it is).
+
+        orbax's writes of that save still running are waited for first, then the unfinished
+        step's temporary folder is removed (single-process runs), so that the disk space it
+        took is free again for the run's last log lines. Best effort: a write orbax abandoned
+        may still add a few files after that; orbax removes the folder at the next start, and
+        no restore lists it meanwhile.
+        """
+        reason = os_reason(error)
+        if reason is None:
+            return None
+        _join_orbax_threads()
+        directory = Path(str(self._manager(which).directory))
+        if step is not None and jax.process_count() == 1:
+            for unfinished in directory.glob(f"{step}{_TMP_SUFFIX}*"):
+                shutil.rmtree(unfinished, ignore_errors=True)
+        what = "a checkpoint" if step is None else f"checkpoint step {step}"
+        return Her2jaxError(f"cannot write {what}: {reason} (the earlier steps are intact)",
+                            file=str(directory))
 
     @staticmethod
     def _save_args(state: TrainState, config: dict) -> ocp.args.Composite:
@@ -470,20 +644,47 @@ class Checkpoints:
     # ---------------------------------------------------------------- lifetime
 
     def wait_until_finished(self) -> None:
-        """Blocks until background saves are written (and raises if one failed)."""
-        self._latest.wait_until_finished()
-        self._best.wait_until_finished()
+        """Blocks until background saves are written.
+
+        Raises:
+          Her2jaxError: a background save could not be written (disk full, read-only).
+        """
+        errors = []
+        for which in MANAGERS:   # both, so that nothing is still being written afterwards
+            try:
+                self._wait(which)
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+        for later in errors[1:]:
+            logging.info("also: %s", later)
+        if errors:
+            raise errors[0]
 
     def close(self) -> None:
-        """Waits for background saves and releases the managers; safe to call twice."""
+        """Waits for background saves and releases the managers; safe to call twice.
+
+        Raises:
+          Her2jaxError: as ``wait_until_finished`` (the managers are released all the same).
+        """
         if self._closed:
             return
         self._closed = True
-        self._latest.close()
-        self._best.close()
+        try:
+            self.wait_until_finished()
+        finally:
+            self._latest.close()
+            self._best.close()
 
     def __enter__(self) -> Checkpoints:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, kind, error, tb) -> None:
+        if error is None:
+            self.close()
+            return
+        # Already failing: still wait for the background writes (a step started before the
+        # failure is finished, not left half-written), but keep the first error.
+        try:
+            self.close()
+        except Exception as late:  # noqa: BLE001
+            logging.warning("while stopping after an error, checkpoints: %s", late)

@@ -12,8 +12,11 @@ restore -> step functions -> loop. Resume order:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import signal
+import tempfile
 import time
 from pathlib import Path
 
@@ -152,43 +155,50 @@ def train(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
     state = jax.device_put(state, replicated)
 
     # 4. The workdir belongs to this config and dataset.
-    run_config = workdir_lib.claim(workdir, config, dataset.meta, force=force)["config"]
+    try:
+        run_config = workdir_lib.claim(workdir, config, dataset.meta, force=force)["config"]
+    except OSError as e:
+        raise _cannot_write(workdir, workdir_lib.CONFIG_FILE, e) from e
 
-    # 5. Restore the latest checkpoint; its step is the data position.
-    checkpoints = checkpoint.Checkpoints(workdir, save_every=tc.save_every,
-                                         keep_latest=tc.keep_latest)
-    restored = checkpoints.restore_latest(checkpoint.abstract_like(state))
-    if restored is not None:
-        state = restored
-    start = int(jax.device_get(state.step))
-    if start:
-        logging.info("resuming at step %d", start)
+    # Everything opened from here on is closed however the run ends (done, early stop,
+    # preemption, divergence, a full disk): a save started before an error is finished, so
+    # no step is left half-written, and the logs are flushed.
+    with contextlib.ExitStack() as stack:
+        # 5. Restore the latest checkpoint; its step is the data position.
+        checkpoints = stack.enter_context(checkpoint.Checkpoints(
+            workdir, save_every=tc.save_every, keep_latest=tc.keep_latest))
+        restored = checkpoints.restore_latest(checkpoint.abstract_like(state))
+        if restored is not None:
+            state = restored
+        start = int(jax.device_get(state.step))
+        if start:
+            logging.info("resuming at step %d", start)
 
-    # 6. The jitted steps.
-    weights = (class_weights(train_split, config.data.scheme)
-               if tc.class_weighting == "balanced" else None)
-    if tc.class_weighting not in ("balanced", "none"):
-        raise Her2jaxError(f"unknown class weighting {tc.class_weighting!r} (expected "
-                           "'balanced' or 'none')", key="train.class_weighting")
-    train_step = step_lib.make_train_step(
-        graphdef, optimizer, mesh, num_classes=len(train_split.class_names),
-        augment_config=step_lib.Augment.from_config(tc.augment), class_weights=weights,
-        label_smoothing=tc.label_smoothing)
-    predict = step_lib.make_predict(graphdef)
+        # 6. The jitted steps.
+        weights = (class_weights(train_split, config.data.scheme)
+                   if tc.class_weighting == "balanced" else None)
+        if tc.class_weighting not in ("balanced", "none"):
+            raise Her2jaxError(f"unknown class weighting {tc.class_weighting!r} (expected "
+                               "'balanced' or 'none')", key="train.class_weighting")
+        train_step = step_lib.make_train_step(
+            graphdef, optimizer, mesh, num_classes=len(train_split.class_names),
+            augment_config=step_lib.Augment.from_config(tc.augment), class_weights=weights,
+            label_smoothing=tc.label_smoothing)
+        predict = step_lib.make_predict(graphdef)
 
-    # 7. The loop.
-    log = logger_lib.MetricsLogger(workdir, resume_step=start)
-    batches = pipeline.train_batches(
-        dataset, train_split, global_batch_size=tc.batch_size, seed=tc.seed, start_step=start,
-        stop_step=total, process_index=jax.process_index(),
-        process_count=jax.process_count(), worker_count=config.data.worker_count,
-        prefetch=config.data.prefetch)
-    bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
-               disable=not progress or jax.process_index() != 0)
-    stopped, since_best, window = "done", 0, (time.perf_counter(), start)
-    profile = tuple(tc.profile_steps)
-    step = start
-    with _Preemption() as preemption:
+        # 7. The loop.
+        log = stack.enter_context(_RunLog(workdir, resume_step=start))
+        batches = pipeline.train_batches(
+            dataset, train_split, global_batch_size=tc.batch_size, seed=tc.seed,
+            start_step=start, stop_step=total, process_index=jax.process_index(),
+            process_count=jax.process_count(), worker_count=config.data.worker_count,
+            prefetch=config.data.prefetch)
+        bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
+                   disable=not progress or jax.process_index() != 0)
+        stack.callback(bar.close)
+        stopped, since_best, window = "done", 0, (time.perf_counter(), start)
+        profile = tuple(tc.profile_steps)
+        preemption = stack.enter_context(_Preemption())
         for step in range(start, total):
             if profile and step == profile[0] and jax.process_index() == 0:
                 jax.profiler.start_trace(str(workdir / "profile"))
@@ -217,11 +227,13 @@ def train(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
             if done % tc.eval_every == 0 or done == total:
                 summary = evaluate_split(predict, state, dataset, val_split, mesh,
                                          tc.eval_batch_size, n_boot=0)
-                macro = summary["macro_auc"]["value"]
-                macro = float("nan") if macro is None else macro
-                log.write(done, "val", {"macro_auc": macro, "micro_auc":
-                                        summary["micro_auc"]["value"] or float("nan"),
-                                        "accuracy": summary["accuracy"] or float("nan")})
+                # None (undefined, e.g. a class missing from val) is logged as NaN; a real 0.0
+                # stays 0.0 (``x or nan`` would turn an accuracy of 0 into NaN).
+                macro, micro, accuracy = (float("nan") if v is None else v for v in (
+                    summary["macro_auc"]["value"], summary["micro_auc"]["value"],
+                    summary["accuracy"]))
+                log.write(done, "val", {"macro_auc": macro, "micro_auc": micro,
+                                        "accuracy": accuracy})
                 previous = checkpoints.best_metric()
                 if checkpoints.save_best(done, state, config=run_config, metric=macro):
                     since_best = 0
@@ -236,13 +248,47 @@ def train(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
                 stopped = "preempted"
             if stopped != "done":
                 break
-    bar.close()
-    checkpoints.wait_until_finished()
-    result = TrainResult(int(jax.device_get(state.step)), checkpoints.best_metric(),
-                         checkpoints.best_step(), stopped)
-    checkpoints.close()
-    log.close()
-    return result
+        checkpoints.wait_until_finished()
+        return TrainResult(int(jax.device_get(state.step)), checkpoints.best_metric(),
+                           checkpoints.best_step(), stopped)
+
+
+def _cannot_write(workdir: Path, what: str, error: OSError) -> Her2jaxError:
+    """A full disk or read-only workdir as a one-line error naming the folder and reason."""
+    reason = checkpoint.os_reason(error) or str(error)
+    return Her2jaxError(f"cannot write {what}: {reason}", file=str(workdir))
+
+
+class _RunLog:
+    """The run's ``MetricsLogger`` (metrics.jsonl, tensorboard/) as a context manager, with a
+    full disk or read-only workdir raised as ``Her2jaxError`` instead of an ``OSError``."""
+
+    _WHAT = "the run's logs (metrics.jsonl, tensorboard/)"
+
+    def __init__(self, workdir: Path, *, resume_step: int):
+        self._workdir = workdir
+        try:
+            self._log = logger_lib.MetricsLogger(workdir, resume_step=resume_step)
+        except OSError as e:
+            raise _cannot_write(workdir, self._WHAT, e) from e
+
+    def write(self, step: int, split: str, values: dict) -> None:
+        try:
+            self._log.write(step, split, values)
+        except OSError as e:
+            raise _cannot_write(self._workdir, self._WHAT, e) from e
+
+    def __enter__(self) -> _RunLog:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        try:
+            self._log.close()
+        except OSError as e:
+            if error is None:
+                raise _cannot_write(self._workdir, self._WHAT, e) from e
+            # Most likely the first error's cause again (a full disk): not worth a second line.
+            logging.info("while stopping after an error, closing the logs: %s", e)
 
 
 def gather(x: jax.Array) -> np.ndarray:
@@ -434,13 +480,27 @@ def extract_features(workdir, *, splits=(), which: str = "best",
                                         eval_batch_size(trained.config))
         path = workdir / "features" / f"{name}.npz"
         if jax.process_index() == 0:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(path, features=features, probs=probs, labels=split.labels,
-                     patient_ids=np.asarray(split.patient_ids),
-                     centers=np.asarray(split.centers),
-                     class_names=np.asarray(split.class_names))
+            atomic_savez(path, dict(features=features, probs=probs, labels=split.labels,
+                                    patient_ids=np.asarray(split.patient_ids),
+                                    centers=np.asarray(split.centers),
+                                    class_names=np.asarray(split.class_names)))
         written[name] = path
     return written
+
+
+def atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """``np.savez`` into a temporary file beside ``path``, then one rename: a reader (or a
+    rerun after a kill) sees the old file or the complete new one, never a torn one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def eval_batch_size(config) -> int:
