@@ -29,8 +29,6 @@ What the workdir holds (``config.json`` says ``train.protocol == 'pca_lr'``):
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -141,7 +139,7 @@ class PcaLr:
     def save(self, path) -> None:
         """Writes the arrays to ``path`` (.npz, no pickled objects), atomically."""
         arrays = {f.name: np.asarray(getattr(self, f.name)) for f in dataclasses.fields(self)}
-        _atomic_savez(Path(path), arrays)
+        loop.atomic_savez(Path(path), arrays)
 
     @classmethod
     def load(cls, path) -> PcaLr:
@@ -293,7 +291,7 @@ def _write_outputs(workdir: Path, config, dataset: pipeline.Dataset,
             continue
         probs = classifier.predict_proba(features[name])
         if jax.process_index() == 0:
-            _atomic_savez(workdir / "features" / f"{name}.npz", dict(
+            loop.atomic_savez(workdir / "features" / f"{name}.npz", dict(
                 features=features[name], probs=probs, labels=split.labels,
                 patient_ids=np.asarray(split.patient_ids), centers=np.asarray(split.centers),
                 class_names=np.asarray(split.class_names),
@@ -410,19 +408,3 @@ def evaluate(workdir, *, splits: Sequence[str] = (), data_dir: str | None = None
                 for name, split in named.items() if len(split)}
     return _write_outputs(workdir, config, dataset, named, features, fitted.classifier,
                           n_boot=n_boot, progress=progress)
-
-
-# ---------------------------------------------------------------- files
-
-
-def _atomic_savez(path: Path, arrays: dict) -> None:
-    """``np.savez`` through a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
