@@ -30,10 +30,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from her2jax.models import vit3d
 
 _LN_EPSILON = 1e-6
 
@@ -41,18 +42,10 @@ _LN_EPSILON = 1e-6
 def sincos_pos_embed_3d(grid: Sequence[int], embed_dim: int) -> torch.Tensor:
     """FM-BCMRI's fixed 3D sin-cos table with a zero CLS row: [1, 1 + gx·gy·gz, E] float32.
 
-    The same table as ``her2jax.models.vit3d.sincos_pos_embed_3d`` (token (h, w, d) gets
-    ``sin/cos(h·ω), sin/cos(w·ω), sin/cos(d·ω)`` with ``ω_k = 10000 ** (-k / (E / 6))``).
+    her2jax's own table (``her2jax.models.vit3d.sincos_pos_embed_3d``): it is fixed, not
+    learned, so both frameworks get the same buffer.
     """
-    pos_dim = embed_dim // 6
-    omega = 1.0 / 10000.0 ** (np.arange(pos_dim, dtype=np.float64) / pos_dim)
-    axes = np.meshgrid(*(np.arange(int(g), dtype=np.float64) for g in grid), indexing="ij")
-    parts = []
-    for coord in axes:
-        angles = coord.reshape(-1, 1) * omega[None, :]
-        parts += [np.sin(angles), np.cos(angles)]
-    table = np.concatenate([np.zeros((1, embed_dim)), np.concatenate(parts, axis=1)])
-    return torch.from_numpy(table.astype(np.float32))[None]
+    return torch.from_numpy(vit3d.sincos_pos_embed_3d(grid, embed_dim))[None]
 
 
 class PatchEmbed(nn.Module):
