@@ -265,13 +265,13 @@ def test_slurm_sbatch_eval_mode_reads_the_workdir_config(fake_slurm):
 
 
 @pytest.mark.parametrize(("env", "expected"), [
-    ({}, "0,1,2,3,4,5,6,7"),                                          # 1 task per node, 8 GPUs
-    ({"SLURM_GPUS_ON_NODE": "", "SLURM_GPUS_PER_NODE": "h100:4"}, "0,1,2,3"),
-    ({"SLURM_NTASKS_PER_NODE": "8"}, "unset"),     # a task per GPU, each sees all: SLURM_LOCALID
-    ({"SLURM_NTASKS_PER_NODE": "8", "SLURM_GPUS_PER_TASK": "1"}, "0"),   # bound: its GPU is 0
-    ({"JAX_LOCAL_DEVICE_IDS": "2,3"}, "2,3"),                         # the user's choice wins
+    ({}, "unset"),                                # her2jax.distributed reads SLURM's layout
+    ({"SLURM_NTASKS_PER_NODE": "8", "SLURM_GPUS_PER_TASK": "1"}, "unset"),
+    ({"JAX_LOCAL_DEVICE_IDS": "2,3"}, "2,3"),     # the user's choice reaches the tasks
 ])
-def test_slurm_sbatch_gives_each_process_its_gpus(fake_slurm, env, expected):
+def test_slurm_sbatch_leaves_the_gpus_to_her2jax(fake_slurm, env, expected):
+    """Which GPUs a task drives is her2jax.distributed's rule (tests/test_distributed.py);
+    the batch script only passes a user's JAX_LOCAL_DEVICE_IDS on."""
     result, log = fake_slurm(**env)
     assert result.returncode == 0, result.stderr
     assert (log / "local_device_ids").read_text().strip() == expected
@@ -299,8 +299,9 @@ def test_slurm_sbatch_stops_without_requeue_on_sigterm(fake_slurm):
 
 
 def test_jax_slurm_detection_pins_one_gpu_per_process(monkeypatch):
-    """Why slurm.sbatch sets JAX_LOCAL_DEVICE_IDS: without it JAX's SLURM detection restricts
-    every process to GPU number SLURM_LOCALID."""
+    """Why her2jax.distributed passes local_device_ids itself under SLURM: without them JAX's
+    SLURM detection restricts every process to GPU number SLURM_LOCALID, and only an explicit
+    list (or JAX_LOCAL_DEVICE_IDS) stops that."""
     import inspect
 
     from jax._src import clusters, distributed
@@ -311,6 +312,9 @@ def test_jax_slurm_detection_pins_one_gpu_per_process(monkeypatch):
     _, count, index, local = clusters.ClusterEnv.auto_detect_unset_distributed_params(
         None, None, None, None, "slurm", 10)
     assert (count, index, local) == (2, 1, [0])
+    _, _, _, local = clusters.ClusterEnv.auto_detect_unset_distributed_params(
+        None, None, None, [0, 1, 2], "slurm", 10)
+    assert local == [0, 1, 2]   # an explicit list is kept
     assert "JAX_LOCAL_DEVICE_IDS" in inspect.getsource(distributed.State.initialize)
 
 
