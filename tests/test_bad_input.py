@@ -285,7 +285,9 @@ def test_prepare_takes_an_outside_path_when_allowed(small_cohort, tmp_path):
     ("--config.data.recipe.no_such_knob=3", ["--config.data.recipe.no_such_knob",
                                               "the config has no key 'no_such_knob'"]),
     ("--config.data.val_fraction=a_fifth", ["val_fraction", "a_fifth"]),
-], ids=["nonexistent key", "wrong type"])
+    ("--config.data.columns.clinical=3", ["key 'data.columns.clinical'",
+                                          "must be a list of column names", "3 (int)"]),
+], ids=["nonexistent key", "wrong type", "clinical columns not a list of names"])
 def test_prepare_refuses_bad_config_overrides(override, named, phantom_cohort, tmp_path):
     result = _cli("her2jax.cli.prepare", f"--cohort={phantom_cohort}",
                   f"--data_dir={tmp_path / 'data'}", "--config=configs/demo_cpu.py", override)

@@ -149,6 +149,29 @@ def test_columns_config_as_plain_mapping(tmp_path):
     assert (case.patient_id, case.center, case.her2, case.clinical) == ("P1", "H", 1, ())
 
 
+@pytest.mark.parametrize("override, key, named", [
+    ({"clinical": 3}, "data.columns.clinical", "must be a list of column names, got 3 (int)"),
+    ({"clinical": (3,)}, "data.columns.clinical", "3 (int) is not a name"),   # the CLI's form
+    ({"clinical": ("manufacturer", None)}, "data.columns.clinical", "None (NoneType)"),
+    ({"clinical": {"a": 1}}, "data.columns.clinical", "got {'a': 1} (dict)"),
+    ({"patient_id": 5}, "data.columns.patient_id", "must be a column name"),
+    ({"her2": ["her2"]}, "data.columns.her2", "got ['her2'] (list)"),
+    ({"centre": "site"}, "data.columns.centre", "unknown key"),
+], ids=["int clinical", "int in clinical", "None in clinical", "dict clinical",
+        "int patient_id", "list her2", "unknown key"])
+def test_columns_of_the_wrong_type_are_named(mamamia, override, key, named):
+    columns = {**COLUMNS.to_dict(), **override}
+    error = expect_table_error(mamamia, named, columns=columns)
+    assert error.key == key and f"key '{key}'" in str(error)
+
+
+def test_columns_that_are_well_typed_pass(mamamia):
+    # One clinical name as text, None for a label column, '' for a missing one: all fine.
+    columns = {**COLUMNS.to_dict(), "clinical": "manufacturer", "ish": None, "her2": ""}
+    result = read_cohort(mamamia, columns)
+    assert [c.clinical for c in result.cases][0] == (("manufacturer", "GE"),)
+
+
 def write_mamamia_xlsx(path, rows, sheet="dataset_info", extra_sheet=True):
     """A clinical table with MAMA-MIA's real column names (a subset of its 49)."""
     frame = pd.DataFrame(rows, columns=[

@@ -217,6 +217,51 @@ def _read_table(path: pathlib.Path, sheet: str) -> _Table:
 
 # ----------------------------------------------------------------------------- columns
 
+COLUMN_KEYS = ("patient_id", "center", "ihc", "ish", "her2")   # each one table column name
+CLINICAL_KEY = "clinical"                                        # a list of column names
+
+
+def check_columns(columns) -> None:
+    """Checks the types of ``data.columns`` before any table is read.
+
+    A mistyped override (``--config.data.columns.clinical=3``, which the config system turns
+    into ``(3,)``) would otherwise name no column of any table and be dropped without a word.
+
+    Args:
+      columns: ``data_config().columns`` (ConfigDict or mapping).
+
+    Raises:
+      Her2jaxError: naming ``data.columns.<key>``: an unknown key, a name that is not text, or
+        ``clinical`` not a list of names.
+    """
+    try:
+        keys = list(columns.keys())
+    except AttributeError:
+        raise Her2jaxError(f"must map {', '.join(COLUMN_KEYS)} and {CLINICAL_KEY} to table "
+                           f"column names, got {columns!r}", key="data.columns") from None
+    for key in keys:
+        if key not in (*COLUMN_KEYS, CLINICAL_KEY):
+            raise Her2jaxError(f"unknown key (expected {', '.join(COLUMN_KEYS)} or "
+                               f"{CLINICAL_KEY})", key=f"data.columns.{key}")
+    for key in COLUMN_KEYS:
+        value = _setting(columns, key, None)
+        if value is not None and not isinstance(value, str):
+            raise Her2jaxError(f"must be a column name (text, '' when the table has none), "
+                               f"got {value!r} ({type(value).__name__})",
+                               key=f"data.columns.{key}")
+    clinical = _setting(columns, CLINICAL_KEY, ())
+    if isinstance(clinical, str):
+        return
+    if not isinstance(clinical, list | tuple):
+        raise Her2jaxError(f"must be a list of column names, got {clinical!r} "
+                           f"({type(clinical).__name__})", key=f"data.columns.{CLINICAL_KEY}")
+    for name in clinical:
+        if not isinstance(name, str):
+            raise Her2jaxError(f"must be a list of column names, got {tuple(clinical)!r}: "
+                               f"{name!r} ({type(name).__name__}) is not a name",
+                               key=f"data.columns.{CLINICAL_KEY}")
+
+
 def _setting(columns, key: str, default=""):
     try:
         value = columns[key]
@@ -420,8 +465,10 @@ def read_cohort(path, columns, *, clinical_sheet: str = "dataset_info",
       The Cohort: valid cases and rejections, each sorted by patient_id.
 
     Raises:
-      Her2jaxError: the cohort or table is unusable as a whole (names the file and why).
+      Her2jaxError: the cohort or table is unusable as a whole (names the file and why), or
+        ``columns`` holds a value of the wrong type (names the key).
     """
+    check_columns(columns)
     path = pathlib.Path(os.path.abspath(os.path.expanduser(str(path))))
     source, root, table_path = _locate(path)
     table = _read_table(table_path, clinical_sheet)
