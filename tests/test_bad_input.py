@@ -268,7 +268,7 @@ def test_prepare_refuses(case, small_cohort, tmp_path):
     if case not in TABLE_CASES:
         named.append(f"patient {pid}")
     assert_refused(result, *named)
-    assert snapshot(data) == {}, "no dataset, report or temporary folder may be left"
+    assert not data.exists(), "no dataset, report, temporary folder or empty --data_dir left"
 
 
 def test_prepare_takes_an_outside_path_when_allowed(small_cohort, tmp_path):

@@ -310,8 +310,7 @@ def test_a_bad_case_stops_prepare_with_one_line_naming_it(phantom_cohort, tmp_pa
     message = str(error.value)
     assert "\n" not in message
     assert pid in message and named in message, message
-    assert all_datasets(tmp_path / "data") == []
-    assert not list((tmp_path / "data").glob(".her2jax-prepare-*"))
+    assert not (tmp_path / "data").exists(), "prepare made data_dir: a failed run removes it"
 
 
 def test_skip_invalid_writes_the_good_cases_and_lists_the_others(phantom_cohort, tmp_path):
@@ -375,7 +374,26 @@ def test_cli_bad_case_exits_2_with_one_line(phantom_cohort, tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("prepare.py: error: "), result.stderr
     assert "PHA_0002" in lines[0] and "Traceback" not in result.stderr
-    assert all_datasets(tmp_path / "data") == []
+    assert not (tmp_path / "data").exists()
+
+
+def test_cli_refusal_removes_the_folders_it_made_and_only_those(phantom_cohort, tmp_path):
+    cohort = copy_cohort(phantom_cohort, tmp_path / "cohort")
+    _break(cohort, "NaN voxels")
+    mine = tmp_path / "mine"                         # a user's folder, with a file in it
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    mtime = (mine / "notes.txt").stat().st_mtime_ns
+    empty = tmp_path / "empty"                       # a user's empty folder given as data_dir
+    empty.mkdir()
+    for data_dir in (mine / "new" / "data", empty):
+        result = _run(f"--cohort={cohort}", f"--data_dir={data_dir}", "--noprogress",
+                      "--workers=1")
+        assert result.returncode == 2 and "PHA_0002" in result.stderr, result.stderr
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]   # new/ and new/data are gone
+    assert (mine / "notes.txt").read_text() == "keep me"
+    assert (mine / "notes.txt").stat().st_mtime_ns == mtime
+    assert empty.is_dir() and list(empty.iterdir()) == []
 
 
 @pytest.mark.parametrize("args, named", [

@@ -11,7 +11,9 @@ Order of work, and why:
    proves it readable), and add the reports (``excluded.csv``, ``rejected.csv``, QC montage).
 4. Move it into place with one rename. A killed or failed run leaves only a hidden
    temporary directory (removed by the next run), never a half dataset, and never touches
-   an existing dataset unless ``overwrite`` replaces it once the new one is complete.
+   an existing dataset unless ``overwrite`` replaces it once the new one is complete. A run
+   that fails also removes the folders it created for ``data_dir`` (when they are still
+   empty); a folder that existed before is never removed.
 """
 
 from __future__ import annotations
@@ -135,7 +137,12 @@ def prepare(cohort_path, data_dir, data_config, *, skip_invalid: bool = False,
                 "pass --overwrite to replace it, or choose another --data_dir",
                 file=str(data_dir))
 
-    tmp = _make_tmp(data_dir)
+    created = _missing_folders(data_dir)
+    try:
+        tmp = _make_tmp(data_dir)
+    except BaseException:
+        _remove_empty(created)
+        raise
     try:
         spool = tmp / "spool"
         spool.mkdir()
@@ -188,6 +195,10 @@ def prepare(cohort_path, data_dir, data_config, *, skip_invalid: bool = False,
         done = final_dir / tfds_builder.FORMAT_VERSION
         return Prepared(done, done, False, len(records), _count_splits(records, splits_of),
                         rejected, excluded, tuple(cohort.unlisted))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -218,6 +229,27 @@ def _what_changed(other: Path, cohort, recipe: dict) -> str:
     if meta.get("cohort") != str(cohort.root):
         return f"another cohort ({meta.get('cohort')})"
     return "another version of this cohort (files or table rows changed since)"
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """``path`` and those of its parents that do not exist yet, deepest first: the folders
+    ``mkdir(parents=True)`` would create."""
+    missing = []
+    path = Path(os.path.abspath(path))
+    while not os.path.lexists(path) and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Removes the folders (deepest first) while they are empty: what a failed run created,
+    never anything someone put there meanwhile."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def _make_tmp(data_dir: Path) -> Path:
