@@ -381,6 +381,23 @@ def test_cli_ports_and_reports_and_exits_2_on_bad_input(resnet10_checkpoint, tmp
     assert "Traceback" not in bad.stderr and not (tmp_path / "bad").exists()
 
 
+def test_cli_output_follows_the_umask(resnet10_checkpoint, tmp_path):
+    """Like everything the console scripts write: run under umask 022, her2jax-port's umask
+    027 gives folders 0750 and files 0640 (the output folder, made by mkdtemp and renamed into
+    place, used to stay 0700)."""
+    out = tmp_path / "ports" / "r10"
+    result = subprocess.run([sys.executable, "-m", "her2jax.cli.port", "--source=medicalnet",
+                             f"--checkpoint={resnet10_checkpoint}", f"--out={out}"], cwd=REPO,
+                            capture_output=True, text=True, timeout=300, umask=0o022)
+    assert result.returncode == 0, result.stderr
+    paths = [out.parent, out, *sorted(out.rglob("*"))]
+    assert len(paths) > 4
+    modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in paths}
+    assert {p: m for p, m in modes.items() if (tmp_path / p).is_dir() and m != "0o750"} == {}
+    assert {p: m for p, m in modes.items()
+            if not (tmp_path / p).is_dir() and m != "0o640"} == {}
+
+
 def test_a_port_does_not_load_into_another_architecture(resnet10_checkpoint, tmp_path):
     port.port("medicalnet", resnet10_checkpoint, tmp_path / "port")
     other = nnx.eval_shape(lambda: resnet3d.ResNet3D(depth=18, in_channels=1, rngs=nnx.Rngs(0)))

@@ -22,7 +22,8 @@ in the model, and every shape must match: anything else is a one-line error nami
 
 The output directory holds ``encoder/`` (orbax checkpoint of the encoder's state as a pure
 dict) and ``port.json`` (source, input sha256, architecture, key counts, inflation). It
-is written to a temporary sibling and renamed into place, so a failed port leaves nothing.
+is written to a temporary sibling and renamed into place, so a failed port leaves nothing;
+the folder gets the mode the umask gives a new folder (not mkdtemp's 0700).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -397,9 +399,14 @@ def _concrete_pos(model: nnx.Module, architecture: Mapping) -> nnx.Module:
 def _write(out: Path, pure: dict, report: PortReport) -> None:
     import orbax.checkpoint as ocp
 
+    from her2jax.evaluate.files import current_umask
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        # mkdtemp makes its folder 0700 whatever the umask; the output gets the mode a plain
+        # mkdir would give it, like everything else the console scripts write.
+        os.chmod(tmp, 0o777 & ~current_umask())
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(tmp / STATE_DIR, jax.tree.map(np.asarray, pure))
         checkpointer.wait_until_finished()
