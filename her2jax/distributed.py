@@ -162,7 +162,7 @@ def local_device_ids(launch: Launch | None, env=None, *,
     """
     env = os.environ if env is None else env
     if requested is not None:
-        return _check_ids(list(requested), "local_device_ids")
+        return _check_ids(list(requested), "device_ids")
     text = env.get("JAX_LOCAL_DEVICE_IDS", "").strip()
     if text:
         try:

@@ -79,6 +79,8 @@ def test_an_explicit_choice_wins():
     env = slurm_task(0, CUDA_VISIBLE_DEVICES=EIGHT, JAX_LOCAL_DEVICE_IDS="2, 3")
     assert distributed.local_device_ids(SLURM, env) == [2, 3]
     assert distributed.local_device_ids(SLURM, env, requested=[6]) == [6]
+    with pytest.raises(Her2jaxError, match=r"device_ids=\[1, 1\] must be distinct"):
+        distributed.local_device_ids(SLURM, env, requested=[1, 1])
     # Outside SLURM too: JAX_LOCAL_DEVICE_IDS is read the same way.
     flags = distributed.Launch("flags", "h:1", 2, 0)
     assert distributed.local_device_ids(flags, {"JAX_LOCAL_DEVICE_IDS": "1"}) == [1]
