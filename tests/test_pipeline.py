@@ -201,6 +201,39 @@ def test_global_batch_is_sharded_over_the_data_axis(dataset, data_config):
     np.testing.assert_array_equal(np.asarray(batch["label"]), host["label"])
 
 
+@pytest.mark.parametrize("ahead", [0, 1, 2, 5])
+def test_device_prefetch_keeps_the_stream_and_sends_batches_ahead(dataset, data_config, ahead):
+    mesh = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4])
+    split = pipeline.select_splits(dataset, data_config)["train"]
+    host = list(pipeline.train_batches(dataset, split, global_batch_size=8, seed=2,
+                                       start_step=0, stop_step=4))
+    pulled = []
+
+    def counted():
+        for batch in host:
+            pulled.append(batch)
+            yield batch
+
+    stream = pipeline.device_batches(counted(), mesh, ahead=ahead)
+    first = next(stream)
+    # When the first batch is handed over, the next `ahead` are already on the devices.
+    assert len(pulled) == min(ahead + 1, len(host))
+    got = [first, *stream]
+    assert len(got) == len(host)
+    for batch, expected in zip(got, host, strict=True):
+        assert set(batch) == set(expected)
+        for key, value in batch.items():
+            assert isinstance(value, jax.Array) and len(value.addressable_shards) == 4
+            np.testing.assert_array_equal(np.asarray(value), expected[key])
+
+
+@pytest.mark.parametrize("ahead", [-1, 1.5, "2"])
+def test_bad_device_prefetch_is_a_user_error(ahead):
+    mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+    with pytest.raises(Her2jaxError, match="device prefetch"):
+        next(pipeline.device_batches(iter([{"x": np.zeros(1)}]), mesh, ahead=ahead))
+
+
 def test_permuted_training_labels_are_a_negative_control(dataset):
     plain = pipeline.select_splits(dataset, _config())
     permuted = pipeline.select_splits(dataset, _config(permute_train_labels=True))

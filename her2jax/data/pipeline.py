@@ -15,7 +15,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -353,6 +353,28 @@ def to_global(batch: dict[str, np.ndarray], mesh, axis: str = "data") -> dict:
 
     sharding = NamedSharding(mesh, PartitionSpec(axis))
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def device_batches(host_batches: Iterator[dict[str, np.ndarray]], mesh, *, ahead: int = 2,
+                   axis: str = "data") -> Iterator[dict]:
+    """Global batches from host batches, with ``ahead`` of them already sent to the devices.
+
+    :func:`to_global` starts a host-to-device copy and returns; keeping the next ``ahead``
+    batches started while the current step runs means a step never waits for its input's
+    copy (double buffering at ``ahead=2``). The batches and their order are exactly those of
+    ``host_batches``; stopping early only drops copies already made. ``ahead=0`` sends each
+    batch when it is asked for.
+    """
+    if not isinstance(ahead, int) or ahead < 0:
+        raise Her2jaxError(f"device prefetch {ahead!r} is not a count of batches (0 or more)",
+                           key="data.device_prefetch")
+    queue: deque = deque()
+    for host in host_batches:
+        queue.append(to_global(host, mesh, axis))
+        if len(queue) > ahead:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()
 
 
 def describe(splits: dict[str, Split]) -> str:

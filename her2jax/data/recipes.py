@@ -88,6 +88,7 @@ def data_config(recipe: str = "fmbcmri") -> ml_collections.ConfigDict:
         permute_train_labels=False,
         worker_count=2,                  # grain worker processes (0 reads in the main process)
         prefetch=2,                      # batches each worker keeps ready
+        device_prefetch=2,               # batches already copied to the devices (training)
     ))
 
 

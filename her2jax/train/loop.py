@@ -188,11 +188,11 @@ def train(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
 
         # 7. The loop.
         log = stack.enter_context(_RunLog(workdir, resume_step=start))
-        batches = pipeline.train_batches(
+        batches = pipeline.device_batches(pipeline.train_batches(
             dataset, train_split, global_batch_size=tc.batch_size, seed=tc.seed,
             start_step=start, stop_step=total, process_index=jax.process_index(),
             process_count=jax.process_count(), worker_count=config.data.worker_count,
-            prefetch=config.data.prefetch)
+            prefetch=config.data.prefetch), mesh, ahead=config.data.get("device_prefetch", 2))
         bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
                    disable=not progress or jax.process_index() != 0)
         stack.callback(bar.close)
@@ -203,7 +203,7 @@ def train(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
             if profile and step == profile[0] and jax.process_index() == 0:
                 jax.profiler.start_trace(str(workdir / "profile"))
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                batch = pipeline.to_global(next(batches), mesh)
+                batch = next(batches)
                 state, step_metrics = train_step(state, batch)
             if profile and step == profile[-1] and jax.process_index() == 0:
                 jax.profiler.stop_trace()
