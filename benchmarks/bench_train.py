@@ -845,7 +845,8 @@ def add_ratios(lines: list[dict]) -> None:
 
 
 def summary_table(lines: list[dict]) -> str:
-    header = (f"{'measurement':<44} {'vol/s':>9} {'step ms':>9} {'TFLOP/s':>9} {'MFU':>6} "
+    width = max([44, *(len(line["name"]) for line in lines)])
+    header = (f"{'measurement':<{width}} {'vol/s':>9} {'step ms':>9} {'TFLOP/s':>9} {'MFU':>6} "
               f"{'peak MiB':>9} {'vs torch':>8} {'e2e/syn':>7} {'vs base':>7}")
     rows = [header, "-" * len(header)]
 
@@ -857,11 +858,11 @@ def summary_table(lines: list[dict]) -> str:
     for line in lines:
         if "volumes_per_s" not in line:
             status = line.get("skipped") and "skipped" or "FAILED"
-            rows.append(f"{line['name']:<44} {status}")
+            rows.append(f"{line['name']:<{width}} {status}")
             continue
         memory = line.get("peak_memory_bytes")
         rows.append(
-            f"{line['name']:<44} {fmt(line['volumes_per_s'], '9.1f')} "
+            f"{line['name']:<{width}} {fmt(line['volumes_per_s'], '9.1f')} "
             f"{fmt(line['step_ms'], '9.2f')} {fmt(line.get('tflops_per_s'), '9.3f')} "
             f"{fmt(line.get('mfu'), '6.3f')} "
             f"{fmt(memory / 2 ** 20 if memory else None, '9.0f')} "
