@@ -78,8 +78,9 @@ none (``mfu`` null) unless ``--peak_tflops`` is given.
 
 A/B variants (``--variants``): each named change to the her2jax step (``VARIANTS``: XLA
 instead of cuDNN attention, 224 instead of 256 padded tokens, no augmentation, no layer-wise
-decay groups, cuBLAS-only matmuls, no device prefetch) runs as one more her2jax measurement
-per configuration and input it applies to, named ``config/her2jax+variant[/pipeline]``, after
+learning-rate scales, cuBLAS-only matmuls, no device prefetch) runs as one more her2jax
+measurement per configuration and input it applies to, named
+``config/her2jax+variant[/pipeline]``, after
 the unchanged ones; ``ratio_vs_base`` is its volumes/s over the unchanged step's with the same
 input. ``--profile_dir`` traces 3 more steps of every her2jax training or feature measurement
 after its timing (``jax.profiler``, Perfetto JSON and XPlane; ``trace_summary.py`` reads
@@ -196,8 +197,8 @@ VARIANTS = {
     "no_augment": Variant("no on-device augmentation (flips, scale, shift, noise): its cost",
                           (("train.augment.flips", False), ("train.augment.scale", 0.0),
                            ("train.augment.shift", 0.0), ("train.augment.noise", 0.0))),
-    "no_layer_decay": Variant("one AdamW for all parameters instead of one per layer-decay "
-                              "group: the optimizer's cost", (("train.layer_decay", 1.0),)),
+    "no_layer_decay": Variant("layer_decay 1 (no per-layer learning-rate scales): their "
+                              "cost in the optimizer", (("train.layer_decay", 1.0),)),
     "cublas_gemm": Variant("XLA GPU matmuls through cuBLAS only (no Triton GEMM fusions)",
                            xla_flags="--xla_gpu_enable_triton_gemm=false"),
     "no_device_prefetch": Variant("pipeline batches copied to the device when asked for "

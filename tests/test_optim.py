@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import ml_collections
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -146,6 +147,75 @@ def test_layer_decay_scales_the_learning_rate_exactly(vit_params, layer_decay):
                                       err_msg=str(path))
     if layer_decay == 0.5:
         assert expected(0) == -lr * 0.5 ** 3 and expected(2) == -lr * 0.5
+
+
+def _one_group_per_scale(config, params, layer_decay):
+    """Layer-wise decay the textbook way (PyTorch parameter groups): one optax optimizer per
+    layer scale with the schedule ``lr(step) * scale``, through ``optax.partition``."""
+    schedule = optim.learning_rate_schedule(config, TOTAL)
+    ids = optim.layer_ids(params)
+    scales = {layer: layer_decay ** (DEPTH + 1 - layer) for layer in set(jax.tree.leaves(ids))}
+    mask = optim.weight_decay_mask(params)
+
+    def group(scale):
+        lr = (lambda step: schedule(step) * scale) if scale != 1.0 else schedule
+        if config.optimizer == "adamw":
+            return optax.adamw(lr, b1=config.b1, b2=config.b2,
+                               weight_decay=config.weight_decay, mask=mask)
+        return optax.sgd(lr, momentum=config.momentum)
+
+    tx = optax.partition({f"l{layer}": group(s) for layer, s in scales.items()},
+                         jax.tree.map(lambda layer: f"l{layer}", ids))
+    return optax.chain(optax.clip_by_global_norm(config.grad_clip), tx)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_layer_decay_is_bitwise_one_group_per_scale(vit_params, optimizer):
+    """The single-optimizer layer decay gives, bit for bit, the parameters that one group per
+    scale gives, over steps with random gradients, warmup, clipping and weight decay."""
+    config = _config(optimizer=optimizer, layer_decay=0.65, warmup_steps=2, grad_clip=0.5,
+                     weight_decay=0.05 if optimizer == "adamw" else 0.0)
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype), vit_params)
+    grads = [jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype), vit_params)
+             for _ in range(TOTAL)]
+    ours = optim.make_optimizer(config, params, total_steps=TOTAL)
+    theirs = _one_group_per_scale(config, params, 0.65)
+
+    def run(tx):
+        @jax.jit
+        def step(p, state, g):
+            updates, state = tx.update(g, state, p)
+            return optax.apply_updates(p, updates), state
+
+        p, state = params, tx.init(params)
+        for g in grads:
+            p, state = step(p, state, g)
+        return _flat(p)
+
+    a, b = run(ours), run(theirs)
+    assert a.keys() == b.keys()
+    for path in a:
+        np.testing.assert_array_equal(np.asarray(a[path]), np.asarray(b[path]),
+                                      err_msg=str(path))
+    assert not np.array_equal(np.asarray(a[("head", "fc", "kernel")]),
+                              np.asarray(params["head"]["fc"]["kernel"][...]))
+
+
+def test_layer_decay_state_is_the_size_of_one_optimizer(vit_params):
+    """Layer decay adds no state: the optimizer state has the structure of plain AdamW's (one
+    group per scale would repeat the masked parameter tree in every group: what jit flattens
+    on the host at every step)."""
+    params = _fill(vit_params, 1.0)
+
+    def nodes(tx):
+        return jax.tree.structure(jax.eval_shape(tx.init, params)).num_nodes
+
+    plain = nodes(optim.make_optimizer(_config(), params, total_steps=TOTAL))
+    decayed = nodes(optim.make_optimizer(_config(layer_decay=0.5), params, total_steps=TOTAL))
+    grouped = nodes(_one_group_per_scale(_config(layer_decay=0.5, grad_clip=1.0), params, 0.5))
+    assert decayed == plain
+    assert grouped > 3 * decayed
 
 
 def test_no_layer_decay_gives_every_parameter_the_full_rate(resnet_params):
