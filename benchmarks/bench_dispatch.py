@@ -14,9 +14,9 @@ drawn on the host, the config's optimizer) three ways, each a JSON line:
   flat_list      the state's leaves as one flat list (the floor: C++ flattening only)
 
 Fields: ``state_nodes`` (pytree nodes), ``flatten_ms`` / ``unflatten_ms``
-(``jax.tree.flatten`` / ``unflatten`` of the state, or of the list), ``call_ms`` (host time per call of a
-jitted, donated step that only increments ``step``: flatten + dispatch + rebuild, with the
-device doing next to nothing; median over ``--calls``).
+(``jax.tree.flatten`` / ``unflatten`` of the state, or of the list), ``call_ms`` (host time
+per call of a jitted, donated step that only increments ``step``: flatten + dispatch +
+rebuild, with the device doing next to nothing; median over ``--calls``).
 """
 
 from __future__ import annotations
