@@ -444,3 +444,20 @@ def test_reference_resnet_trains_one_step(bench, ref):
     probs, features = ref.FeatureStep(model.features, model.head, autocast_dtype=None)(image)
     assert probs.shape == (4, 3) and features.shape == (4, 64)
     torch.testing.assert_close(probs.sum(-1), torch.ones(4))
+
+
+def test_bench_dispatch_smoke(tmp_path):
+    """bench_dispatch.py runs and compares the three forms of the same state (no timing is
+    asserted: the node counts are what the measurement is about)."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_dispatch.py"),
+         "--configs=smoke_vit_b4", "--calls=3"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=_one_device_env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = {m["state"]: m for m in map(json.loads, proc.stdout.splitlines())}
+    assert set(lines) == {"optimizer", "grouped", "flat_list"}
+    for line in lines.values():
+        assert line["call_ms"] > 0 and line["flatten_ms"] >= 0 and line["calls"] == 3
+    assert lines["optimizer"]["state_leaves"] == lines["flat_list"]["state_leaves"]
+    assert (lines["flat_list"]["state_nodes"] < lines["optimizer"]["state_nodes"]
+            < lines["grouped"]["state_nodes"])
