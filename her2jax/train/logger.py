@@ -207,6 +207,8 @@ def _tensorboard_protos():
             del sys.modules["torch"]
     return types.SimpleNamespace(event_pb2=event_pb2, summary_pb2=summary_pb2,
                                  masked_crc32c=masked_crc32c)
+
+
 def _drop_after(path: Path, step: int) -> None:
     """Rewrites metrics.jsonl without the records after ``step``, and without a line torn by a
     kill mid-write (atomically; a no-op when there are none)."""
