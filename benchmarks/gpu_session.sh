@@ -3,18 +3,18 @@
 #
 #   here, first:   bash benchmarks/device_wheels.sh            (fills .whl/, git-ignored)
 #   device call 1: bash benchmarks/gpu_session.sh ceilings core features     (carry .whl)
-#   device call 2: bash benchmarks/gpu_session.sh e2e ab                     (carry .whl)
+#   device call 2: bash benchmarks/gpu_session.sh ab                         (carry .whl)
 #   on a CPU:      PYTHON=python BUDGET_S=900 bash benchmarks/gpu_session.sh smoke
 #
 # Stages (run in the order given; each is skipped once the budget is spent):
 #   ceilings  measured bf16 matmul rate and device copy bandwidth (device_ceilings.py)
 #   core      ViT-B/8 batch 128 and ResNet-18 batch 32: her2jax, PyTorch eager, torch.compile
 #   features  ViT-B/8 forward-only batch 128: her2jax and PyTorch
-#   e2e       ViT-B/8 batch 128 fed from ArrayRecord shards (a phantom prepared here), with
-#             and without device prefetch, beside synthetic input
-#   ab        ViT-B/8 batch 128 step variants side by side (bench_train.py --variants), each
-#             traced for 3 steps (Perfetto) with its optimised HLO saved; then where the
-#             device time goes (trace_summary.py, by CUDA kernel and by XLA op)
+#   ab        ViT-B/8 batch 128: synthetic input, then fed from ArrayRecord shards (a phantom
+#             prepared here; e2e_over_synthetic), then the step variants side by side
+#             (bench_train.py --variants; no_device_prefetch on shards), each traced for 3
+#             steps (Perfetto) with its optimised HLO saved; then where the device time goes
+#             (trace_summary.py, by CUDA kernel and by XLA op)
 #   b64       ViT-B/8 batch 64 and ResNet-18 batch 64, her2jax and PyTorch eager
 #   smoke     every path above at CI size (bench_train.py --smoke), for trying this script
 #
@@ -86,12 +86,9 @@ for stage in "$@"; do
       bench --configs=resnet18_b32 "${TIMED[@]}" ;;
     features)
       bench --configs=vit_b8_features_b128 --frameworks=her2jax,pytorch "${TIMED[@]}" ;;
-    e2e)
-      bench --configs=vit_b8_b128 --frameworks=her2jax --input=pipeline \
-        --variants=no_device_prefetch "${TIMED[@]}" ;;
     ab)
-      bench --configs=vit_b8_b128 --frameworks=her2jax \
-        --variants=attn_xla,attn_pad32,no_augment,no_layer_decay,cublas_gemm \
+      bench --configs=vit_b8_b128 --frameworks=her2jax --input=pipeline \
+        --variants=no_device_prefetch,attn_xla,attn_pad32,no_augment,no_layer_decay,cublas_gemm \
         --profile_dir="$OUT/profiles" --hlo_dir="$OUT/hlo" "${TIMED[@]}" ;;
     b64)
       bench --configs=vit_b8_b64,resnet18_b64 --frameworks=her2jax,pytorch "${TIMED[@]}" ;;
@@ -101,7 +98,7 @@ for stage in "$@"; do
       timeout "$(left)" "$PYTHON" benchmarks/device_ceilings.py --smoke \
         >>"$OUT/results.jsonl" 2>>"$OUT/log.txt" || note "device_ceilings exited $?" ;;
     *)
-      note "unknown stage $stage (ceilings core features e2e ab b64 smoke)"; exit 2 ;;
+      note "unknown stage $stage (ceilings core features ab b64 smoke)"; exit 2 ;;
   esac
 done
 
