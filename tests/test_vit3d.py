@@ -10,9 +10,10 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from her2jax.errors import Her2jaxError
-from her2jax.models import vit3d
+from her2jax.models import activations, vit3d
 
 TINY = vit3d.VIT_SIZES["tiny"]
 TINY_CONFIG = dict(input_shape=(16, 16, 16), **TINY)
@@ -212,6 +213,20 @@ def test_gradient_step_trains_params_but_not_pos_embed():
 
 
 # ---------------------------------------------------------------- attention and precision
+
+def test_gelu_is_jaxs_exact_gelu_and_differentiates_under_shard_map():
+    # jax 0.12's erf derivative fails to trace under shard_map(check_vma=True), the train
+    # step's setting; activations.gelu writes its derivative out.
+    x = jnp.linspace(-8.0, 8.0, 64, dtype=jnp.float32)
+    np.testing.assert_array_equal(activations.gelu(x), jax.nn.gelu(x, approximate=False))
+    grad = jax.grad(lambda y: activations.gelu(y).sum())
+    expected = jax.vmap(jax.grad(lambda y: y * jax.scipy.stats.norm.cdf(y)))(x)
+    np.testing.assert_allclose(grad(x), expected, rtol=1e-6, atol=1e-6)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    sharded = jax.jit(jax.shard_map(grad, mesh=mesh, in_specs=P("data"), out_specs=P("data"),
+                                    check_vma=True))
+    np.testing.assert_allclose(sharded(x), grad(x), rtol=1e-6, atol=1e-7)
+
 
 @pytest.mark.parametrize("input_shape, pad", [((16, 16, 16), 8),     # 9 -> 16 tokens
                                               ((48, 48, 48), 64)])   # 217 -> 256

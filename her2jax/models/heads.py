@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from her2jax.errors import Her2jaxError
+from her2jax.models import activations
 
 
 class Head(nnx.Module):
@@ -66,7 +67,7 @@ class Head(nnx.Module):
         """
         x = features.astype(jnp.float32)
         if self.hidden is not None:
-            x = jax.nn.gelu(self.hidden(x), approximate=False)
+            x = activations.gelu(self.hidden(x))
         if dropout_keys is None:
             x = self.dropout(x, rngs=rngs)
         else:

@@ -43,6 +43,7 @@ import numpy as np
 from flax import nnx
 
 from her2jax.errors import Her2jaxError
+from her2jax.models import activations
 
 # "small" follows FM-BCMRI's vit_3d_small (12 heads of 32, not timm's 6 of 64).
 VIT_SIZES = {
@@ -173,7 +174,7 @@ class Mlp(nnx.Module):
                               kernel_init=_xavier(hidden, dim), rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+        return self.fc2(activations.gelu(self.fc1(x)))
 
 
 class Block(nnx.Module):
