@@ -9,21 +9,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from flax import nnx
 
 from her2jax.errors import Her2jaxError
 from her2jax.models import factory, port
 
-from .test_port import (
-    VIT_CONFIGS,
-    TorchViT3D,
-    assert_parity,
-    monai_resnet,
-    save_fmbcmri,
-    save_medicalnet,
-    to_torch,
-)
+
+def torch_references():
+    """test_port's PyTorch references; skips the calling test where torch / monai (the `parity`
+    extra) are not installed."""
+    pytest.importorskip("torch")
+    pytest.importorskip("monai")
+    from . import test_port
+
+    return test_port
 
 
 def load_config(name: str):
@@ -48,9 +47,11 @@ def test_every_config_describes_a_model_that_fits_its_data(name):
 
 
 def test_pretrained_vit_is_loaded_from_the_config(tmp_path):
+    ref = torch_references()
+    torch = ref.torch
     torch.manual_seed(0)
-    reference = TorchViT3D(**VIT_CONFIGS["tiny"]).eval()
-    port.port("fmbcmri", save_fmbcmri(reference, tmp_path / "ckpt.pth"), tmp_path / "port",
+    reference = ref.TorchViT3D(**ref.VIT_CONFIGS["tiny"]).eval()
+    port.port("fmbcmri", ref.save_fmbcmri(reference, tmp_path / "ckpt.pth"), tmp_path / "port",
               num_heads=2)
     config = load_config("demo_cpu")
     config.data.recipe.shape = (16, 16, 16)
@@ -59,8 +60,8 @@ def test_pretrained_vit_is_loaded_from_the_config(tmp_path):
     model.eval()
     x = np.random.default_rng(0).standard_normal((2, 16, 16, 16, 1)).astype(np.float32)
     with torch.no_grad():
-        expected = reference(to_torch(x)).numpy()
-    assert_parity(model.features(jnp.asarray(x)), expected)
+        expected = reference(ref.to_torch(x)).numpy()
+    ref.assert_parity(model.features(jnp.asarray(x)), expected)
     assert model(jnp.asarray(x)).shape == (2, 3)
 
     config.model.vit.size = "small"   # a port of another size does not fit
@@ -69,8 +70,10 @@ def test_pretrained_vit_is_loaded_from_the_config(tmp_path):
 
 
 def test_pretrained_resnet_inflated_to_the_recipe_channels(tmp_path):
-    single = monai_resnet(10)
-    port.port("medicalnet", save_medicalnet(single, tmp_path / "r10.pth"), tmp_path / "port",
+    ref = torch_references()
+    torch = ref.torch
+    single = ref.monai_resnet(10)
+    port.port("medicalnet", ref.save_medicalnet(single, tmp_path / "r10.pth"), tmp_path / "port",
               in_channels=3)
     config = load_config("resnet18")
     config.data.recipe.shape = (24, 24, 24)
@@ -82,9 +85,9 @@ def test_pretrained_resnet_inflated_to_the_recipe_channels(tmp_path):
     model.eval()
     x = np.random.default_rng(1).standard_normal((1, 24, 24, 24, 1)).astype(np.float32)
     with torch.no_grad():
-        expected = single(to_torch(x)).numpy()
+        expected = single(ref.to_torch(x)).numpy()
     # Three identical channels through the inflated kernel = one channel through the original.
-    assert_parity(model.features(jnp.asarray(np.repeat(x, 3, axis=-1))), expected)
+    ref.assert_parity(model.features(jnp.asarray(np.repeat(x, 3, axis=-1))), expected)
 
 
 @pytest.mark.parametrize("field, value, key", [

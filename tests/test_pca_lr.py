@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from flax import nnx
 
 from her2jax.data import pipeline
@@ -19,8 +18,7 @@ from her2jax.models import factory, port
 from her2jax.train import pca_lr
 from her2jax.train import workdir as workdir_lib
 
-from .test_factory import load_config
-from .test_port import TorchViT3D, assert_parity, save_fmbcmri, to_torch
+from .test_factory import load_config, torch_references
 from .test_train import small_config
 
 EVAL_SPLITS = ("val", "test_CENTER_C")
@@ -170,9 +168,11 @@ def test_no_gradient_step_the_features_are_the_built_encoders(fitted, data_dir):
 
 
 def test_a_pretrained_port_gives_the_torch_references_features(data_dir, tmp_path):
+    ref = torch_references()
+    torch = ref.torch
     torch.manual_seed(0)
-    reference = TorchViT3D(in_chans=1, img=24, patch=8, dim=48, depth=2, heads=2).eval()
-    port.port("fmbcmri", save_fmbcmri(reference, tmp_path / "ckpt.pth"), tmp_path / "port",
+    reference = ref.TorchViT3D(in_chans=1, img=24, patch=8, dim=48, depth=2, heads=2).eval()
+    port.port("fmbcmri", ref.save_fmbcmri(reference, tmp_path / "ckpt.pth"), tmp_path / "port",
               num_heads=2)
     config = pca_config(data_dir)
     config.model.pretrained = str(tmp_path / "port")
@@ -184,8 +184,8 @@ def test_a_pretrained_port_gives_the_torch_references_features(data_dir, tmp_pat
     saved = _npz(workdir, "test_CENTER_C")["features"]
     image = _images(data_dir, config, "test_CENTER_C")[:1]
     with torch.no_grad():
-        expected = reference(to_torch(image)).numpy()
-    assert_parity(saved[:1], expected)
+        expected = reference(ref.to_torch(image)).numpy()
+    ref.assert_parity(saved[:1], expected)
     # The workdir holds its encoder: evaluation no longer needs the port.
     shutil.rmtree(tmp_path / "port")
     pca_lr.evaluate(workdir, splits=["test_CENTER_C"], n_boot=0)

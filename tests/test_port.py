@@ -15,12 +15,14 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from flax import nnx
-from monai.networks import nets as monai_nets
 
 from her2jax.errors import Her2jaxError
 from her2jax.models import port, resnet3d, vit3d
+
+# Every test here writes its checkpoints with torch (the `parity` extra); without it they skip.
+torch = pytest.importorskip("torch")
+monai_nets = pytest.importorskip("monai.networks.nets")
 
 REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-4
