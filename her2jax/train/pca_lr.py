@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 import ml_collections
@@ -39,10 +40,6 @@ from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from sklearn.decomposition import PCA
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import Pipeline, make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from her2jax.data import pipeline
 from her2jax.errors import Her2jaxError
@@ -52,6 +49,9 @@ from her2jax.train import loop
 from her2jax.train import state as state_lib
 from her2jax.train import step as step_lib
 from her2jax.train import workdir as workdir_lib
+
+if TYPE_CHECKING:
+    from sklearn.pipeline import Pipeline
 
 PROTOCOL = "pca_lr"
 MODEL_FILE = "pca_lr.npz"
@@ -161,6 +161,13 @@ class PcaLr:
 
 def make_sklearn(n_components: int, *, seed: int, balanced: bool) -> Pipeline:
     """The unfitted scikit-learn pipeline the protocol fits (multinomial for K >= 3)."""
+    # scikit-learn loads here, not with the module: every `her2jax` command imports this
+    # module (for `is_pca_lr`), and scikit-learn's import is ~0.7 s of its start-up.
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
     return make_pipeline(
         StandardScaler(),
         PCA(n_components=n_components, random_state=seed),
