@@ -22,7 +22,6 @@ from ml_collections import config_flags
 
 from her2jax import cli, distributed
 from her2jax.errors import Her2jaxError
-from her2jax.train import loop, pca_lr, predict
 
 MODES = ("train", "eval", "features", "predict", "analyze")
 
@@ -69,6 +68,9 @@ def _main(argv: list[str]) -> None:
         raise Her2jaxError("--workdir is required")
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                            heartbeat_timeout_s=_HEARTBEAT.value)
+    # The engine loads only now (~2.5 s): a bad flag or launch is refused without it.
+    from her2jax.train import loop, pca_lr, predict
+
     if _MODE.value == "train":
         if _CONFIG.value is None:
             raise Her2jaxError("--config is required to train")
@@ -137,6 +139,8 @@ def _main(argv: list[str]) -> None:
 
 
 def _print_summary(name: str, summary: dict) -> None:
+    from her2jax.train import loop
+
     print(f"{name} (n={summary['n']}): {loop.summary_line(summary)}")
 
 
