@@ -20,6 +20,8 @@ Decisions (DESIGN.md):
   falling back to the previous one.
 - Restore into an abstract target built for the current mesh (``abstract_like``): a state
   saved on 8 devices restores onto 2.
+- On the CPU backend, replicated arrays are saved from one whole shard, not in orbax's
+  replica-parallel slices (``_whole_shards_on_cpu``: the slices only cost compilations there).
 - All processes agree on a preemption save (``reached_preemption``, which the loop must call
   at every step through ``save_latest``).
 - A save that cannot be written (disk full, read-only or vanished folder) is a user error:
@@ -229,6 +231,53 @@ class _QuietWriteFailures(std_logging.Filter):
 _QUIET_WRITE_FAILURES = _QuietWriteFailures()
 
 
+_WHOLE_SHARDS: Any = None   # the jax.Array handler _whole_shards_on_cpu registered
+
+
+def _whole_shards_on_cpu() -> None:
+    """On the CPU backend, saves a replicated array from one whole shard, not in slices.
+
+    orbax's default (everywhere but where ``JAX_PLATFORMS`` names a GPU) is replica-parallel:
+    every replicated array is cut into one slice per replica, each copied to the host by its
+    own device. On CPU a shard already is host memory, so the slices save nothing, and each
+    one is a small XLA program per array shape and device, compiled at the first save and
+    dispatched at every save: ~3 s of a 160-step run of the tiny ViT on 8 CPU devices (2
+    cores), also with JAX's persistent compilation cache. Only the chunking of the stored
+    arrays differs, which orbax reads back from the files: a checkpoint written either way
+    restores on any topology. GPU and TPU runs keep orbax's default. Process-wide (the
+    handler of ``jax.Array`` in orbax's registry: ``StandardCheckpointHandler`` takes no
+    registry of its own); idempotent.
+    """
+    global _WHOLE_SHARDS
+    if jax.default_backend() != "cpu":
+        return
+    if _WHOLE_SHARDS is None:
+        from orbax.checkpoint._src.metadata import array_metadata_store
+
+        # As orbax's default handler, with its per-process array metadata, but unsliced.
+        _WHOLE_SHARDS = ocp.type_handlers.ArrayHandler(
+            use_replica_parallel=False, array_metadata_store=array_metadata_store.Store())
+    if ocp.type_handlers.get_type_handler(jax.Array) is not _WHOLE_SHARDS:
+        # orbax logs the override as a warning, which the command line would print.
+        notice = _DropMessage("Type handler registry type")
+        std_logging.getLogger("absl").addFilter(notice)
+        try:
+            ocp.type_handlers.register_type_handler(jax.Array, _WHOLE_SHARDS, override=True)
+        finally:
+            std_logging.getLogger("absl").removeFilter(notice)
+
+
+class _DropMessage(std_logging.Filter):
+    """Drops the log records whose message starts with ``prefix``."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
 def _quiet_abandoned_writes() -> None:
     """Silences what orbax and tensorstore print about the writes of a failed save.
 
@@ -303,6 +352,7 @@ class Checkpoints:
         # Set once every process agreed to save for a preemption (multi-process runs).
         self.preempted = False
         _quiet_abandoned_writes()
+        _whole_shards_on_cpu()
         try:
             self._latest, self._best = self._managers(keep_latest, async_save)
         except OSError as e:
