@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from her2jax.analysis import stage
+from her2jax.analysis import numba_cache, stage
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,3 +70,15 @@ def test_analyze_on_a_directory_that_is_not_a_workdir(tmp_path):
                              "--mode=analyze"], cwd=REPO, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 2 and "not a her2jax workdir" in result.stderr
+
+
+def test_shap_kernels_are_cached_on_disk_but_not_those_keyed_per_process():
+    from numba.core.caching import NullCache
+
+    numba_cache.import_cached("shap")
+    from shap.maskers import _tabular
+    from shap.utils import _masked_model
+
+    assert not isinstance(_tabular._delta_masking._cache, NullCache)
+    # Takes shap's link function as an argument: a new cache entry in every process.
+    assert isinstance(_masked_model._build_fixed_multi_output._cache, NullCache)

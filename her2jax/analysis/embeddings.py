@@ -26,20 +26,20 @@ Tiny inputs: an embedding needs at least ``MIN_EMBED_ROWS`` (5) rows; ``embed`` 
 a handful of points). ``analyze_embeddings`` then skips the plots, records why in
 ``embedding_skipped`` and still reports the silhouettes.
 
-umap imports numba and compiles its kernels on the first ``fit_transform`` (~9 s per process);
-``NUMBA_CACHE_DIR`` is pointed at ``~/.cache/her2jax/numba`` (unless already set) before umap
-is imported, and umap is imported only inside ``embed``, so importing this module is cheap.
+umap imports numba and compiles its kernels on the first ``fit_transform`` (~10 s per
+process); they are cached in ``~/.cache/her2jax/numba`` (``numba_cache``), so only the first
+run on a machine pays. umap is imported only inside ``embed``, so importing this module is
+cheap.
 """
 
 from __future__ import annotations
 
-import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from her2jax.analysis import numba_cache
 from her2jax.errors import Her2jaxError
 from her2jax.evaluate import files
 
@@ -47,7 +47,6 @@ METHODS = ("tsne", "umap")
 MIN_EMBED_ROWS = 5
 PCA_COMPONENTS = 50
 DOMAIN_SHIFT_SILHOUETTE = 0.25
-NUMBA_CACHE_DIR = Path("~/.cache/her2jax/numba")
 _REQUIRED_KEYS = ("features", "labels", "patient_ids", "centers", "class_names")
 _UNKNOWN_COLOR = "#b0b0b0"
 
@@ -117,16 +116,8 @@ def _standardize(features: np.ndarray) -> np.ndarray:
 
 
 def _import_umap():
-    """Imports umap with numba's on-disk cache enabled (the first compile costs ~9 s)."""
-    cache = os.environ.setdefault("NUMBA_CACHE_DIR",
-                                  str(NUMBA_CACHE_DIR.expanduser()))
-    numba = sys.modules.get("numba")
-    if numba is not None and not numba.config.CACHE_DIR:
-        # numba reads the variable when first imported (shap imports it too); tell it directly.
-        numba.config.CACHE_DIR = cache
-    import umap
-
-    return umap
+    """Imports umap with its numba kernels cached on disk (compiling them costs ~10 s)."""
+    return numba_cache.import_cached("umap")
 
 
 def embed(features: np.ndarray, *, method: str, seed: int = 0) -> np.ndarray:

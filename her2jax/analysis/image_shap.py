@@ -31,7 +31,8 @@ predicted one when unknown) and writes per case ``<pid>_shap_crop.nii.gz``,
 
 Cost: a case takes ``max_evals`` model evaluations (default 10 permutations: 1,290 for 4^3
 blocks of one channel); shap compiles its numba kernels on first use in a process (~5 s on
-2 CPU cores).
+2 CPU cores: ``numba_cache`` keeps most of them on disk, not the one that takes shap's link
+function).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from her2jax import labels as labels_lib
+from her2jax.analysis import numba_cache
 from her2jax.data import pipeline, tfds_builder
 from her2jax.data.preprocess import Crop
 from her2jax.errors import Her2jaxError
@@ -196,7 +198,7 @@ def explain_image(predict_proba: Callable[[np.ndarray], np.ndarray], image: np.n
     Raises:
       Her2jaxError: a bad grid, baseline or max_evals, or an image that is not [D, H, W, C].
     """
-    import shap
+    shap = numba_cache.import_cached("shap")
 
     image = np.asarray(image, np.float32)
     if image.ndim != 4:

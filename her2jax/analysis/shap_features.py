@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from her2jax.analysis import numba_cache
 from her2jax.errors import Her2jaxError
 from her2jax.evaluate import files
 
@@ -97,7 +98,7 @@ def explain(train: dict, explain_rows: dict, class_names: Sequence[str], *,
       Her2jaxError: malformed inputs, fewer than two classes among the labelled training rows,
         a feature width that differs between train and the rows to explain, or no rows.
     """
-    import shap
+    shap = numba_cache.import_cached("shap")
 
     class_names = tuple(str(c) for c in class_names)
     x, y = _labelled(train)
@@ -165,7 +166,7 @@ def plot(result: dict, out_dir, class_names: Sequence[str]) -> list[Path]:
 
     matplotlib.use("Agg")   # files only; no display needed
     import matplotlib.pyplot as plt
-    import shap
+    shap = numba_cache.import_cached("shap")
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
