@@ -5,7 +5,9 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import subprocess
 import tempfile
+from pathlib import Path
 
 # Several fake CPU devices so sharding code runs as on a multi-device host; must be set
 # before jax initialises its backends.
@@ -103,6 +105,30 @@ def straight(data_dir, tmp_path_factory):
     _her2jax(root / "run", data_dir, env=env)
     assert not marker.exists(), marker.read_text() if marker.exists() else ""
     return root / "run"
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """``mount(size, *options)`` -> a new tmpfs mount point (options such as ``"ro"``),
+    unmounted at the end. The tests run as root, which ignores file permissions, so a small or
+    read-only mount is the only way to refuse a write (test_faults, test_logger)."""
+    mounted = []
+
+    def mount(size: int, *options: str) -> Path:
+        point = tmp_path / f"mnt{len(mounted)}"
+        point.mkdir()
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}",
+                                                                          *options]),
+                                 "tmpfs", str(point)], capture_output=True, text=True)
+        if result.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        if subprocess.run(["umount", str(point)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(point)], check=True)
+
 
 def materialize(make_model, seed: int = 0):
     """``make_model()`` built from shapes only and filled with seeded random values.

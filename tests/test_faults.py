@@ -266,30 +266,6 @@ def _pages(folder: Path) -> int:
                if p.is_file())
 
 
-@pytest.fixture
-def tmpfs(tmp_path):
-    """A tmpfs mount point (``mount(tmpfs, size)``) unmounted at the end; the tests run as
-    root, which ignores file permissions, so a small or read-only mount is the only way to
-    refuse a write."""
-    mounted = []
-
-    def mount(size: int, *options: str) -> Path:
-        point = tmp_path / f"mnt{len(mounted)}"
-        point.mkdir()
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}",
-                                                                          *options]),
-                                 "tmpfs", str(point)], capture_output=True, text=True)
-        if result.returncode:
-            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
-        mounted.append(point)
-        return point
-
-    yield mount
-    for point in mounted:
-        if subprocess.run(["umount", str(point)], capture_output=True).returncode:
-            subprocess.run(["umount", "-l", str(point)], check=True)
-
-
 DISK_ARGS = ["--config.train.steps=8", "--config.train.save_every=4",
              "--config.train.eval_every=8", "--config.train.warmup_steps=2"]
 

@@ -62,28 +62,6 @@ def test_a_resumed_run_tells_tensorboard_to_drop_the_later_steps(tmp_path):
 # ----------------------------------------------------------------------------- a full disk
 
 
-@pytest.fixture
-def tmpfs(tmp_path):
-    """A small tmpfs mount point (``mount(size)``), unmounted at the end. The tests run as
-    root, which ignores permissions: a full filesystem is the only way to refuse a write."""
-    mounted = []
-
-    def mount(size: int) -> Path:
-        point = tmp_path / f"mnt{len(mounted)}"
-        point.mkdir()
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
-                                 str(point)], capture_output=True, text=True)
-        if result.returncode:
-            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
-        mounted.append(point)
-        return point
-
-    yield mount
-    for point in mounted:
-        if subprocess.run(["umount", str(point)], capture_output=True).returncode:
-            subprocess.run(["umount", "-l", str(point)], check=True)
-
-
 # Logs steps 1-5, fills the disk, then logs 400 more steps (far more than tensorboardX's
 # queue of 10 events and its 8 KiB buffer), then closes; prints what each write did.
 FULL_DISK_CHILD = """
