@@ -348,6 +348,21 @@ def test_a_checkpoint_of_another_model_is_an_error_not_corruption(ckpts, tmp_pat
     assert ckpts.latest_step() == 10
 
 
+def test_another_optimizer_state_layout_is_named_as_such(ckpts, tmp_path):
+    """Same model, another optimizer state (here SGD with momentum instead of AdamW; also what
+    a run checkpointed with layer_decay < 1 before 2026-11-27 meets): the error says so."""
+    ckpts.save_latest(10, make_state(10), config=CONFIG)
+    ckpts.wait_until_finished()
+    sgd_state = jax.eval_shape(
+        lambda: train_state.create(_vit(), optax.sgd(1e-3, momentum=0.9), seed=0)[1])
+    with pytest.raises(Her2jaxError, match="step 10 was written with another optimizer state "
+                                           "layout") as refused:
+        ckpts.restore_latest(checkpoint.abstract_like(sgd_state))
+    assert "opt_state" in str(refused.value) and "another model" not in str(refused.value)
+    assert not (tmp_path / "checkpoints" / "corrupt").exists()
+    assert ckpts.latest_step() == 10
+
+
 def test_a_bad_restore_target_is_a_bug_not_corruption(ckpts, tmp_path):
     ckpts.save_latest(10, make_state(10), config=CONFIG)
     ckpts.wait_until_finished()

@@ -642,6 +642,14 @@ class Checkpoints:
         if problems:
             shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more"
                                                if len(problems) > 3 else "")
+            if all("opt_state" in problem for problem in problems):
+                # Same model, another optimizer state: a change of optimizer, freezing or
+                # layer-wise decay, or her2jax before layer-wise decay became one optimizer.
+                raise Her2jaxError(
+                    f"checkpoint step {step} was written with another optimizer state layout "
+                    "(another optimizer, freezing or layer_decay, or, with layer_decay < 1, a "
+                    f"her2jax older than 2026-11-27): {shown} (use a new workdir or the "
+                    "run's config)", file=manager.directory)
             raise Her2jaxError(f"checkpoint step {step} was written for another model: "
                                f"{shown} (use a new workdir or the run's config)",
                                file=manager.directory)
