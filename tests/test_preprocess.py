@@ -334,6 +334,45 @@ def test_channel_values_on_constant_phases():
         np.testing.assert_allclose(got[..., c], value, rtol=1e-3)
 
 
+def test_enhancement_at_any_phase_and_the_mask_channel():
+    phases, mask, affine = constant_case([100, 250, 300, 280])
+    crop = pp.preprocess(phases, mask, affine, recipe(
+        channels=("PE", "PE1", "PE2", "PEL", "MASK"), normalize="none", spacing_mm=1.0,
+        shape=(16, 16, 16)))
+    got = crop.image.astype(np.float32)
+    for c, value in enumerate([1.5, 1.5, 2.0, 1.8]):   # PEL: the last phase, C3
+        np.testing.assert_allclose(got[..., c], value, rtol=1e-3)
+    # MASK is the kept component on the output grid: 1 inside, 0 outside, partial at the edge.
+    inner = ndimage.binary_erosion(crop.mask > 0)
+    assert inner.any() and np.all(got[..., 4][inner] == 1.0)
+    assert np.all(got[..., 4][crop.mask > 0] >= 0.5)
+    # Linear interpolation reaches one source voxel (up to 2 mm here) past the edge.
+    assert np.all(got[..., 4][~ndimage.binary_dilation(crop.mask > 0, iterations=2)] == 0.0)
+    assert pp.required_phases(recipe(channels=("PEL", "MASK"))) == 2
+    assert pp.required_phases(recipe(channels=("PE3",))) == 4
+    for bad in ("PE0", "PEX", "MASK1"):
+        with pytest.raises(Her2jaxError, match="recipe.channels"):
+            pp.check_recipe(recipe(channels=(bad,)))
+    with pytest.raises(Her2jaxError, match="needs phase 5"):
+        pp.check_recipe(recipe(channels=("PE5",)), num_phases=4)
+
+
+def test_ratio_normalisation_keeps_dimensionless_channels_and_zscores_intensities(sources):
+    affine = ORIENTATIONS["RAS"][0]
+    phases, mask = phantom(affine, RAS_SHAPE, enhancement=(0.0, 1.0, 1.3))
+    channels = ("C2", "SUB1", "PE", "PEL", "SER", "MASK")
+    raw = pp.preprocess(phases, mask, affine, recipe(channels=channels, normalize="none"))
+    ratio = pp.preprocess(phases, mask, affine, recipe(channels=channels, normalize="ratio"))
+    crop = pp.preprocess(phases, mask, affine, recipe(channels=channels, normalize="crop"))
+    # Intensities: z-scored over the crop, like 'crop'.
+    np.testing.assert_array_equal(ratio.image[..., :2], crop.image[..., :2])
+    # Ratios and the mask: untouched (and the mask is never z-scored, even by 'crop').
+    np.testing.assert_array_equal(ratio.image[..., 2:], raw.image[..., 2:])
+    np.testing.assert_array_equal(crop.image[..., 5], raw.image[..., 5])
+    assert pp.recipe_fingerprint(recipe(normalize="ratio")) != pp.recipe_fingerprint(
+        recipe(normalize="crop"))
+
+
 def test_pe_and_ser_are_bounded_where_denominators_vanish():
     shape = (20, 20, 10)
     c0 = np.full(shape, 100, np.float32)

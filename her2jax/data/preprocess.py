@@ -31,7 +31,9 @@ training saw). The recipe fields are specified in :mod:`her2jax.data.recipes`; t
    reports the clipped source region actually read. Non-finite source voxels also read 0.
 5. **Channels** (computed on the source voxels of the crop, then resampled): ``C<k>`` phase k,
    ``SUB<k>`` = Ck - C0, ``PE`` = (C1 - C0) / max(|C0|, eps) clipped to ``PE_RANGE``,
-   ``SER`` = (C1 - C0) / max(Clast - C0, eps) clipped to ``SER_RANGE``. ``eps`` is
+   ``PE<k>`` the same at phase k, ``PEL`` at the last phase,
+   ``SER`` = (C1 - C0) / max(Clast - C0, eps) clipped to ``SER_RANGE``, ``MASK`` the kept
+   tumour component as 0 / 1 (resampled linearly: partial volume at its edge). ``eps`` is
    ``EPS_FRACTION`` of the image's global pre-contrast signal (SPM's "global": the mean of
    the C0 voxels above 1/8 of C0's mean, i.e. roughly the mean tissue intensity), so PE and SER
    are exact wherever the denominator is above 5 % of tissue signal and bounded in air and in
@@ -40,8 +42,10 @@ training saw). The recipe fields are specified in :mod:`her2jax.data.recipes`; t
    ``(x - mean) / (std + 1e-8)`` with PyTorch's unbiased std (FM-BCMRI's ``z_score`` runs on a
    torch tensor); ``joint`` z-scores ``C<k>`` channels with one mean / std over every voxel of
    every phase passed in (all of the case's phases, not only those the recipe uses) and derived
-   channels over the crop; ``none`` keeps raw values. ``mask_only`` then zeroes the voxels
-   outside the output mask.
+   channels over the crop; ``ratio`` z-scores ``C<k>`` and ``SUB<k>`` over the crop and keeps
+   the dimensionless channels (``PE``, ``PE<k>``, ``PEL``, ``SER``, ``MASK``) as they are, so
+   that a relative enhancement means the same on every scanner; ``none`` keeps raw values.
+   ``MASK`` is never normalised. ``mask_only`` then zeroes the voxels outside the output mask.
 7. **Output** float16, finite, clipped to float16's range (only reachable with ``none``).
 """
 
@@ -65,7 +69,7 @@ from her2jax.errors import Her2jaxError
 # so prepared datasets are rebuilt rather than silently reused.
 PREPROCESS_VERSION = 1
 
-NORMALIZE_MODES = ("crop", "joint", "none")
+NORMALIZE_MODES = ("crop", "joint", "ratio", "none")
 RECIPE_FIELDS = ("name", "channels", "shape", "margin_mm", "spacing_mm", "normalize",
                  "mask_only", "largest_component")
 ZSCORE_EPS = 1e-8
@@ -74,7 +78,9 @@ PE_RANGE = (-1.0, 10.0)      # -100 % (signal lost) .. +1000 % (vessels)
 SER_RANGE = (0.0, 3.0)       # persistent < 1 ~ plateau < washout; > 3 is noise over a small denominator
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 _CHUNK = 1 << 18             # voxels per chunk of the whole-image statistics (1 MiB of float32)
-_TOKEN = re.compile(r"^(C|SUB)(\d+)$")
+_TOKEN = re.compile(r"^(C|SUB|PE)(\d+)$")
+_NAMED = ("PE", "PEL", "SER", "MASK")
+_RATIOS = ("PE", "PEL", "SER", "MASK")   # dimensionless kinds: kept as they are by 'ratio'
 _RAS = nib.orientations.axcodes2ornt(("R", "A", "S"))
 
 
@@ -125,17 +131,20 @@ def _channels(recipe) -> tuple[str, ...]:
 
 
 def _parse(token: str) -> tuple[str, int | None]:
-    """'C2' -> ('C', 2), 'SUB1' -> ('SUB', 1), 'PE' -> ('PE', None); unknown -> Her2jaxError."""
-    if token in ("PE", "SER"):
+    """'C2' -> ('C', 2), 'SUB1' -> ('SUB', 1), 'PE3' -> ('PE', 3), 'PE' -> ('PE', 1),
+    'PEL' / 'SER' / 'MASK' -> (token, None); unknown -> Her2jaxError."""
+    if token == "PE":
+        return "PE", 1
+    if token in _NAMED:
         return token, None
     match = _TOKEN.match(token)
     if match is None:
-        raise Her2jaxError(f"unknown channel token {token!r}; expected C<k>, SUB<k> (k >= 1), "
-                           "PE or SER", key="recipe.channels")
+        raise Her2jaxError(f"unknown channel token {token!r}; expected C<k>, SUB<k>, PE<k> "
+                           "(k >= 1), PE, PEL, SER or MASK", key="recipe.channels")
     kind, k = match.group(1), int(match.group(2))
-    if kind == "SUB" and k == 0:
-        raise Her2jaxError("SUB0 is C0 - C0, always zero; use SUB<k> with k >= 1",
-                           key="recipe.channels")
+    if kind in ("SUB", "PE") and k == 0:
+        raise Her2jaxError(f"{kind}0 compares C0 with itself, always zero; use {kind}<k> with "
+                           "k >= 1", key="recipe.channels")
     return kind, k
 
 
@@ -144,10 +153,12 @@ def _phases_of(token: str, num_phases: int) -> tuple[int, ...]:
     kind, k = _parse(token)
     if kind == "C":
         return (k,)
-    if kind == "SUB":
+    if kind in ("SUB", "PE"):
         return (0, k)
-    if kind == "PE":
-        return (0, 1)
+    if kind == "PEL":
+        return (0, num_phases - 1)
+    if kind == "MASK":
+        return ()
     return (0, 1, num_phases - 1)
 
 
@@ -169,13 +180,13 @@ def check_recipe(recipe, num_phases: int | None = None) -> None:
         kind, k = _parse(token)
         if num_phases is None:
             continue
-        if kind in ("C", "SUB") and k >= num_phases:
+        if k is not None and k >= num_phases:
             raise Her2jaxError(f"channel {token} needs phase {k} but the case has {num_phases} "
                                f"phase(s) (0..{num_phases - 1})", key="recipe.channels")
-        need = {"PE": 2, "SER": 3}.get(kind, 0)
+        need = {"PEL": 2, "SER": 3}.get(kind, 0)
         if num_phases < need:
-            raise Her2jaxError(f"channel {token} needs at least {need} phases (C0, C1"
-                               f"{', and a later one' if need == 3 else ''}) but the case has "
+            raise Her2jaxError(f"channel {token} needs at least {need} phases (C0"
+                               f"{', C1' if need == 3 else ''} and a later one) but the case has "
                                f"{num_phases}", key="recipe.channels")
     shape = _get(recipe, "shape")
     if (not isinstance(shape, Sequence) or isinstance(shape, str) or len(shape) != 3
@@ -198,11 +209,12 @@ def check_recipe(recipe, num_phases: int | None = None) -> None:
 
 
 def required_phases(recipe) -> int:
-    """How many phases a case needs for this recipe (C2 -> 3; SUB1 -> 2; PE -> 2; SER -> 3)."""
+    """How many phases a case needs for this recipe (C2 -> 3; SUB1 -> 2; PE -> 2; PEL -> 2;
+    SER -> 3; MASK -> 1)."""
     need = 1
     for token in _channels(recipe):
         kind, k = _parse(token)
-        need = max(need, k + 1 if k is not None else {"PE": 2, "SER": 3}[kind])
+        need = max(need, k + 1 if k is not None else {"PEL": 2, "SER": 3, "MASK": 1}[kind])
     return need
 
 
@@ -348,15 +360,19 @@ def _global_signal(volume) -> float:
     return float(bright.mean(dtype=np.float64)) if bright.size and mean > 0 else 0.0
 
 
-def _channel(token: str, block: dict[int, np.ndarray], last: int, eps: float) -> np.ndarray:
+def _channel(token: str, block: dict[int, np.ndarray], last: int, eps: float,
+             mask: np.ndarray) -> np.ndarray:
     kind, k = _parse(token)
     if kind == "C":
         return block[k]
     if kind == "SUB":
         return block[k] - block[0]
+    if kind == "MASK":
+        return mask.astype(np.float32)
+    if kind in ("PE", "PEL"):
+        k = last if kind == "PEL" else k
+        return np.clip((block[k] - block[0]) / np.maximum(np.abs(block[0]), eps), *PE_RANGE)
     wash_in = block[1] - block[0]
-    if kind == "PE":
-        return np.clip(wash_in / np.maximum(np.abs(block[0]), eps), *PE_RANGE)
     return np.clip(wash_in / np.maximum(block[last] - block[0], eps), *SER_RANGE)
 
 
@@ -448,7 +464,7 @@ def preprocess(phases, mask, affine, recipe) -> Crop:
             = kept[tuple(slice(int(x), int(y)) for x, y in zip(a - lo, b - lo, strict=True))]
 
     eps = 1.0
-    if any(t in ("PE", "SER") for t in tokens):
+    if any(_parse(t)[0] in ("PE", "PEL", "SER") for t in tokens):
         eps = max(EPS_FRACTION * _global_signal(phases[0]), float(np.finfo(np.float32).tiny))
 
     def resample(volume: np.ndarray, order: int) -> np.ndarray:
@@ -460,8 +476,12 @@ def preprocess(phases, mask, affine, recipe) -> Crop:
     joint = _global_stats(phases) if normalize == "joint" else None
     channels = []
     for token in tokens:
-        x = resample(_channel(token, block, num_phases - 1, eps).astype(np.float32), 1)
-        if normalize == "crop" or (normalize == "joint" and _parse(token)[0] != "C"):
+        kind = _parse(token)[0]
+        x = resample(_channel(token, block, num_phases - 1, eps, mask_block)
+                     .astype(np.float32), 1)
+        if kind == "MASK" or (normalize == "ratio" and kind in _RATIOS):
+            pass
+        elif normalize in ("crop", "ratio") or (normalize == "joint" and kind != "C"):
             x = _zscore(x)
         elif normalize == "joint":
             x = _zscore(x, *joint)

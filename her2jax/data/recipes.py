@@ -5,7 +5,8 @@ A recipe says how a case's DCE-MRI phases become one fixed-size multi-channel cr
 * ``channels``: tokens, each one channel of the crop, in order:
   ``C<k>`` phase k's intensity (C0 = pre-contrast, C2 = second post-contrast);
   ``SUB<k>`` subtraction Ck - C0; ``PE`` percent enhancement (C1 - C0) / C0 at the first
-  post-contrast phase; ``SER`` signal enhancement ratio (C1 - C0) / (Clast - C0).
+  post-contrast phase, ``PE<k>`` at phase k, ``PEL`` at the last phase; ``SER`` signal
+  enhancement ratio (C1 - C0) / (Clast - C0); ``MASK`` the tumour mask (0 / 1).
 * ``shape``: the crop's output grid (D, H, W) in canonical (RAS) voxel order.
 * ``margin_mm``: margin added on every side of the tumour's bounding box before resizing.
 * ``spacing_mm``: 0 resizes the (margin-padded) tumour box to ``shape`` (FM-BCMRI); > 0
@@ -14,6 +15,8 @@ A recipe says how a case's DCE-MRI phases become one fixed-size multi-channel cr
 * ``normalize``: ``crop`` z-scores every channel over its crop, ``(x - mean) / (std + 1e-8)``
   (FM-BCMRI); ``joint`` z-scores the intensity channels with one mean / std over all phases of
   the whole image (MAMA-MIA's advice) and derived channels (SUB, PE, SER) over the crop;
+  ``ratio`` z-scores intensities (C, SUB) over the crop and keeps the dimensionless channels
+  (PE, PEL, SER, MASK) as they are, so that they mean the same on every scanner;
   ``none`` keeps raw values.
 * ``mask_only``: zero everything outside the tumour mask (FM-BCMRI's ROI option).
 * ``largest_component``: keep only the mask's largest 26-connected component.
@@ -42,6 +45,10 @@ RECIPES = {
     "fmbcmri_subtraction": dict(channels=("SUB2",)),
     "multiphase": dict(channels=("C0", "C1", "C2"), normalize="joint", margin_mm=5.0),
     "kinetic": dict(channels=("C1", "SUB1", "PE", "SER"), margin_mm=5.0),
+    # Scanner-independent inputs at physical scale: relative enhancement early and late (wash-in,
+    # washout, the peritumoral rim) and the tumour mask (size, shape) on a 64 mm box at 2 mm.
+    "kinetic_mm": dict(channels=("PE", "PEL", "MASK"), spacing_mm=2.0, shape=(32, 32, 32),
+                       normalize="ratio"),
     "isotropic_1mm": dict(channels=("C0", "C1", "C2"), spacing_mm=1.0, shape=(64, 64, 64),
                           normalize="joint"),
 }
