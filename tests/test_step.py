@@ -175,3 +175,29 @@ def test_augmentation_is_keyed_per_example():
     other = step_lib.example_keys(jax.random.key_data(jax.random.key(0)), jnp.int32(8),
                                   jnp.arange(4))
     assert not np.allclose(np.asarray(step_lib.augment(image, other, AUG)), np.asarray(a))
+
+
+def test_axis_permutations_and_channel_contrast_are_symmetries_of_the_input():
+    rng = np.random.default_rng(0)
+    image = jnp.asarray(rng.normal(size=(64, 4, 4, 4, 2)), jnp.float32)
+    keys = step_lib.example_keys(jnp.asarray([0, 1], jnp.uint32), jnp.int32(3), jnp.arange(64))
+    permuted = np.asarray(step_lib.augment(image, keys, step_lib.Augment(permute_axes=True)))
+    orders = ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
+    seen = set()
+    for x, y in zip(np.asarray(image), permuted, strict=True):
+        # Each output is exactly one transpose of its input: values moved, none changed.
+        match = [o for o in orders if np.array_equal(np.transpose(x, (*o, 3)), y)]
+        assert len(match) == 1
+        seen.add(match[0])
+    assert seen == set(orders)      # 64 draws reach all six orders
+    scaled = np.asarray(step_lib.augment(image, keys, step_lib.Augment(channel_scale=0.25)))
+    ratio = scaled / np.asarray(image)
+    per_channel = ratio.reshape(64, -1, 2)
+    # One factor per example and channel, within 1 +- 0.25, different between the channels.
+    np.testing.assert_allclose(per_channel, np.broadcast_to(per_channel[:, :1], per_channel.shape),
+                               rtol=1e-5)
+    factors = per_channel[:, 0]
+    assert np.all(np.abs(factors - 1) <= 0.25 + 1e-6)
+    assert np.mean(np.abs(factors[:, 0] - factors[:, 1])) > 0.05
+    with pytest.raises(ValueError, match="cubic"):
+        step_lib.augment(image[:, :, :, :2], keys, step_lib.Augment(permute_axes=True))

@@ -39,20 +39,33 @@ class Augment:
 
     Attributes:
       flips: flip each spatial axis with probability 1/2.
+      permute_axes: reorder the three spatial axes by one of the 6 permutations, uniformly
+        (cubic crops only): with the flips, any of the 48 axis-aligned symmetries of a cube.
+        For tumours, whose orientation carries no class information, this multiplies the
+        views of every case; the canonical axes' anatomical meaning is given up.
       scale: multiply intensities by 1 + U(-scale, scale).
+      channel_scale: then multiply each channel by its own 1 + U(-channel_scale,
+        channel_scale): contrast between channels changes as it does between scanners and
+        timings (an enhancement map sampled 30 s later is a few tens of percent stronger).
       shift: add U(-shift, shift).
       noise: add Gaussian noise of this standard deviation.
     """
 
     flips: bool = False
+    permute_axes: bool = False
     scale: float = 0.0
+    channel_scale: float = 0.0
     shift: float = 0.0
     noise: float = 0.0
 
     @classmethod
     def from_config(cls, config) -> Augment:
-        return cls(flips=bool(config.flips), scale=float(config.scale),
-                   shift=float(config.shift), noise=float(config.noise))
+        return cls(flips=bool(config.flips),
+                   permute_axes=bool(config.get("permute_axes", False)),
+                   scale=float(config.scale),
+                   channel_scale=float(config.get("channel_scale", 0.0)),
+                   shift=float(config.shift),
+                   noise=float(config.noise))
 
 
 def example_keys(rng: jax.Array, step: jax.Array, index: jax.Array) -> jax.Array:
@@ -73,8 +86,17 @@ def augment(image: jax.Array, keys: jax.Array, config: Augment) -> jax.Array:
       [B, D, H, W, C] float32.
     """
 
+    if config.permute_axes and len(set(image.shape[1:4])) != 1:
+        raise ValueError(f"permute_axes needs cubic volumes, got {image.shape[1:4]}")
+
     def one(x: jax.Array, key: jax.Array) -> jax.Array:
         k_flip, k_scale, k_shift, k_noise = jax.random.split(key, 4)
+        if config.permute_axes:
+            # An extra stream (fold_in) keeps the other augmentations' draws unchanged.
+            choice = jax.random.randint(jax.random.fold_in(key, 1), (), 0, 6)
+            orders = ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
+            x = jax.lax.switch(choice, [lambda v, o=o: jnp.transpose(v, (*o, 3))
+                                        for o in orders], x)
         if config.flips:
             flips = jax.random.bernoulli(k_flip, 0.5, (3,))
             for axis in range(3):
@@ -82,6 +104,10 @@ def augment(image: jax.Array, keys: jax.Array, config: Augment) -> jax.Array:
         if config.scale:
             x = x * (1 + jax.random.uniform(k_scale, (), minval=-config.scale,
                                             maxval=config.scale))
+        if config.channel_scale:
+            x = x * (1 + jax.random.uniform(jax.random.fold_in(key, 2), (x.shape[-1],),
+                                            minval=-config.channel_scale,
+                                            maxval=config.channel_scale))
         if config.shift:
             x = x + jax.random.uniform(k_shift, (), minval=-config.shift, maxval=config.shift)
         if config.noise:
