@@ -5,7 +5,8 @@
 
 Generates a phantom cohort (or reads ``--cohort``), computes five hand-made features of the
 tumour per case straight from the NIfTI files (wash-in, washout, log volume, enhancement
-heterogeneity, peritumoral rim enhancement), then for each centre trains a standardised
+heterogeneity, peritumoral rim enhancement: ``her2jax.data.kinetic_features``, the very values
+her2jax-prepare stores in ``kinetic_features.csv``), then for each centre trains a standardised
 logistic regression on the other centres and scores the held-out one. Prints one JSON line per
 held-out centre with the macro one-vs-rest AUC over its labelled 3-class cases, then a summary
 line. The phantom is calibrated so that this lands between 0.70 and 0.95: learnable, not
@@ -27,47 +28,30 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pandas as pd
-from scipy import ndimage
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from her2jax.data import phantom
+from her2jax.data import kinetic_features, phantom
 from her2jax.labels import CLASS_NAMES
 
 CLASSES = CLASS_NAMES["her2_3class"]
-FEATURES = ("wash_in", "washout", "log_volume_mm3", "heterogeneity", "rim_enhancement")
+FEATURES = kinetic_features.FEATURES
 
 
 def case_features(phase_paths: list[Path], mask_path: Path) -> dict[str, float]:
-    """Kinetic and shape features of one tumour, from its phase images and mask.
+    """``FEATURES`` of one case read from its NIfTI files
+    (:func:`her2jax.data.kinetic_features.case_features`, the values her2jax-prepare stores).
 
     Args:
       phase_paths: the case's NIfTI phases in order, pre-contrast first.
       mask_path: its tumour mask (non-zero = tumour), on the same grid.
-
-    Returns:
-      ``FEATURES`` as a dict: wash-in ``(C1 - C0) / C0`` and washout ``(Clast - C1) / C1`` of the
-      mean tumour signal, log tumour volume (mm^3), heterogeneity (coefficient of variation of
-      the C1 - C0 subtraction inside the tumour), and rim enhancement ``(Clast - C0) / C0`` of
-      a two-voxel shell around the tumour (peritumoral oedema).
     """
     mask_image = nib.load(mask_path)
-    mask = np.asarray(mask_image.dataobj) > 0
-    phases = [np.asarray(nib.load(p).dataobj, dtype=np.float32) for p in phase_paths]
-    c0, c1, last = phases[0], phases[1], phases[-1]
-    m0, m1, m_last = (float(c[mask].mean()) for c in (c0, c1, last))
-    subtraction = (c1 - c0)[mask]
-    shell = ndimage.binary_dilation(mask, iterations=2) & ~mask
-    rim0 = float(c0[shell].mean())
-    return dict(
-        wash_in=(m1 - m0) / m0,
-        washout=(m_last - m1) / m1,
-        log_volume_mm3=float(np.log(mask.sum() * np.prod(mask_image.header.get_zooms()[:3]))),
-        heterogeneity=float(subtraction.std() / max(abs(subtraction.mean()), 1e-6)),
-        rim_enhancement=(float(last[shell].mean()) - rim0) / rim0,
-    )
+    phases = np.stack([np.asarray(nib.load(p).dataobj, dtype=np.float32) for p in phase_paths])
+    return kinetic_features.case_features(phases, np.asarray(mask_image.dataobj),
+                                          mask_image.affine)
 
 
 def cohort_features(root: Path) -> pd.DataFrame:
@@ -91,13 +75,15 @@ def leave_center_out(features: pd.DataFrame) -> list[dict]:
     """Trains on all centres but one and scores the held-out one, for every centre.
 
     Args:
-      features: ``cohort_features`` output; cases with an empty her2_class are left out.
+      features: ``cohort_features`` output; cases with an empty her2_class, or with a feature
+        that could not be computed (NaN), are left out.
 
     Returns:
       One dict per held-out centre: center, n_train, n_test, macro_auc (one-vs-rest, macro
       average over the three classes) and per_class_auc.
     """
-    labelled = features[features.her2_class.isin(CLASSES)]
+    labelled = features[features.her2_class.isin(CLASSES)
+                        & np.isfinite(features[list(FEATURES)].to_numpy()).all(axis=1)]
     x = labelled[list(FEATURES)].to_numpy()
     y = labelled.her2_class.map(CLASSES.index).to_numpy()
     results = []

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from her2jax.data import prepare, tfds_builder
+from her2jax.data import cohort as cohort_lib
+from her2jax.data import kinetic_features, nifti, prepare, tfds_builder
 from her2jax.errors import Her2jaxError
 
 from .conftest import small_data_config, tensorflow_stub
@@ -135,6 +136,23 @@ def test_reports_excluded_rejected_and_montage(prepared, phantom_cohort):
     pixels = np.asarray(montage.convert("RGB"))
     red = (pixels[..., 0] > 200) & (pixels[..., 1] < 80)
     assert red.sum() > len(clinical) * 20, "every tile should carry a mask outline"
+
+
+def test_kinetic_features_of_every_case_are_written_beside_the_index(prepared, phantom_cohort):
+    path = prepared.dataset_dir / kinetic_features.FILE
+    with open(path, newline="") as f:
+        assert next(csv.reader(f)) == ["patient_id", *kinetic_features.FEATURES]
+    table = kinetic_features.read_table(prepared.dataset_dir)
+    index = read_csv(prepared.dataset_dir / "index.csv")
+    assert sorted(table) == sorted(r["patient_id"] for r in index)
+    assert all(np.isfinite(x).all() for x in table.values())
+    # The values are those of the NIfTI files (a case of every centre).
+    cases = {c.patient_id: c for c in cohort_lib.read_cohort(
+        phantom_cohort, small_data_config().columns).cases}
+    for pid in ("PHA_0001", "PHB_0002", "PHC_0003"):
+        expected = kinetic_features.case_features(*nifti.load_case(cases[pid]))
+        np.testing.assert_array_equal(table[pid], list(expected.values()))
+    assert path.stat().st_mode & 0o777 == (prepared.dataset_dir / "index.csv").stat().st_mode & 0o777
 
 
 def test_prepare_is_deterministic(phantom_cohort, prepared, tmp_path):
@@ -416,12 +434,12 @@ def test_cli_writes_the_dataset_without_tensorflow(phantom_cohort, tmp_path):
     env, marker = tensorflow_stub(tmp_path)
     cohort = copy_cohort(phantom_cohort, tmp_path / "cohort", per_center=4)
     result = _run(f"--cohort={cohort}", f"--data_dir={tmp_path / 'data'}", "--workers=2",
-                  "--config=configs/demo_cpu.py", env=env)
+                  "--config=configs/tiny_cpu.py", env=env)
     assert result.returncode == 0, result.stderr
     assert "wrote 12 cases" in result.stdout
     read = subprocess.run(
         [sys.executable, "-m", "her2jax.cli.inspect_data", f"--data_dir={tmp_path / 'data'}",
-         "--config=configs/demo_cpu.py", "--config.data.test_centers=()", "--batch_size=8"],
+         "--config=configs/tiny_cpu.py", "--config.data.test_centers=()", "--batch_size=8"],
         capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert read.returncode == 0, read.stderr
     assert "global batch 0: image (8, 32, 32, 32, 1) float16 over 8 device(s)" in read.stdout

@@ -8,7 +8,9 @@ Order of work, and why:
    rejection; without ``skip_invalid`` the first one stops the run with one line.
    Preprocessing first means the dataset is only built from cases known to be good.
 3. Build the TFDS dataset from the spool, read it back to write ``index.csv`` (which also
-   proves it readable), and add the reports (``excluded.csv``, ``rejected.csv``, QC montage).
+   proves it readable), and add ``kinetic_features.csv`` (the hand-made baseline's five
+   features per case, computed in step 2 from the phases already in memory) and the reports
+   (``excluded.csv``, ``rejected.csv``, QC montage).
 4. Move it into place with one rename. A killed or failed run leaves only a hidden
    temporary directory (removed by the next run), never a half dataset, and never touches
    an existing dataset unless ``overwrite`` replaces it once the new one is complete. A run
@@ -36,7 +38,7 @@ from tqdm import tqdm
 
 from her2jax import labels
 from her2jax.data import cohort as cohort_lib
-from her2jax.data import nifti, preprocess, qc, tfds_builder
+from her2jax.data import kinetic_features, nifti, preprocess, qc, tfds_builder
 from her2jax.data.recipes import plain
 from her2jax.errors import Her2jaxError
 
@@ -172,6 +174,8 @@ def prepare(cohort_path, data_dir, data_config, *, skip_invalid: bool = False,
             shape=recipe["shape"], num_channels=len(recipe["channels"]),
             examples=[_example(r, recipe, splits_of[r["center"]]) for r in records])
         _write_index(version_dir, records, splits_of)
+        kinetic_features.write_table(version_dir / kinetic_features.FILE,
+                                     {r["patient_id"]: r["kinetic"] for r in records})
         excluded = _write_reports(version_dir, records, rejected)
         meta = {
             "name": name,
@@ -324,23 +328,32 @@ def crop_case(case: cohort_lib.Case, recipe: dict, needed_phases: int) -> prepro
       Her2jaxError: naming the patient (and file): too few phases, or any problem
         ``nifti.load_case`` / ``preprocess.preprocess`` finds.
     """
-    if len(case.phases) < needed_phases:
-        raise Her2jaxError(f"has {len(case.phases)} phases, the recipe needs "
-                           f"{needed_phases}", patient=case.patient_id)
-    phases, mask, affine = nifti.load_case(case)
+    phases, mask, affine = _load_case(case, needed_phases)
     return preprocess.preprocess(phases, mask, affine, recipe)
 
 
+def _load_case(case: cohort_lib.Case, needed_phases: int):
+    """``nifti.load_case`` after checking the case has the phases the recipe needs."""
+    if len(case.phases) < needed_phases:
+        raise Her2jaxError(f"has {len(case.phases)} phases, the recipe needs "
+                           f"{needed_phases}", patient=case.patient_id)
+    return nifti.load_case(case)
+
+
 def _preprocess_case(case: cohort_lib.Case, recipe: dict, spool: str, needed_phases: int):
-    """Worker: load, check and preprocess one case into the spool.
+    """Worker: load, check and preprocess one case into the spool, and compute its kinetic
+    features on the source grid (the phases are in memory already: ~1 ms more per case).
 
     Returns:
       (record, None) with the example's metadata, or (None, Rejection).
     """
     try:
-        crop = crop_case(case, recipe, needed_phases)
+        phases, mask, affine = _load_case(case, needed_phases)   # what crop_case does
+        crop = preprocess.preprocess(phases, mask, affine, recipe)
     except Her2jaxError as e:
         return None, cohort_lib.Rejection(case.patient_id, e.file or "", e.reason)
+    kinetic = kinetic_features.case_features(phases, mask, affine)
+    del phases
     spool_file = Path(spool) / f"{hashlib.sha1(case.patient_id.encode()).hexdigest()}.npz"
     np.savez(spool_file, image=crop.image, mask=crop.mask)
     return {
@@ -355,6 +368,7 @@ def _preprocess_case(case: cohort_lib.Case, recipe: dict, spool: str, needed_pha
         "source_shape": crop.source_shape,
         "source_affine": crop.source_affine,
         "spool": str(spool_file),
+        "kinetic": kinetic,
     }, None
 
 

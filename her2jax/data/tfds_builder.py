@@ -10,8 +10,9 @@ recipe: a different cohort or recipe can never be served from a stale directory.
 
 On disk (``data_dir/her2_dce_mri/<recipe>_<hash>/1.0.0/``): the TFDS files, plus
 ``her2jax.json`` (recipe, hashes, splits and counts), ``index.csv`` (one row per example:
-split, position, patient and raw label fields), ``excluded.csv``, ``rejected.csv`` and
-``qc_montage.png``.
+split, position, patient and raw label fields), ``kinetic_features.csv`` (the hand-made
+baseline's features, :mod:`her2jax.data.kinetic_features`; absent in datasets prepared before
+it existed, which stay valid), ``excluded.csv``, ``rejected.csv`` and ``qc_montage.png``.
 """
 
 from __future__ import annotations
