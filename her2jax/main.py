@@ -88,8 +88,11 @@ def _main(argv: list[str]) -> None:
         result = loop.train(config, _WORKDIR.value, force=_FORCE.value,
                             progress=_PROGRESS.value)
         best = "n/a" if result.best_metric is None else f"{result.best_metric:.3f}"
-        print(f"{result.stopped.replace('_', ' ')} at step {result.steps}; best validation macro AUC {best} "
-              f"(step {result.best_step}); checkpoints in {_WORKDIR.value}/checkpoints")
+        chosen = {"val_loss": f"lowest validation loss {best}",
+                  "val_macro_auc": f"best validation macro AUC {best}",
+                  "last": "the last step"}[result.select_by]
+        print(f"{result.stopped.replace('_', ' ')} at step {result.steps}; checkpoints/best: "
+              f"step {result.best_step}, {chosen}; checkpoints in {_WORKDIR.value}/checkpoints")
     elif _MODE.value == "eval":
         if pca_lr.is_pca_lr(_WORKDIR.value):
             results = pca_lr.evaluate(_WORKDIR.value, splits=_SPLITS.value,

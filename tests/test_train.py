@@ -27,8 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def small_config(data_dir: Path, **train):
-    """demo_cpu at the shared dataset's 24^3 crops, a handful of steps."""
-    config = load_config("demo_cpu")
+    """tiny_cpu at the shared dataset's 24^3 crops, a handful of steps."""
+    config = load_config("tiny_cpu")
     config.data.data_dir = str(data_dir)
     config.data.recipe.shape = (24, 24, 24)
     config.train.update({**dict(batch_size=8, steps=12, warmup_steps=2, eval_every=6,
@@ -57,11 +57,14 @@ def test_training_writes_its_workdir(trained, prepared):
 
 def test_eval_reproduces_the_validation_metric_of_the_best_step(trained):
     workdir, result = trained
-    recorded = next(r["macro_auc"] for r in logger.read_metrics(workdir)
-                    if r["split"] == "val" and r["step"] == result.best_step)
+    val = {r["step"]: r for r in logger.read_metrics(workdir) if r["split"] == "val"}
+    # The default selection keeps the lowest validation loss of the evaluations.
+    assert result.select_by == "val_loss"
+    assert result.best_step == min(val, key=lambda step: val[step]["loss"])
+    assert result.best_metric == pytest.approx(val[result.best_step]["loss"], abs=1e-9)
     summaries = loop.evaluate(workdir, splits=["val", "test_CENTER_C"], n_boot=200)
-    assert summaries["val"]["macro_auc"]["value"] == pytest.approx(recorded, abs=1e-9)
-    assert result.best_metric == pytest.approx(recorded, abs=1e-9)
+    assert summaries["val"]["macro_auc"]["value"] == pytest.approx(
+        val[result.best_step]["macro_auc"], abs=1e-9)
     test = summaries["test_CENTER_C"]
     low, value, high = (test["macro_auc"][k] for k in ("ci_low", "value", "ci_high"))
     assert low <= value <= high
@@ -111,6 +114,41 @@ def test_eval_fits_calibration_on_val_and_applies_it_to_the_test_split(trained, 
     summary_txt = (workdir / "eval" / "summary.txt").read_text()
     assert "fitted on the validation split" in summary_txt
 
+def test_eval_writes_the_hand_made_baseline_of_the_same_training_patients(trained, tmp_path):
+    import ml_collections
+
+    from her2jax.cli import summary
+    from her2jax.data import pipeline
+
+    from .test_baseline import by_hand_macro_auc
+
+    workdir = tmp_path / "run"
+    shutil.copytree(trained[0], workdir)
+    shutil.rmtree(workdir / "eval", ignore_errors=True)
+    model = loop.evaluate(workdir, splits=["test_CENTER_C"], n_boot=50)
+    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text())["config"])
+    dataset = pipeline.open_dataset(config.data.data_dir, config.data)
+    splits = pipeline.select_splits(dataset, config.data)
+    record = json.loads((workdir / "eval" / "baseline.json").read_text())
+    assert record["fitted_on"] == "train" and record["n_train"] == len(splits["train"])
+    assert set(record["splits"]) == {"val", "test_CENTER_C"}
+    lines = summary.held_out_lines(workdir)
+    for name in ("val", "test_CENTER_C"):
+        written = files.read_metrics(workdir / "eval" / name / "baseline_metrics.json")
+        assert set(written) == set(files.read_metrics(workdir / "eval" / name / "metrics.json")) - {
+            "step", "checkpoint"}                       # metrics.json's format
+        assert written["n"] == model[name]["n"]
+        assert written["bootstrap"]["n_boot"] == 50
+        assert written["macro_auc"]["value"] == pytest.approx(by_hand_macro_auc(
+            dataset.path, splits["train"], splits[name],
+            balanced=config.train.class_weighting == "balanced"), abs=1e-9)
+        assert record["splits"][name]["macro_auc"] == written["macro_auc"]
+    test, base = model["test_CENTER_C"]["macro_auc"], record["splits"]["test_CENTER_C"]["macro_auc"]
+    assert lines == [f"held-out CENTER_C: model macro AUC {test['value']:.2f} ({test['ci_low']:.2f}"
+                     f"-{test['ci_high']:.2f}) | hand-made baseline {base['value']:.2f} "
+                     f"({base['ci_low']:.2f}-{base['ci_high']:.2f})"]
+
+
 def test_features_mode_writes_embeddings(trained):
     workdir, _ = trained
     paths = loop.extract_features(workdir, splits=["CENTER_A"])
@@ -142,7 +180,7 @@ def test_bad_training_settings_fail_before_the_workdir_is_touched(data_dir, tmp_
 
 # ---------------------------------------------------------------- real processes
 
-RESUME_ARGS = ["--config=configs/demo_cpu.py", "--config.data.recipe.shape=(24,24,24)",
+RESUME_ARGS = ["--config=configs/tiny_cpu.py", "--config.data.recipe.shape=(24,24,24)",
                "--config.train.steps=160", "--config.train.save_every=40",
                "--config.train.eval_every=80", "--config.train.batch_size=8",
                "--config.train.warmup_steps=10", "--config.train.eval_batch_size=8",
@@ -255,6 +293,40 @@ def test_early_stopping_and_gradient_accumulation(data_dir, tmp_path):
     assert accumulated.steps == 6   # 3 optimizer updates of 2 batches each
 
 
+def test_checkpoint_selection_follows_select_by(data_dir, tmp_path):
+    last = loop.train(small_config(data_dir, steps=4, eval_every=2, save_every=4,
+                                   select_by="last"), tmp_path / "last", progress=False)
+    assert last.best_step == 4 and last.best_metric == 4 and last.select_by == "last"
+    auc = loop.train(small_config(data_dir, steps=4, eval_every=2, save_every=4,
+                                  select_by="val_macro_auc"), tmp_path / "auc", progress=False)
+    val = {r["step"]: r["macro_auc"] for r in logger.read_metrics(tmp_path / "auc")
+           if r["split"] == "val"}
+    assert auc.best_metric == pytest.approx(max(val.values()), abs=1e-9)
+    assert val[auc.best_step] == pytest.approx(auc.best_metric, abs=1e-9)
+    with pytest.raises(Her2jaxError, match="train.select_by"):
+        loop.train(small_config(data_dir, select_by="val_auc"), tmp_path / "bad", progress=False)
+    config = small_config(data_dir)
+    config.train.augment.channel_scale = 1.5
+    with pytest.raises(Her2jaxError, match="train.augment.channel_scale"):
+        loop.train(config, tmp_path / "bad", progress=False)
+    config = small_config(data_dir)
+    config.data.recipe.shape = (24, 24, 16)
+    config.train.augment.permute_axes = True
+    with pytest.raises(Her2jaxError, match="cubic crop"):
+        loop.train(config, tmp_path / "bad", progress=False)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_balanced_log_loss_weighs_every_class_alike():
+    from her2jax.evaluate import metrics
+
+    labels = np.array([0, 0, 0, 1])
+    probs = np.array([[0.5, 0.5], [0.5, 0.5], [0.5, 0.5], [0.1, 0.9]])
+    expected = (np.log(2) + -np.log(0.9)) / 2   # class 0's mean, class 1's mean, averaged
+    assert metrics.balanced_log_loss(labels, probs) == pytest.approx(expected, abs=1e-12)
+    assert np.isnan(metrics.balanced_log_loss(np.zeros(0, int), np.zeros((0, 2))))
+
+
 def test_profiler_traces_the_requested_steps(data_dir, tmp_path):
     loop.train(small_config(data_dir, steps=4, eval_every=4, save_every=4,
                             profile_steps=(1, 2)), tmp_path / "run", progress=False)
@@ -268,7 +340,7 @@ def test_profiler_traces_the_requested_steps(data_dir, tmp_path):
 ])
 def test_bad_engine_flags_are_one_line_errors(args, named, tmp_path):
     result = subprocess.run([sys.executable, "-m", "her2jax.main", f"--workdir={tmp_path / 'w'}",
-                             "--config=configs/demo_cpu.py", *args], cwd=REPO,
+                             "--config=configs/tiny_cpu.py", *args], cwd=REPO,
                             capture_output=True, text=True, timeout=300)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and named in lines[0], result.stderr

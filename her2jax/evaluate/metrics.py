@@ -467,6 +467,28 @@ def summarize(labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str],
     }
 
 
+def balanced_log_loss(labels: np.ndarray, probs: np.ndarray) -> float:
+    """Class-balanced cross-entropy: the mean over the classes present of the mean
+    ``-log p(true class)`` of their cases (probabilities floored at 1e-7).
+
+    Every class counts equally, as in training with 'balanced' class weights, and every case
+    counts, which makes it a steadier selection criterion than an AUC on a small split.
+
+    Args:
+      labels: [N] int class indices.
+      probs: [N, K] probabilities.
+
+    Returns:
+      The loss (NaN for an empty split).
+    """
+    labels = np.asarray(labels, np.int64)
+    probs = np.asarray(probs, np.float64)
+    if not len(labels):
+        return float("nan")
+    nll = -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1.0))
+    return float(np.mean([nll[labels == c].mean() for c in np.unique(labels)]))
+
+
 def format_auc(entry: dict, *, digits: int = 3, confidence: float = 0.95) -> str:
     """``{"value", "ci_low", "ci_high"}`` as the study prints it: ``0.833 (95% CI 0.818–0.847)``.
 

@@ -28,11 +28,16 @@ def train_config() -> ml_collections.ConfigDict:
         grad_clip=1.0,
         label_smoothing=0.0,
         class_weighting="balanced",  # 'balanced' (n / (K n_c)) or 'none'
-        augment=dict(flips=True, scale=0.1, shift=0.1, noise=0.05),
-        eval_every=100,             # validation macro AUC -> best checkpoint
+        augment=dict(flips=True, permute_axes=False, scale=0.1, channel_scale=0.0, shift=0.1,
+                     noise=0.05),
+        eval_every=100,             # validation (loss, macro AUC) every this many steps
+        # Which evaluated step checkpoints/best keeps: 'val_loss' (lowest class-balanced
+        # validation cross-entropy: every case counts, so it is far less noisy than an AUC on
+        # a small split), 'val_macro_auc' (highest) or 'last' (the final step).
+        select_by="val_loss",
         save_every=100,             # latest checkpoint interval (and on SIGTERM)
         keep_latest=2,
-        early_stop_patience=0,      # evaluations without improvement before stopping (0: off)
+        early_stop_patience=0,      # evaluations without improvement of select_by (0: off)
         log_every=10,
         eval_batch_size=64,
         seed=0,

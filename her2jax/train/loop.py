@@ -36,7 +36,7 @@ from her2jax.data import pipeline
 from her2jax.errors import Her2jaxError
 from her2jax.evaluate import calibration, decision, files, metrics, tables
 from her2jax.models import factory
-from her2jax.train import checkpoint, optim
+from her2jax.train import baseline, checkpoint, optim
 from her2jax.train import logger as logger_lib
 from her2jax.train import state as state_lib
 from her2jax.train import step as step_lib
@@ -49,15 +49,39 @@ class TrainResult:
 
     Attributes:
       steps: global batches consumed (the final state's step).
-      best_metric: best validation macro AUC (None if never evaluated).
-      best_step: its step.
+      best_metric: the kept step's value of ``select_by`` (validation loss, macro AUC, or
+        the step for 'last'; None if never evaluated).
+      best_step: the step checkpoints/best keeps.
       stopped: 'done', 'early_stop' or 'preempted'.
+      select_by: ``train.select_by``, what chose ``best_step``.
     """
 
     steps: int
     best_metric: float | None
     best_step: int | None
     stopped: str
+    select_by: str = "val_loss"
+
+
+SELECT_BY = ("val_loss", "val_macro_auc", "last")
+
+
+def selection_score(select_by: str, step: int, summary: dict) -> float:
+    """The score ``checkpoints/best`` maximises: minus the validation loss, the validation
+    macro AUC (NaN when undefined: never best), or the step (so the last step wins)."""
+    if select_by == "val_loss":
+        return -summary["loss"]
+    if select_by == "val_macro_auc":
+        value = summary["macro_auc"]["value"]
+        return float("nan") if value is None else value
+    return float(step)
+
+
+def _selected_value(select_by: str, score: float | None) -> float | None:
+    """``selection_score`` back in the metric's own terms (a loss is positive)."""
+    if score is None:
+        return None
+    return -score if select_by == "val_loss" else score
 
 
 def make_mesh() -> jax.sharding.Mesh:
@@ -138,6 +162,17 @@ def train(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
     replicated = NamedSharding(mesh, P())
     _check_batch(tc.batch_size, "train.batch_size")
     _check_batch(tc.eval_batch_size, "train.eval_batch_size")
+    select_by = tc.get("select_by", "val_macro_auc")   # workdirs older than the key
+    if select_by not in SELECT_BY:
+        raise Her2jaxError(f"unknown checkpoint selection {select_by!r} (expected "
+                           f"{', '.join(SELECT_BY)})", key="train.select_by")
+    shape = tuple(config.data.recipe.shape)
+    if tc.augment.get("permute_axes", False) and len(set(shape)) != 1:
+        raise Her2jaxError(f"permuting the axes needs a cubic crop, the recipe's is {shape}",
+                           key="train.augment.permute_axes")
+    if not 0 <= tc.augment.get("channel_scale", 0.0) < 1:
+        raise Her2jaxError(f"must be in [0, 1), got {tc.augment.channel_scale}",
+                           key="train.augment.channel_scale")
 
     # 2. Data: the split is chosen now, from the config.
     dataset = pipeline.open_dataset(config.data.data_dir, config.data)
@@ -232,10 +267,11 @@ def train(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
                 macro, micro, accuracy = (float("nan") if v is None else v for v in (
                     summary["macro_auc"]["value"], summary["micro_auc"]["value"],
                     summary["accuracy"]))
-                log.write(done, "val", {"macro_auc": macro, "micro_auc": micro,
-                                        "accuracy": accuracy})
+                log.write(done, "val", {"loss": summary["loss"], "macro_auc": macro,
+                                        "micro_auc": micro, "accuracy": accuracy})
                 previous = checkpoints.best_metric()
-                if checkpoints.save_best(done, state, config=run_config, metric=macro):
+                if checkpoints.save_best(done, state, config=run_config,
+                                         metric=selection_score(select_by, done, summary)):
                     since_best = 0
                 elif previous is not None:
                     since_best += 1
@@ -249,8 +285,9 @@ def train(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
             if stopped != "done":
                 break
         checkpoints.wait_until_finished()
-        return TrainResult(int(jax.device_get(state.step)), checkpoints.best_metric(),
-                           checkpoints.best_step(), stopped)
+        return TrainResult(int(jax.device_get(state.step)),
+                           _selected_value(select_by, checkpoints.best_metric()),
+                           checkpoints.best_step(), stopped, select_by)
 
 
 def _cannot_write(workdir: Path, what: str, error: OSError) -> Her2jaxError:
@@ -316,9 +353,12 @@ def predict_split(predict, state, dataset: pipeline.Dataset, split: pipeline.Spl
 
 
 def evaluate_split(predict, state, dataset, split, mesh, batch_size, *, n_boot: int) -> dict:
-    """metrics.summarize of the state's predictions on a labelled split."""
+    """metrics.summarize of the state's predictions on a labelled split, plus ``loss``: its
+    class-balanced cross-entropy (``metrics.balanced_log_loss``)."""
     probs, _ = predict_split(predict, state, dataset, split, mesh, batch_size)
-    return metrics.summarize(split.labels, probs, split.class_names, n_boot=n_boot)
+    summary = metrics.summarize(split.labels, probs, split.class_names, n_boot=n_boot)
+    summary["loss"] = metrics.balanced_log_loss(split.labels, probs)
+    return summary
 
 
 # ---------------------------------------------------------------- trained-workdir modes
@@ -413,7 +453,9 @@ def eval_splits(dataset: pipeline.Dataset, data_config, names=()) -> dict[str, p
 def write_eval(workdir: Path, dataset: pipeline.Dataset, config,
                outputs: dict[str, tuple], *, n_boot: int) -> None:
     """The eval files (process 0): ``eval/<split>/{predictions.csv,metrics.json}`` for each
-    (split, probs [N, K], summary) of ``outputs``, the validation-fitted calibration
+    (split, probs [N, K], summary) of ``outputs``, the hand-made kinetic baseline on the same
+    splits (``eval/baseline.json``, ``eval/<split>/baseline_metrics.json``; see
+    :mod:`her2jax.train.baseline`), the validation-fitted calibration
     (``eval/calibration.json``, ``eval/<split>/{predictions_calibrated.csv,reliability.png}``),
     then ``eval/summary.txt`` and the pooled per-centre / subgroup tables of the test splits."""
     if jax.process_index() != 0:
@@ -423,6 +465,9 @@ def write_eval(workdir: Path, dataset: pipeline.Dataset, config,
     for name, (split, probs, summary) in outputs.items():
         _write_predictions(eval_dir / name / "predictions.csv", dataset, split, probs, clinical)
         files.write_metrics(eval_dir / name / "metrics.json", summary)
+    scored = baseline.fit_and_score(dataset, config, {n: o[0] for n, o in outputs.items()},
+                                    n_boot=n_boot)
+    baseline.write(eval_dir, scored, outputs)
     fitted = _write_calibration(eval_dir, dataset, outputs, clinical)
     frames = {name: files.read_predictions(eval_dir / name / "predictions.csv")
               for name in outputs}
