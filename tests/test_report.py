@@ -140,6 +140,57 @@ def test_confusion_annotations_are_the_counts(tmp_path):
 # ---------------------------------------------------------------- the report
 
 
+def _write_log(path: Path, lines) -> Path:
+    path.write_text("".join(line if isinstance(line, str) else json.dumps(line) + "\n"
+                            for line in lines))
+    return path
+
+
+def test_read_curves_of_a_hand_written_log(tmp_path):
+    log = _write_log(tmp_path / "metrics.jsonl", [
+        {"step": 20, "split": "train", "loss": None, "accuracy": 0.5, "note": "x"},
+        {"step": 10, "split": "train", "loss": 1.3, "accuracy": 0.4, "note": "y"},
+        '{"step": 30, "split": "train", "loss": NaN, "accuracy": 0.6}\n',
+        {"step": 20, "split": "val", "macro_auc": 0.61, "accuracy": 0.5},   # no val loss
+        {"step": 30, "split": "train", "loss": 0.9, "accuracy": 0.7},       # step 30 again
+        {"step": 30, "split": "val", "macro_auc": None, "loss": 1.05, "accuracy": 0.4},
+        '{"step": 40, "split": "tra',                                     # cut by a kill
+    ])
+    curves = report.read_curves(log)
+    assert sorted(curves) == ["train", "val"]
+    train, val = curves["train"], curves["val"]
+    assert "note" not in train
+    np.testing.assert_array_equal(train["step"], [10, 20, 30])
+    np.testing.assert_array_equal(train["loss"], [1.3, np.nan, 0.9])   # the last step-30 record
+    np.testing.assert_array_equal(train["accuracy"], [0.4, 0.5, 0.7])
+    np.testing.assert_array_equal(val["step"], [20, 30])
+    np.testing.assert_array_equal(val["macro_auc"], [0.61, np.nan])
+    np.testing.assert_array_equal(val["loss"], [np.nan, 1.05])
+
+    drawn = figures.plot_training_curves(tmp_path / "curves.png", curves, num_classes=3,
+                                         checkpoint_steps=[30])
+    assert drawn["loss"] == ["training loss", "validation loss", "chance: ln 3 = 1.099",
+                             "evaluated checkpoint (step 30)"]
+    assert drawn["auc"] == ["validation macro AUC", "chance (0.5)",
+                            "evaluated checkpoint (step 30)"]
+    image = _png(tmp_path / "curves.png")
+    assert image.width > image.height > 400      # two panels side by side
+
+    # Without a validation loss, and with every validation AUC undefined (a class missing).
+    log = _write_log(tmp_path / "other.jsonl", [
+        {"step": 5, "split": "train", "loss": 1.0}, {"step": 5, "split": "val", "macro_auc": None},
+        {"step": 10, "split": "train", "loss": 0.8}, {"step": 10, "split": "val", "macro_auc": None}])
+    curves = report.read_curves(log)
+    assert "loss" not in curves["val"]
+    drawn = figures.plot_training_curves(tmp_path / "other.png", curves, num_classes=2)
+    assert drawn["loss"] == ["training loss", "chance: ln 2 = 0.693"]
+    assert drawn["auc"][0] == "validation macro AUC: undefined at every evaluation"
+    _png(tmp_path / "other.png")
+
+    assert report.read_curves(tmp_path / "missing.jsonl") == {}
+    assert report.read_curves(_write_log(tmp_path / "empty.jsonl", [])) == {}
+
+
 def _rewrite_clinical(path: Path, column: str, value: str, rows: int) -> None:
     """Sets ``column`` of the first ``rows`` rows of a predictions.csv (other cells untouched)."""
     with open(path, newline="", encoding="utf-8") as f:
@@ -207,7 +258,9 @@ def _expected_images(workdir: Path) -> int:
     splits = [p.parent.name for p in (workdir / "eval").glob("*/metrics.json")]
     calibrated = json.loads((workdir / "eval" / "calibration.json").read_text())["splits"]
     summary = json.loads((workdir / "analysis" / "summary.json").read_text())
-    return (3 * len(splits) + sum(1 for e in calibrated.values() if e.get("reliability_png"))
+    curves = (workdir / "metrics.jsonl").stat().st_size > 0   # the training curves
+    return (3 * len(splits) + curves
+            + sum(1 for e in calibrated.values() if e.get("reliability_png"))
             + len(summary["embeddings"]["files"]) + len(summary["shap"]["files"])
             + len(summary["image_shap"]["cases"]))
 
@@ -271,7 +324,7 @@ def test_report_is_self_contained(reported):
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:|//)""", page, re.I)
     assert not re.search(r"<script|<link|<iframe|@import|url\(", page, re.I)
     sources = IMG_SRC.findall(page)
-    assert len(sources) == page.count("<img ") == _expected_images(workdir) >= 3 * 2 + 2 + 8 + 2
+    assert len(sources) == page.count("<img ") == _expected_images(workdir) >= 3 * 2 + 1 + 2 + 8 + 2
     for src in sources:
         assert src.startswith("data:image/png;base64,"), src[:60]
         data = base64.b64decode(src.split(",", 1)[1], validate=True)
@@ -316,6 +369,7 @@ def test_a_bare_workdir_parts_not_run_cohort_without_dataset(reported, tmp_path)
     for ident in ("calibration", "embeddings", "shap-features", "shap-image"):
         assert "<strong>not run</strong>" in _section(page, ident), ident
     assert page.count("<img ") == 6           # ROC, pairwise ROC, confusion of two splits
+    assert "No training curves: no metrics.jsonl." in _section(page, "training")
     cohort = _section(page, "cohort")
     assert "not reachable" in cohort
     frame = files.read_predictions(bare / "eval" / "test_CENTER_C" / "predictions.csv")
@@ -335,6 +389,129 @@ def test_cohort_from_the_dataset_counts_every_split(reported):
                           cohort)
     last = [int(n) for n in re.findall(r">(\d+)<", val_rows[-1])]
     assert last == [*total, sum(total)]     # one centre: its row; several: the total row last
+
+
+def test_report_shows_the_hand_made_baseline_beside_the_model(reported, tmp_path):
+    workdir, page, _ = reported
+    label = ("hand-made kinetic baseline (5 features + logistic regression, same training "
+             "patients)")
+    for name in ("val", "test_CENTER_C"):
+        written = files.read_metrics(workdir / "eval" / name / "baseline_metrics.json")
+        part = page[page.index(f'id="split-{name}"'):]
+        part = part[:part.index("</section>")]
+        model_line = part.index('<p class="headline">')
+        line = part.index(html.escape(
+            f"{label}: macro-average AUC {metrics.format_auc(written['macro_auc'])} "
+            f"(n = {written['n']})"))
+        assert model_line < line < part.index("<table"), "right under the model's headline"
+    # Without the file (an older dataset), nothing is shown.
+    bare = tmp_path / "run"
+    (bare / "eval" / "val").mkdir(parents=True)
+    assert report._baseline_line(bare, "val", 10) == ""
+
+
+def test_report_shows_the_training_curves_and_the_checkpoint_selection(reported, tmp_path):
+    workdir, page, _ = reported
+    training = _section(page, "training")
+    caption = "Training curves (metrics.jsonl): loss by step"
+    (src,) = re.findall(r'<figure class="wide"><img src="([^"]*)" alt="' + re.escape(caption),
+                          training)
+    assert f"<figcaption>{caption}" in training
+    data = base64.b64decode(src.split(",", 1)[1], validate=True)
+    assert data == (workdir / "report_files" / report.CURVES_FILE).read_bytes()
+    image = _png(io.BytesIO(data))
+    assert image.width > 600 and image.height > 250 and len(data) > 20_000
+
+    evaluated = {n: files.read_metrics(workdir / "eval" / n / "metrics.json")
+                 for n in ("val", "test_CENTER_C")}
+    (step,) = {m["step"] for m in evaluated.values()}
+    assert step in (6, 12)
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in records if r["split"] == "val"]
+    assert [r["step"] for r in val] == [6, 12]
+    train = json.loads((workdir / "config.json").read_text())["config"]["train"]
+    criterion = {"val_loss": "lowest validation loss (class-balanced cross-entropy)",
+                 "val_macro_auc": "highest validation macro AUC",
+                 None: "highest validation macro AUC"}[train.get("select_by")]
+    expected = (f"Evaluated checkpoint: step {step} of 12, chosen by {criterion} over 2 "
+                f"evaluations (every 6 steps) on {evaluated['val']['n']} validation cases.")
+    assert f'<p class="statement">{html.escape(expected)}' in training
+
+    # The figure marks that step, and shows the validation loss when the log has it.
+    drawn = figures.plot_training_curves(tmp_path / "c.png", report.read_curves(
+        workdir / "metrics.jsonl"), num_classes=3, checkpoint_steps=[step])
+    assert f"evaluated checkpoint (step {step})" in drawn["loss"]
+    assert ("validation loss" in drawn["loss"]) == all("loss" in r for r in val)
+
+
+def _selection_copy(workdir: Path, dest: Path, *, train: dict, checkpoint: str | None = None,
+                    step: int | None = None, log: bool = True) -> Path:
+    """config.json (train section updated; a None value removes the key), metrics.jsonl and
+    the two splits' metrics.json of ``workdir`` (their checkpoint / step replaced)."""
+    dest.mkdir()
+    record = json.loads((workdir / "config.json").read_text())
+    for key, value in train.items():
+        record["config"]["train"].pop(key, None)
+        if value is not None:
+            record["config"]["train"][key] = value
+    (dest / "config.json").write_text(json.dumps(record))
+    if log:
+        shutil.copy(workdir / "metrics.jsonl", dest)
+    for split in ("val", "test_CENTER_C"):
+        summary = files.read_metrics(workdir / "eval" / split / "metrics.json")
+        summary.update({k: v for k, v in (("checkpoint", checkpoint), ("step", step))
+                        if v is not None})
+        files.write_metrics(dest / "eval" / split / "metrics.json", summary)
+    return dest
+
+
+@pytest.mark.parametrize("select_by, checkpoint, expected", [
+    ("val_loss", None, "step 6 of 12, chosen by lowest validation loss (class-balanced "
+                       "cross-entropy) over 2 evaluations (every 6 steps) on {n} validation "
+                       "cases."),
+    ("val_macro_auc", None, "step 6 of 12, chosen by highest validation macro AUC over 2 "
+                            "evaluations (every 6 steps) on {n} validation cases."),
+    ("last", None, "step 6 of 12, the final step of training (train.select_by='last'): no "
+                   "selection, the {n} validation cases were not used to choose it."),
+    (None, None, "step 6 of 12, chosen by highest validation macro AUC over 2 evaluations "
+                 "(every 6 steps) on {n} validation cases. This run's config.json predates "
+                 "train.select_by: such runs kept the highest validation macro AUC."),
+    ("val_loss", "latest", "step 6 of 12, the latest checkpoint (eval --checkpoint=latest), "
+                           "not checkpoints/best (chosen by lowest validation loss "
+                           "(class-balanced cross-entropy) on the {n} validation cases)."),
+])
+def test_selection_statement_per_select_by(reported, tmp_path, select_by, checkpoint, expected):
+    workdir, _, _ = reported
+    copy = _selection_copy(workdir, tmp_path / "run", train={"select_by": select_by},
+                           checkpoint=checkpoint, step=6)
+    training = _section(report.write_report(copy).read_text(), "training")
+    n = files.read_metrics(workdir / "eval" / "val" / "metrics.json")["n"]
+    assert n > 0
+    sentence = "Evaluated checkpoint: " + expected.format(n=n)
+    assert f'<p class="statement">{html.escape(sentence)}</p>' in training
+    assert training.count("<img ") == 1                  # the curves, from the copied log
+
+
+def test_selection_statement_of_pca_lr_and_without_a_log(reported, tmp_path):
+    workdir, _, _ = reported
+    n = files.read_metrics(workdir / "eval" / "val" / "metrics.json")["n"]
+    copy = _selection_copy(workdir, tmp_path / "pca", train={"protocol": "pca_lr"},
+                           checkpoint="pca_lr.npz", step=0, log=False)
+    training = _section(report.write_report(copy).read_text(), "training")
+    assert html.escape(
+        "No checkpoint selection: the pca_lr protocol fits its classifier once on the training "
+        "split (frozen encoder features, PCA, logistic regression), with no training steps; "
+        f"the {n} validation cases play no part in choosing it.") in training
+    assert "No training curves: the pca_lr protocol takes no training step." in training
+    assert "<img " not in training and not (copy / "report_files" / report.CURVES_FILE).exists()
+
+    # A gradient run whose metrics.jsonl is empty: the sentence, no figure, no crash.
+    copy = _selection_copy(workdir, tmp_path / "empty", train={"select_by": "val_loss"})
+    (copy / "metrics.jsonl").write_text("")
+    training = _section(report.write_report(copy).read_text(), "training")
+    assert "No training curves: metrics.jsonl holds no record." in training
+    assert "the evaluations (every 6 steps) (no validation record in metrics.jsonl" in training
+    assert "<img " not in training
 
 
 def test_write_report_refuses_a_non_workdir_and_an_unevaluated_one(reported, tmp_path):

@@ -1,5 +1,5 @@
-"""The report's evaluation figures: ROC curves (one-vs-rest, micro, macro, pairwise) and the
-confusion matrix, as PNG files.
+"""The report's figures: ROC curves (one-vs-rest, micro, macro, pairwise), the confusion
+matrix and the training curves, as PNG files.
 
 Every curve follows :mod:`her2jax.evaluate.metrics`, so a legend's AUC is the number in
 metrics.json:
@@ -283,3 +283,83 @@ def plot_confusion(path, confusion, class_names: Sequence[str]) -> dict:
     files.write_figure(path, fig)
     return {"counts": counts.tolist(), "percent": percent, "annotations": annotations}
 
+
+
+def _finite_any(values) -> bool:
+    return values is not None and bool(np.any(np.isfinite(values)))
+
+
+def plot_training_curves(path, curves: dict[str, dict[str, np.ndarray]], *, num_classes: int,
+                         checkpoint_steps: Sequence[int] = ()) -> dict:
+    """Writes a PNG of a run's training curves: loss by step (training, and validation when
+    logged) beside the validation macro AUC by step, with chance levels and the evaluated
+    checkpoint.
+
+    Missing values (NaN) break a curve rather than being bridged; every point has a marker,
+    so a value between two missing ones still shows.
+
+    Args:
+      path: the PNG to write (its folder is created).
+      curves: ``{split: {"step": [R] int, name: [R] float}}`` (``report.read_curves``): the
+        ``train`` split's ``loss``, the ``val`` split's ``macro_auc`` and, when logged, its
+        ``loss``; NaN where a record has no finite value.
+      num_classes: K, for the chance loss ln K (the cross-entropy of a uniform prediction,
+        weighted or not).
+      checkpoint_steps: the evaluated checkpoint's step(s), each drawn as a vertical line.
+
+    Returns:
+      ``{"loss": [legend text, ...], "auc": [legend text, ...]}``: the legends of the two
+      panels as drawn (a note for a curve with no finite value).
+    """
+    def series(split: str, name: str):
+        part = curves.get(split) or {}
+        if name not in part:
+            return None, None
+        return (np.asarray(part["step"], dtype=np.int64),
+                np.asarray(part[name], dtype=np.float64))
+
+    fig = _figure((10.0, 4.4))
+    loss_ax, auc_ax = fig.subplots(1, 2, sharex=True)
+    colors = _palette(3)
+    legends: dict[str, list[str]] = {"loss": [], "auc": []}
+
+    for (split, label, marker), color in zip(
+            [("train", "training loss", "o"), ("val", "validation loss", "s")], colors,
+            strict=False):
+        steps, values = series(split, "loss")
+        if _finite_any(values):
+            loss_ax.plot(steps, values, color=color, marker=marker, markersize=3,
+                         linewidth=1.3, label=label)
+            legends["loss"].append(label)
+        elif split == "train" or values is not None:
+            legends["loss"].append(_absent(loss_ax, f"{label}: no finite value logged"))
+    chance = float(np.log(num_classes))
+    legends["loss"].append(f"chance: ln {num_classes} = {chance:.3f}")
+    loss_ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label=legends["loss"][-1])
+    loss_ax.set_ylabel("cross-entropy")
+    loss_ax.set_title("Loss by step", fontsize=10)
+
+    steps, values = series("val", "macro_auc")
+    if _finite_any(values):
+        auc_ax.plot(steps, values, color=colors[2], marker="o", markersize=4, linewidth=1.3,
+                    label="validation macro AUC")
+        legends["auc"].append("validation macro AUC")
+    else:
+        why = "no validation record" if values is None else "undefined at every evaluation"
+        legends["auc"].append(_absent(auc_ax, f"validation macro AUC: {why}"))
+    legends["auc"].append("chance (0.5)")
+    auc_ax.axhline(0.5, color="grey", linestyle="--", linewidth=1, label=legends["auc"][-1])
+    auc_ax.set_ylim(0, 1.02)
+    auc_ax.set_ylabel("macro AUC")
+    auc_ax.set_title("Validation macro AUC by step", fontsize=10)
+
+    for ax, legend in ((loss_ax, legends["loss"]), (auc_ax, legends["auc"])):
+        for step in sorted(set(checkpoint_steps)):
+            legend.append(f"evaluated checkpoint (step {step})")
+            ax.axvline(step, color="tab:red", linestyle="-.", linewidth=1.2, label=legend[-1])
+        ax.set_xlabel("step")
+        ax.set_xlim(left=0)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=8, frameon=False)
+    files.write_figure(path, fig, bbox_inches="tight")
+    return legends

@@ -3,11 +3,15 @@
 ``write_report(workdir)`` reads what train, eval and analyze wrote and renders it:
 
 1. run summary (model, evaluated checkpoint and step, dates, training log);
+1b. training: how the evaluated checkpoint was chosen (``train.select_by``, the validation
+   cases, the step) and the training curves of ``metrics.jsonl`` (:func:`read_curves`);
 2. cohort: patients per split, centre and class (from the prepared dataset; from the evaluated
    splits' predictions.csv when the dataset is not reachable);
-3. results per evaluated split: the study's headline AUCs with 95% CIs, per-class and pairwise
-   AUCs, accuracy / balanced accuracy / macro F1 / QWK / Brier / ECE, ROC curves and the
-   confusion matrix (figures drawn by :mod:`figures` into ``WORKDIR/report_files/``);
+3. results per evaluated split: the study's headline AUCs with 95% CIs (beside them the
+   hand-made kinetic baseline's macro AUC, when eval wrote ``baseline_metrics.json``),
+   per-class and pairwise AUCs, accuracy / balanced accuracy / macro F1 / QWK / Brier / ECE,
+   ROC curves and the confusion matrix (figures drawn by :mod:`figures` into
+   ``WORKDIR/report_files/``);
 4. calibration (``eval/calibration.json``), per-centre and subgroup tables;
 5. embeddings, feature-space SHAP and image-space SHAP (``analysis/summary.json``);
 6. the config and software versions.
@@ -245,6 +249,164 @@ def _summary_section(workdir: Path, record: dict, evaluated: dict[str, dict]) ->
     return _table(None, rows)
 
 
+# ---------------------------------------------------------------- training curves, selection
+
+CURVES_FILE = "training_curves.png"
+# train.select_by -> how the sentence names the criterion of checkpoints/best.
+SELECTION_CRITERIA = {
+    "val_loss": "lowest validation loss (class-balanced cross-entropy)",
+    "val_macro_auc": "highest validation macro AUC",
+}
+# What chose checkpoints/best in runs whose config.json predates train.select_by.
+LEGACY_SELECT_BY = "val_macro_auc"
+PCA_LR = "pca_lr"
+
+
+def _float_or_nan(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return math.nan
+    return float(value) if math.isfinite(value) else math.nan
+
+
+def read_curves(path) -> dict[str, dict[str, np.ndarray]]:
+    """A run's curves from its ``metrics.jsonl``: ``{split: {"step": [R] int64, name: [R]
+    float64}}``, one row per logged step, in step order.
+
+    Every value that is a number (or null) in all of a split's records becomes a column, NaN
+    where a record lacks it or holds no finite value (the logger writes NaN / Inf as null),
+    so a key only some records carry (a validation ``loss`` added to a run halfway) still
+    lines up with the steps. A step logged twice keeps its last record (the logger drops a
+    resumed run's records after its checkpoint, so this happens only in logs written before
+    that rule). Lines that are not a whole JSON record (cut by a kill) are skipped.
+
+    Args:
+      path: the metrics.jsonl file.
+
+    Returns:
+      The curves; ``{}`` when the file is missing or holds no record.
+    """
+    path = Path(path)
+    if not path.exists():
+        return {}
+    by_split: dict[str, dict[int, dict]] = {}
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(record, dict):
+            continue
+        step, split = record.get("step"), record.get("split")
+        if isinstance(step, int) and not isinstance(step, bool) and isinstance(split, str):
+            by_split.setdefault(split, {})[step] = record
+    curves = {}
+    for split, records in by_split.items():
+        steps = sorted(records)
+        names = dict.fromkeys(k for s in steps for k in records[s] if k not in ("step", "split"))
+        columns = {"step": np.asarray(steps, dtype=np.int64)}
+        for name in names:
+            values = [records[s].get(name) for s in steps]
+            if all(v is None or (isinstance(v, int | float) and not isinstance(v, bool))
+                   for v in values):
+                columns[name] = np.asarray([_float_or_nan(v) for v in values], dtype=np.float64)
+        curves[split] = columns
+    return curves
+
+
+def _evaluated_steps(evaluated: dict[str, dict]) -> list[int]:
+    return sorted({m["step"] for m in evaluated.values()
+                   if isinstance(m.get("step"), int) and not isinstance(m.get("step"), bool)})
+
+
+def selection_statement(config: dict, evaluated: dict[str, dict],
+                        curves: dict[str, dict[str, np.ndarray]]) -> str:
+    """One sentence saying which checkpoint was evaluated and how it was chosen.
+
+    Args:
+      config: config.json's ``config`` (``train.select_by``, ``train.steps``,
+        ``train.eval_every``, ``train.protocol``).
+      evaluated: ``{split: metrics.json}`` (their ``step`` and ``checkpoint``; val's ``n``).
+      curves: :func:`read_curves` of the run (counts the validations and the logged steps).
+
+    Returns:
+      E.g. "Evaluated checkpoint: step 300 of 300, chosen by lowest validation loss
+      (class-balanced cross-entropy) over 6 evaluations (every 50 steps) on 57 validation
+      cases."
+    """
+    train = config.get("train") or {}
+    n_val = (evaluated.get("val") or {}).get("n")
+    cases = (f"{n_val} validation cases" if n_val is not None
+             else "the validation cases (val not evaluated: their number is unknown)")
+    if train.get("protocol") == PCA_LR:
+        return ("No checkpoint selection: the pca_lr protocol fits its classifier once on the "
+                "training split (frozen encoder features, PCA, logistic regression), with no "
+                f"training steps; the {cases} play no part in choosing it.")
+    steps = _evaluated_steps(evaluated)
+    step_text = "step " + (" and ".join(map(str, steps)) if steps else "unknown")
+    # The loop's steps count global batches: train.steps updates of grad_accum batches each.
+    total = (train["steps"] * (train.get("grad_accum") or 1)
+             if isinstance(train.get("steps"), int) else None)
+    logged = (curves.get("train") or {}).get("step")
+    if total is not None:
+        step_text += f" of {total}"
+        if logged is not None and len(logged) and logged[-1] < total:
+            step_text += f" (training logged up to step {logged[-1]})"
+    if len(steps) > 1:
+        step_text += " (the splits were evaluated from different checkpoints)"
+    select_by = train.get("select_by")
+    legacy = select_by is None
+    if legacy:
+        select_by = LEGACY_SELECT_BY
+    legacy_text = (" This run's config.json predates train.select_by: such runs kept the "
+                   "highest validation macro AUC." if legacy else "")
+    criterion = SELECTION_CRITERIA.get(select_by, f"train.select_by={select_by!r}")
+    if {m.get("checkpoint") for m in evaluated.values()} == {"latest"}:
+        best = ("the final step (train.select_by='last')" if select_by == "last"
+                else f"chosen by {criterion} on the {cases}")
+        return (f"Evaluated checkpoint: {step_text}, the latest checkpoint (eval "
+                f"--checkpoint=latest), not checkpoints/best ({best}).{legacy_text}")
+    if select_by == "last":
+        return (f"Evaluated checkpoint: {step_text}, the final step of training "
+                f"(train.select_by='last'): no selection, the {cases} were not used to "
+                "choose it.")
+    n_evals = len((curves.get("val") or {}).get("step", []))
+    every = train.get("eval_every")
+    every_text = f" (every {every} steps)" if every else ""
+    evaluations = (f"{n_evals} evaluation{'s' if n_evals != 1 else ''}{every_text}" if n_evals
+                   else f"the evaluations{every_text} (no validation record in metrics.jsonl "
+                        "to count them)")
+    return (f"Evaluated checkpoint: {step_text}, chosen by {criterion} over {evaluations} on "
+            f"{cases}.{legacy_text}")
+
+
+def _training_section(workdir: Path, record: dict, evaluated: dict[str, dict],
+                      images: _Images) -> str:
+    """The selection sentence and the training curves (none for pca_lr or without a log)."""
+    config = record.get("config") or {}
+    curves = read_curves(workdir / "metrics.jsonl")
+    parts = [f'<p class="statement">{esc(selection_statement(config, evaluated, curves))}</p>']
+    if not curves:
+        why = ("the pca_lr protocol takes no training step"
+               if (config.get("train") or {}).get("protocol") == PCA_LR
+               else "metrics.jsonl holds no record" if (workdir / "metrics.jsonl").exists()
+               else "no metrics.jsonl")
+        return "".join(parts) + _note(f"No training curves: {why}.")
+    from her2jax.labels import CLASS_NAMES
+
+    class_names = (next(iter(evaluated.values())).get("class_names")
+                   or CLASS_NAMES.get((config.get("data") or {}).get("scheme")) or ())
+    k = max(len(class_names), 2)
+    path = workdir / FIGURES_DIR / CURVES_FILE
+    figures.plot_training_curves(path, curves, num_classes=k,
+                                 checkpoint_steps=_evaluated_steps(evaluated))
+    caption = (f"Training curves (metrics.jsonl): loss by step, the training loss being that "
+               f"of the logged step's batch (dashed: ln {k}, the loss of a uniform prediction), "
+               "and validation macro AUC by step (dashed: 0.5); dash-dot: the evaluated "
+               "checkpoint.")
+    parts.append(images.figure(path, caption, wide=True))
+    return "".join(parts)
+
+
 def _cohort_from_dataset(config: dict, data_dir: str | None) -> tuple[list[tuple], str]:
     """(rows (split, centre, {class: n}), source text) from the prepared dataset."""
     import ml_collections
@@ -340,6 +502,27 @@ def _binary_table(binary: dict) -> str:
                     "calibration section has the thresholds fitted on val."))
 
 
+BASELINE_LABEL = ("hand-made kinetic baseline (5 features + logistic regression, same "
+                  "training patients)")
+BASELINE_FILE = "baseline_metrics.json"   # her2jax.train.baseline.METRICS_FILE
+
+
+def _baseline_line(workdir: Path, name: str, model_n) -> str:
+    """The hand-made kinetic baseline's macro AUC on a split, to read beside the model's
+    headline; empty when eval wrote no ``eval/<name>/baseline_metrics.json``."""
+    baseline, error = _optional_json(workdir / "eval" / name / BASELINE_FILE)
+    if error:
+        return _note(f"{BASELINE_LABEL}: {error}", "missing")
+    if baseline is None:
+        return ""
+    n = baseline.get("n", "?")
+    fewer = (f", {model_n - n} case(s) without defined features left out"
+             if isinstance(n, int) and isinstance(model_n, int) and n < model_n else "")
+    return ('<p class="baseline">'
+            + esc(f"{BASELINE_LABEL}: macro-average AUC {_auc(baseline.get('macro_auc'))} "
+                  f"(n = {n}{fewer})") + "</p>")
+
+
 def _split_section(workdir: Path, name: str, summary: dict, frame, images: _Images) -> str:
     class_names = summary.get("class_names") or []
     counts = summary.get("class_counts") or {}
@@ -347,6 +530,7 @@ def _split_section(workdir: Path, name: str, summary: dict, frame, images: _Imag
              '<p class="headline">'
              + esc(f"macro-average AUC {_auc(summary.get('macro_auc'))}, "
                    f"micro-average AUC {_auc(summary.get('micro_auc'))}") + "</p>",
+             _baseline_line(workdir, name, summary.get("n")),
              _note(f"n = {summary.get('n', '?')} labelled cases ("
                    + ", ".join(f"{k} {v}" for k, v in counts.items())
                    + f"); {summary.get('checkpoint', '?')} checkpoint, step "
@@ -587,6 +771,7 @@ h2 { border-bottom: 2px solid var(--line); padding-bottom: .25rem; margin-top: 2
 h3 { font-size: 1.1rem; margin: 1.4rem 0 .4rem; }
 section.split { border-left: 3px solid var(--line); padding-left: 1rem; margin: 1rem 0 2rem; }
 .headline { font-size: 1.05rem; font-weight: 600; margin: .2rem 0; }
+.baseline { margin: .1rem 0 .3rem; color: var(--muted); }
 .note { color: var(--muted); font-size: .88rem; margin: .3rem 0 .6rem; }
 .missing { color: #8a5a00; font-size: .88rem; }
 .notrun { color: var(--muted); font-style: italic; }
@@ -652,6 +837,8 @@ def write_report(workdir, *, data_dir: str | None = None, out=None) -> Path:
 
     sections = [
         ("summary", "Run summary", _summary_section(workdir, record, evaluated)),
+        ("training", "Training and checkpoint selection",
+         _training_section(workdir, record, evaluated, images)),
         ("cohort", "Cohort", _cohort_section(record, data_dir, frames, class_names)),
         ("results", "Results per split",
          "".join(_split_section(workdir, n, evaluated[n], frames.get(n), images)
