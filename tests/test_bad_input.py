@@ -276,7 +276,7 @@ def test_prepare_takes_an_outside_path_when_allowed(small_cohort, tmp_path):
     manifest_escaping_root(cohort, pid)
     result = _cli("her2jax.cli.prepare", f"--cohort={cohort / 'manifest.csv'}",
                   f"--data_dir={tmp_path / 'd'}", "--noprogress", "--workers=1", "--validate_only",
-                  "--config=configs/demo_cpu.py", "--config.data.allow_outside_root=True")
+                  "--config=configs/tiny_cpu.py", "--config.data.allow_outside_root=True")
     assert result.returncode == 0, result.stderr[-3000:]
     assert read_csv(tmp_path / "d" / "validation" / "rejected.csv") == []
 
@@ -290,7 +290,7 @@ def test_prepare_takes_an_outside_path_when_allowed(small_cohort, tmp_path):
 ], ids=["nonexistent key", "wrong type", "clinical columns not a list of names"])
 def test_prepare_refuses_bad_config_overrides(override, named, phantom_cohort, tmp_path):
     result = _cli("her2jax.cli.prepare", f"--cohort={phantom_cohort}",
-                  f"--data_dir={tmp_path / 'data'}", "--config=configs/demo_cpu.py", override)
+                  f"--data_dir={tmp_path / 'data'}", "--config=configs/tiny_cpu.py", override)
     assert_refused(result, *named)
     assert not (tmp_path / "data").exists()
 
@@ -330,7 +330,7 @@ def test_eval_refuses_a_checkpoint_of_another_architecture(trained, tmp_path):
 
 def test_engine_refuses_a_config_override_of_the_wrong_type(data_dir, tmp_path):
     workdir = tmp_path / "run"
-    result = _cli("her2jax.main", f"--workdir={workdir}", "--config=configs/demo_cpu.py",
+    result = _cli("her2jax.main", f"--workdir={workdir}", "--config=configs/tiny_cpu.py",
                   f"--config.data.data_dir={data_dir}", "--config.model.vit.patch_size=eight")
     assert_refused(result, "patch_size", "eight")
     assert not workdir.exists()

@@ -14,6 +14,8 @@ from flax import nnx
 from her2jax.errors import Her2jaxError
 from her2jax.models import factory, port
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def torch_references():
     """test_port's PyTorch references; skips the calling test where torch / monai (the `parity`
@@ -26,15 +28,14 @@ def torch_references():
 
 
 def load_config(name: str):
-    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.py"
+    path = REPO / "configs" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config()
 
 
-@pytest.mark.parametrize("name", ["default", "demo_cpu", "resnet18", "mamamia", "linear_probe",
-                                  "fmbcmri_pca_lr", "h100"])
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "configs").glob("*.py")))
 def test_every_config_describes_a_model_that_fits_its_data(name):
     config = load_config(name)
     if config.model.vit.attention == "cudnn" and jax.default_backend() == "cpu":
@@ -53,7 +54,7 @@ def test_pretrained_vit_is_loaded_from_the_config(tmp_path):
     reference = ref.TorchViT3D(**ref.VIT_CONFIGS["tiny"]).eval()
     port.port("fmbcmri", ref.save_fmbcmri(reference, tmp_path / "ckpt.pth"), tmp_path / "port",
               num_heads=2)
-    config = load_config("demo_cpu")
+    config = load_config("tiny_cpu")
     config.data.recipe.shape = (16, 16, 16)
     config.model.pretrained = str(tmp_path / "port")
     model = factory.build_model(config)
@@ -93,7 +94,7 @@ def test_pretrained_resnet_inflated_to_the_recipe_channels(tmp_path):
 @pytest.mark.parametrize("field, value, key", [
     ("encoder", "swin3d", "model.encoder"), ("dtype", "float8", "model.dtype")])
 def test_bad_model_config_is_a_user_error(field, value, key):
-    config = load_config("demo_cpu")
+    config = load_config("tiny_cpu")
     setattr(config.model, field, value)
     with pytest.raises(Her2jaxError, match=key.replace(".", r"\.")):
         factory.build_model(config)

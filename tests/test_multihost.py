@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch" / "local_multiprocess.sh"
 STEPS = 8
 TRAIN_ARGS = [
-    "--config=configs/demo_cpu.py", "--config.data.recipe.shape=(24,24,24)",
+    "--config=configs/tiny_cpu.py", "--config.data.recipe.shape=(24,24,24)",
     "--config.model.encoder=resnet3d", "--config.model.resnet.depth=10",
     "--config.model.resnet.widen_factor=0.125",
     "--config.train.optimizer=sgd", "--config.train.momentum=0.0",

@@ -1,5 +1,5 @@
 """The study's protocol (train.protocol='pca_lr'): frozen encoder features -> StandardScaler ->
-PCA -> LogisticRegression, on the shared phantom dataset with demo_cpu's tiny ViT at 24^3."""
+PCA -> LogisticRegression, on the shared phantom dataset with tiny_cpu's tiny ViT at 24^3."""
 
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 NAME, HEADER_NAME, BIRTH_DATE = "Jane Doe", "DOE^JANE", "19600101"
 NEEDLES = tuple(s.encode() for s in (NAME, HEADER_NAME, BIRTH_DATE))
 # Two fake devices and a 4-step run: the properties do not depend on the model's quality.
-ENGINE = ["--config=configs/demo_cpu.py", "--config.data.recipe.shape=(24,24,24)",
+ENGINE = ["--config=configs/tiny_cpu.py", "--config.data.recipe.shape=(24,24,24)",
           "--config.train.steps=4", "--config.train.save_every=4", "--config.train.eval_every=4",
           "--config.train.batch_size=4", "--config.train.warmup_steps=1",
           "--config.train.eval_batch_size=8", "--noprogress"]
@@ -102,7 +102,7 @@ def run(tmp_path_factory) -> Run:
     run.cohort_modes = _modes(run.cohort)   # before _identify rewrites the files
     _identify(run.cohort)
     run("prepare", "her2jax.cli.prepare", f"--cohort={run.cohort}", f"--data_dir={run.data}",
-        "--config=configs/demo_cpu.py", "--config.data.recipe.shape=(24,24,24)", "--workers=1",
+        "--config=configs/tiny_cpu.py", "--config.data.recipe.shape=(24,24,24)", "--workers=1",
         "--noprogress")
     run("train", "her2jax.main", f"--workdir={run.workdir}", *ENGINE,
         f"--config.data.data_dir={run.data}")
