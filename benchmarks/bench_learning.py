@@ -1,15 +1,26 @@
-"""Does the engine learn? Validation macro AUC of the demo model on a phantom, per seed,
-against the same runs with permuted training labels (a negative control).
+"""The learning study: does the engine learn what the phantom holds, on centres it never saw?
 
-  python benchmarks/bench_learning.py [--seeds=0,1,2,3,4] [--patients=300]
+  python benchmarks/bench_learning.py [--patients=300] [--centers=3] [--phantom_seed=1]
+      [--shape=96,96,48] [--candidates=demo,demo_intensity_aug,vit_kinetic_mm,tiny_vit_fmbcmri]
+      [--control=demo] [--steps=300] [--seed=0] [--n_boot=1000] [--jsonl=FILE] [--cohort=DIR]
+      [--centers_held_out=CENTER_B] [--override=train.learning_rate=3e-4 ...]
 
-One phantom (2 centres, 48x48x24 voxels), prepared once with the `multiphase` recipe
-(pre, first and second post-contrast phases, z-scored jointly: the kinetics stay visible)
-at 24^3; validation is a seeded, stratified half of it (>= 140 labelled patients). For each
-training seed: the tiny ViT of configs/demo_cpu.py trained 200 steps, best validation macro
-AUC; then the same with `data.permute_train_labels`. One JSON line per run and a summary.
-tests/test_learning.py runs one seed of this and asserts the threshold recorded in
-BENCHMARKS.md.
+One phantom cohort (written once, or ``--cohort``), every centre held out in turn. For each
+candidate (a recipe + encoder + training recipe, below) and held-out centre, one training run on
+the other centres (a stratified quarter of them validates and chooses the checkpoint), then, in
+the same run and on the same patients:
+
+* the model's macro AUC on the held-out centre (95% bootstrap CI);
+* ``pca_lr``: the study's protocol on the trained encoder's features (StandardScaler -> PCA 16
+  -> logistic regression, fitted on the training split's features);
+* the hand-made kinetic baseline (five tumour features + logistic regression, fitted on the
+  same training split; ``eval/<split>/baseline_metrics.json`` of the run).
+
+The permuted-label control (``data.permute_train_labels``: training labels shuffled, validation
+and test untouched) runs for the ``--control`` candidates on every held-out centre; the
+baseline of the same run is then fitted on the permuted labels too. One JSON line per run, then
+one summary line per candidate (mean over the held-out centres) and, on stderr, a Markdown
+table for BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -17,77 +28,257 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPE = "kinetic"   # C1, C1 - C0, percent enhancement, signal enhancement ratio
 
 
-def demo_config():
-    spec = importlib.util.spec_from_file_location("demo_cpu", REPO / "configs" / "demo_cpu.py")
+def load_config(name: str):
+    """``configs/<name>.py``'s get_config()."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config()
 
 
-def learning_config(data_dir: Path, seed: int, permute: bool):
-    """configs/demo_cpu.py on the learning phantom."""
-    from her2jax.data import recipes
-
-    config = demo_config()
-    config.data.recipe = recipes.recipe_config(RECIPE)
-    config.data.recipe.shape = (24, 24, 24)
-    config.data.data_dir = str(data_dir)
-    config.data.test_centers = ()
-    config.data.val_fraction = 0.5
-    config.data.permute_train_labels = permute
-    config.train.update(dict(steps=200, batch_size=16, eval_every=25, save_every=200,
-                             log_every=25, warmup_steps=20, seed=seed))
-    config.model.seed = seed
+def _demo_intensity_aug():
+    config = load_config("demo_cpu")
+    config.train.augment.update(scale=0.1, shift=0.1, noise=0.05, channel_scale=0.25)
     return config
 
 
-def make_dataset(root: Path, patients: int, phantom_seed: int = 0) -> Path:
-    """Phantom + prepared dataset; returns the data_dir."""
-    from her2jax.data import phantom, prepare
-
-    cohort = phantom.write_cohort(root / "cohort", patients=patients, centers=2,
-                                  seed=phantom_seed, shape=(48, 48, 24))
-    data_dir = root / "data"
-    prepare.prepare(cohort, data_dir, learning_config(data_dir, 0, False).data, workers=0,
-                    progress=False)
-    return data_dir
+def _vit_kinetic_mm():
+    config = load_config("demo_cpu")
+    tiny = load_config("tiny_cpu")
+    config.model = tiny.model
+    config.model.vit.patch_size = 4          # 24^3 / 4^3 = 216 tokens, as FM-BCMRI's 48^3 / 8^3
+    return config
 
 
-def best_val_auc(data_dir: Path, workdir: Path, seed: int, permute: bool) -> float:
+def _tiny_vit_fmbcmri():
+    config = load_config("tiny_cpu")         # the demo until 2026-12-03
+    config.data.val_fraction = 0.25
+    return config
+
+
+def _resnet_kinetic():
+    config = load_config("demo_cpu")
+    from her2jax.data import recipes
+
+    config.data.recipe = recipes.recipe_config("kinetic")   # z-scored, tumour box resized
+    config.data.recipe.shape = (24, 24, 24)
+    return config
+
+
+# name -> (config builder, what it tests)
+CANDIDATES = {
+    "demo": (lambda: load_config("demo_cpu"),
+             "configs/demo_cpu.py: ResNet-10 w0.5, kinetic_mm 24^3 @ 2.5 mm, flips + axis "
+             "permutations"),
+    "demo_intensity_aug": (_demo_intensity_aug, "the same plus intensity scale 0.1, shift 0.1, "
+                           "noise 0.05 and per-channel contrast 0.25"),
+    "resnet_kinetic": (_resnet_kinetic, "the same ResNet on the z-scored 'kinetic' recipe "
+                       "(tumour box + 5 mm resized to 24^3: no physical scale)"),
+    "vit_kinetic_mm": (_vit_kinetic_mm, "tiny ViT (patch 4) on the demo's inputs"),
+    "tiny_vit_fmbcmri": (_tiny_vit_fmbcmri, "configs/tiny_cpu.py, the former demo: tiny ViT/8 "
+                         "on one z-scored phase, tumour box resized to 32^3"),
+}
+
+
+def prepared_dir(cohort: Path, config, root: Path) -> str:
+    """A dataset of ``config``'s recipe (prepared once per recipe fingerprint)."""
+    from her2jax.data import prepare, preprocess
+
+    data_dir = root / f"data_{preprocess.recipe_fingerprint(config.data.recipe)}"
+    if not data_dir.is_dir():
+        prepare.prepare(cohort, data_dir, config.data, workers=0, progress=False)
+    return str(data_dir)
+
+
+def _auc(entry: dict) -> dict:
+    return {k: None if entry[k] is None else round(entry[k], 4)
+            for k in ("value", "ci_low", "ci_high")}
+
+
+def pca_lr_on_features(workdir: Path, test_split: str, n_boot: int) -> dict:
+    """The study's protocol on the trained encoder: fitted on the training split's features,
+    scored on the held-out split."""
+    import ml_collections
+    import numpy as np
+
+    from her2jax.evaluate import metrics
+    from her2jax.train import loop, pca_lr
+    from her2jax.train import workdir as workdir_lib
+
+    config = ml_collections.ConfigDict(workdir_lib.read(workdir)["config"])
+    written = loop.extract_features(workdir, splits=["train", test_split])
+    train, test = (np.load(written[s]) for s in ("train", test_split))
+    k = min(config.train.pca_components, train["features"].shape[0],
+            train["features"].shape[1])
+    model = pca_lr.make_sklearn(k, seed=config.train.seed,
+                                balanced=config.train.class_weighting == "balanced")
+    model.fit(train["features"], train["labels"])
+    probs = np.zeros((len(test["labels"]), len(test["class_names"])))
+    probs[:, model.classes_] = model.predict_proba(test["features"])
+    summary = metrics.summarize(test["labels"], probs, list(test["class_names"]),
+                                n_boot=n_boot)
+    return _auc(summary["macro_auc"])
+
+
+def apply_overrides(config, overrides: dict) -> None:
+    """``{"train.learning_rate": 3e-4, ...}``: dotted keys into the config, values as given."""
+    for key, value in overrides.items():
+        *path, last = key.split(".")
+        node = config
+        for part in path:
+            node = node[part]
+        node[last] = tuple(value) if isinstance(value, list) else value
+
+
+def run_one(name: str, cohort: Path, root: Path, center: str, *, permute: bool, steps: int,
+            seed: int, n_boot: int, overrides: dict | None = None) -> dict:
+    """Trains candidate ``name`` (with ``overrides``) with ``center`` held out; the held-out
+    results."""
     from her2jax.train import loop
 
-    result = loop.train(learning_config(data_dir, seed, permute), workdir, progress=False)
-    return float(result.best_metric)
+    config = CANDIDATES[name][0]()
+    apply_overrides(config, overrides or {})
+    config.data.data_dir = prepared_dir(cohort, config, root)
+    config.data.test_centers = (center,)
+    config.data.permute_train_labels = permute
+    config.data.worker_count = 0
+    config.train.steps = steps
+    config.train.warmup_steps = min(config.train.warmup_steps, steps // 4)
+    config.train.eval_every = config.train.save_every = max(steps // 6, 1)
+    config.train.seed = config.model.seed = seed
+    workdir = Path(tempfile.mkdtemp(dir=root, prefix=f"{name}-{center}-"))
+    t0 = time.perf_counter()
+    result = loop.train(config, workdir, progress=False)
+    train_s = time.perf_counter() - t0
+    split = f"test_{center}"
+    summaries = loop.evaluate(workdir, splits=[split], n_boot=n_boot)
+    baseline = json.loads((workdir / "eval" / split / "baseline_metrics.json").read_text())
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    final_loss = [r["loss"] for r in records if r["split"] == "train"][-1]
+    return dict(
+        bench="learning", candidate=name, overrides=overrides or {}, held_out=center,
+        permuted_labels=permute,
+        n_test=summaries[split]["n"], model=_auc(summaries[split]["macro_auc"]),
+        pca_lr=pca_lr_on_features(workdir, split, n_boot),
+        baseline=_auc(baseline["macro_auc"]),
+        val_macro_auc=round(summaries["val"]["macro_auc"]["value"], 4),
+        best_step=result.best_step, select_by=result.select_by, steps=result.steps,
+        final_train_loss=round(final_loss, 4), train_s=round(train_s, 1),
+        total_s=round(time.perf_counter() - t0, 1))
+
+
+def _mean(rows: list[dict], key: str) -> float:
+    return round(sum(r[key]["value"] for r in rows) / len(rows), 4)
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per candidate and label condition: mean held-out macro AUC of model, pca_lr, baseline,
+    and the goal check (every centre >= baseline - 0.03, mean >= baseline mean)."""
+    out = []
+    for (name, permute) in dict.fromkeys((r["candidate"], r["permuted_labels"]) for r in rows):
+        group = [r for r in rows if r["candidate"] == name and r["permuted_labels"] == permute]
+        out.append(dict(
+            bench="learning_summary", candidate=name, permuted_labels=permute,
+            centers=[r["held_out"] for r in group], model_mean=_mean(group, "model"),
+            pca_lr_mean=_mean(group, "pca_lr"), baseline_mean=_mean(group, "baseline"),
+            every_center_within_0_03=all(r["model"]["value"] >= r["baseline"]["value"] - 0.03
+                                         for r in group),
+            mean_at_least_baseline=_mean(group, "model") >= _mean(group, "baseline"),
+            train_s_mean=round(sum(r["train_s"] for r in group) / len(group), 1)))
+    return out
+
+
+def markdown(rows: list[dict]) -> str:
+    def auc(e):
+        return f"{e['value']:.3f} ({e['ci_low']:.3f}-{e['ci_high']:.3f})"
+
+    lines = ["| candidate | labels | held out | model | pca_lr on its features | "
+             "hand-made baseline | train s |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['candidate']} | {'permuted' if r['permuted_labels'] else 'real'} | "
+                     f"{r['held_out']} | {auc(r['model'])} | {auc(r['pca_lr'])} | "
+                     f"{auc(r['baseline'])} | {r['train_s']:.0f} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--patients", type=int, default=300)
+    parser.add_argument("--centers", type=int, default=3)
+    parser.add_argument("--phantom_seed", type=int, default=1)
+    parser.add_argument("--shape", default="96,96,48")
+    parser.add_argument("--cohort", help="an existing cohort instead of a new phantom")
+    parser.add_argument("--candidates", default="demo,demo_intensity_aug,vit_kinetic_mm,"
+                                                "tiny_vit_fmbcmri")
+    parser.add_argument("--control", default="demo",
+                        help="candidates also trained on permuted labels")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n_boot", type=int, default=1000)
+    parser.add_argument("--jsonl", help="also append every line to this file")
+    parser.add_argument("--work", help="keep datasets and workdirs here (default: a temp dir)")
+    parser.add_argument("--centers_held_out", default="",
+                        help="comma-separated centres to hold out (default: every centre)")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=JSON",
+                        help="applied to every candidate's config, e.g. "
+                             "train.learning_rate=3e-4 (repeatable)")
     args = parser.parse_args()
-    real, permuted = [], []
+    names = [n for n in args.candidates.split(",") if n]
+    controls = [n for n in args.control.split(",") if n]
+    unknown = sorted(set(names + controls) - set(CANDIDATES))
+    if unknown:
+        parser.error(f"unknown candidates {unknown}; known: {', '.join(CANDIDATES)}")
+    try:
+        overrides = {k: json.loads(v) for k, v in (o.split("=", 1) for o in args.override)}
+    except ValueError as e:
+        parser.error(f"--override takes KEY=JSON ({e})")
+
+    import jax
+
+    from her2jax.data import phantom
+
+    def emit(line: dict) -> None:
+        text = json.dumps(line)
+        print(text, flush=True)
+        if args.jsonl:
+            with open(args.jsonl, "a") as f:
+                f.write(text + "\n")
+
     with tempfile.TemporaryDirectory() as tmp:
-        data_dir = make_dataset(Path(tmp), args.patients)
-        for seed in (int(s) for s in args.seeds.split(",")):
-            for permute, store in ((False, real), (True, permuted)):
-                t0 = time.perf_counter()
-                auc = best_val_auc(data_dir, Path(tmp) / f"run-{seed}-{permute}", seed, permute)
-                store.append(auc)
-                print(json.dumps({"bench": "learning", "seed": seed, "permuted_labels": permute,
-                                  "best_val_macro_auc": round(auc, 4),
-                                  "seconds": round(time.perf_counter() - t0, 1)}), flush=True)
-    print(json.dumps({"bench": "learning_summary", "patients": args.patients,
-                      "real_min": round(min(real), 4), "real_mean": round(sum(real) / len(real), 4),
-                      "permuted_max": round(max(permuted), 4),
-                      "permuted_mean": round(sum(permuted) / len(permuted), 4)}))
+        root = Path(args.work) if args.work else Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        cohort = Path(args.cohort) if args.cohort else root / "cohort"
+        if not args.cohort and not (cohort / "clinical.csv").is_file():
+            phantom.write_cohort(cohort, patients=args.patients, centers=args.centers,
+                                 seed=args.phantom_seed, shape=args.shape)
+        centers = ([c for c in args.centers_held_out.split(",") if c] or
+                   [phantom.center_name(k) for k in range(args.centers)])
+        emit(dict(bench="learning_setup", cohort=args.cohort or "phantom",
+                  patients=args.patients, centers=centers, phantom_seed=args.phantom_seed,
+                  shape=args.shape, steps=args.steps, seed=args.seed, n_boot=args.n_boot,
+                  overrides=overrides,
+                  candidates={n: CANDIDATES[n][1] for n in names}, jax=jax.__version__,
+                  python=platform.python_version(), date=time.strftime("%Y-%m-%d")))
+        rows = []
+        jobs = [(n, False) for n in names] + [(n, True) for n in controls]
+        for name, permute in jobs:
+            for center in centers:
+                row = run_one(name, cohort, root, center, permute=permute, steps=args.steps,
+                              seed=args.seed, n_boot=args.n_boot, overrides=overrides)
+                rows.append(row)
+                emit(row)
+        for line in summarize(rows):
+            emit(line)
+        print(markdown(rows), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""The engine learns, without flakiness: one seed of benchmarks/bench_learning.py.
+"""The held-out claim, small: configs/demo_cpu.py trained on two centres learns a signal that
+transfers to the third, far above its permuted-label control and near the hand-made kinetic
+baseline fitted on the same patients.
 
-The threshold comes from five training seeds (BENCHMARKS.md, "Learning"): the lowest best
-validation macro AUC minus a safety margin. The same run with permuted training labels must
-stay near chance, so a pass cannot come from leakage or from the validation selection.
+A small version of benchmarks/bench_learning.py (BENCHMARKS.md, "Learning"): 150 patients at
+64x64x32, CENTER_C held out, 150 steps. The margins come from five training seeds on this
+cohort (BENCHMARKS.md, "The fast version in the test suite").
 """
 
 from __future__ import annotations
@@ -13,8 +15,15 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-THRESHOLD = 0.60     # lowest of 5 seeds (0.654) minus a margin of ~0.05 (BENCHMARKS.md)
-CHANCE_BAND = 0.10   # permuted labels: |AUC - 0.5| below this
+PATIENTS, SHAPE, STEPS = 150, (64, 64, 32), 150
+HELD_OUT = "CENTER_C"
+# Five training seeds (BENCHMARKS.md): held-out model 0.694-0.735 against the baseline's 0.790
+# (model - baseline -0.095 to -0.055), permuted labels 0.458-0.490, final training loss
+# 0.23-0.70. Each bound is the worst seed plus a margin of ~0.03-0.1.
+MODEL_VS_BASELINE = -0.13
+PERMUTED_MAX = 0.60
+REAL_OVER_PERMUTED = 0.15
+LOSS_MAX = 0.9       # ln 3 = 1.10 is chance
 
 
 def _bench():
@@ -26,15 +35,41 @@ def _bench():
 
 
 @pytest.fixture(scope="module")
-def learning_data(tmp_path_factory) -> Path:
-    return _bench().make_dataset(tmp_path_factory.mktemp("learning"), patients=300)
+def cohort(tmp_path_factory) -> Path:
+    from her2jax.data import phantom
+
+    return phantom.write_cohort(tmp_path_factory.mktemp("learning") / "cohort",
+                                patients=PATIENTS, centers=3, seed=1, shape=SHAPE)
 
 
-def test_validation_auc_clears_the_threshold_and_permuted_labels_do_not(learning_data,
-                                                                        tmp_path):
+@pytest.mark.slow
+def test_the_demo_model_learns_what_transfers_to_an_unseen_centre(cohort, tmp_path):
     bench = _bench()
-    real = bench.best_val_auc(learning_data, tmp_path / "real", seed=0, permute=False)
-    permuted = bench.best_val_auc(learning_data, tmp_path / "permuted", seed=0, permute=True)
-    assert real >= THRESHOLD, f"best validation macro AUC {real:.3f} < {THRESHOLD}"
-    assert abs(permuted - 0.5) < CHANCE_BAND, f"permuted labels reached {permuted:.3f}"
-    assert real - permuted > 0.05
+    real = bench.run_one("demo", cohort, tmp_path, HELD_OUT, permute=False, steps=STEPS,
+                         seed=0, n_boot=200)
+    permuted = bench.run_one("demo", cohort, tmp_path, HELD_OUT, permute=True, steps=STEPS,
+                             seed=0, n_boot=200)
+    model, baseline = real["model"]["value"], real["baseline"]["value"]
+    assert baseline > 0.70, f"the phantom lost its signal: baseline {baseline:.3f}"
+    assert model >= baseline + MODEL_VS_BASELINE, f"model {model:.3f}, baseline {baseline:.3f}"
+    assert real["final_train_loss"] < LOSS_MAX, real
+    assert permuted["model"]["value"] <= PERMUTED_MAX, permuted
+    assert model - permuted["model"]["value"] > REAL_OVER_PERMUTED, (real, permuted)
+
+
+def test_the_study_summary_checks_the_goal_per_centre_and_on_the_mean():
+    bench = _bench()
+
+    def row(center, model, baseline, permute=False):
+        auc = lambda v: dict(value=v, ci_low=v - 0.05, ci_high=v + 0.05)  # noqa: E731
+        return dict(candidate="demo", held_out=center, permuted_labels=permute,
+                    model=auc(model), pca_lr=auc(0.5), baseline=auc(baseline), train_s=10.0)
+
+    rows = [row("A", 0.80, 0.82), row("B", 0.75, 0.70), row("A", 0.55, 0.6, permute=True)]
+    real, permuted = bench.summarize(rows)
+    assert (real["model_mean"], real["baseline_mean"]) == (0.775, 0.76)
+    assert real["every_center_within_0_03"] and real["mean_at_least_baseline"]
+    assert permuted["permuted_labels"] and permuted["centers"] == ["A"]
+    rows[0] = row("A", 0.78, 0.82)    # 0.04 behind on A: the per-centre goal fails
+    assert not bench.summarize(rows)[0]["every_center_within_0_03"]
+    assert "| demo | real | A | 0.780 (0.730-0.830) |" in bench.markdown(rows)
