@@ -120,3 +120,57 @@ def test_classifier_refuses_a_head_of_the_wrong_width():
                                                  **vit3d.VIT_SIZES["tiny"], rngs=nnx.Rngs(0)))
     with pytest.raises(Her2jaxError, match="48 features"):
         heads.Classifier(encoder, heads.Head(32, 3, rngs=nnx.Rngs(0)))
+
+
+def test_roi_pool_averages_voxel_features_inside_the_mask_and_on_its_rim():
+    from her2jax.models import roi_pool
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 8, 8, 8, 3)).astype(np.float32)
+    mask = np.zeros((2, 8, 8, 8), np.float32)
+    mask[0, 3:5, 3:5, 3:5] = 1
+    mask[1, 2:6, 2:6, 2:6] = 1
+    x[..., 1] = mask
+    pool = roi_pool.RoiPool(in_channels=3, mask_channel=1, hidden=4, rim_voxels=1,
+                            rngs=nnx.Rngs(0))
+    out = np.asarray(pool(jnp.asarray(x)))
+    assert out.shape == (2, pool.features_dim) == (2, 13)
+    # By hand: the same voxel MLP, masked means, the one-voxel cube shell, the log volume.
+    v = np.asarray(pool.fc2(jax.nn.gelu(pool.fc1(jnp.asarray(x)), approximate=False)))
+    for b in range(2):
+        inside = mask[b] > 0
+        grown = np.zeros_like(inside)
+        idx = np.argwhere(inside)
+        lo, hi = idx.min(0) - 1, idx.max(0) + 2
+        grown[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = True
+        shell = grown & ~inside
+        np.testing.assert_allclose(out[b, :4], v[b][inside].mean(0), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(out[b, 4:8], v[b][inside].std(0), rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(out[b, 8:12], v[b][shell].mean(0), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(out[b, 12], np.log(inside.mean()), rtol=1e-4)
+    with pytest.raises(Her2jaxError, match="mask channel"):
+        roi_pool.RoiPool(in_channels=3, mask_channel=3, rngs=nnx.Rngs(0))
+
+
+def test_the_roi_branch_joins_the_classifier_and_needs_a_mask_channel():
+    import ml_collections
+
+    from her2jax.data import recipes
+    from her2jax.models import factory
+    from her2jax.train import optim
+
+    config = ml_collections.ConfigDict(dict(data=recipes.data_config("kinetic_mm"),
+                                            model=factory.model_config("resnet3d")))
+    config.data.recipe.shape = (16, 16, 16)
+    config.model.resnet.update(depth=10, widen_factor=0.25, shortcut="B",
+                               bias_downsample=False)
+    config.model.roi_pool.hidden = 4
+    model = factory.build_model(config)
+    assert model.roi.mask_channel == 2 and model.head.in_features == 128 + 13
+    logits = model(jnp.zeros((2, 16, 16, 16, 3)))
+    assert logits.shape == (2, 3)
+    ids = optim.layer_ids(nnx.state(model, nnx.Param))
+    assert {int(i) for i in jax.tree.leaves(ids["roi"])} == {5}   # learns like the head
+    config.data.recipe.channels = ("PE", "PEL")
+    with pytest.raises(Her2jaxError, match="MASK"):
+        factory.build_model(config)

@@ -13,7 +13,7 @@ from flax import nnx
 
 from her2jax import labels
 from her2jax.errors import Her2jaxError
-from her2jax.models import heads, port, resnet3d, vit3d
+from her2jax.models import heads, port, resnet3d, roi_pool, vit3d
 
 ENCODERS = ("vit3d", "resnet3d")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -26,8 +26,12 @@ def model_config(encoder: str = "vit3d") -> ml_collections.ConfigDict:
         vit=dict(size="base", patch_size=8, attention="xla", attention_pad=0),
         # MedicalNet's ResNet-18: parameter-free shortcut A, first conv stride 2.
         resnet=dict(depth=18, shortcut="A", bias_downsample=True, conv1_t_size=7,
-                    conv1_t_stride=2, widen_factor=1.0),
+                    conv1_t_stride=2, no_max_pool=False, widen_factor=1.0),
         head=dict(hidden=0, dropout=0.0),
+        # Tumour-region pooling beside the encoder (models/roi_pool.py): voxel features of
+        # this width averaged inside the recipe's MASK channel and on a rim of rim_voxels
+        # (0: off; needs MASK among the recipe's channels).
+        roi_pool=dict(hidden=0, rim_voxels=2),
         dtype="float32",          # compute dtype; bfloat16 on accelerators (params stay float32)
         pretrained="",            # a her2jax-port output directory, or '' for random init
         seed=0,
@@ -54,7 +58,9 @@ def build_encoder(config, *, rngs: nnx.Rngs, bn_axis_name: str | None = None) ->
         r = model.resnet
         return resnet3d.ResNet3D(depth=r.depth, in_channels=channels, shortcut=r.shortcut,
                                  bias_downsample=r.bias_downsample, conv1_t_size=r.conv1_t_size,
-                                 conv1_t_stride=r.conv1_t_stride, widen_factor=r.widen_factor,
+                                 conv1_t_stride=r.conv1_t_stride,
+                                 no_max_pool=r.get("no_max_pool", False),
+                                 widen_factor=r.widen_factor,
                                  bn_axis_name=bn_axis_name, dtype=dtype, rngs=rngs)
     raise Her2jaxError(f"unknown encoder {model.encoder!r} (expected {', '.join(ENCODERS)})",
                        key="model.encoder")
@@ -81,7 +87,23 @@ def build_model(config, *, rngs: nnx.Rngs | None = None,
         port.load_pretrained(encoder, config.model.pretrained)
     else:
         encoder = build_encoder(config, rngs=rngs, bn_axis_name=bn_axis_name)
-    head = heads.Head(encoder.features_dim, len(labels.CLASS_NAMES[config.data.scheme]),
+    roi = build_roi_pool(config, rngs=rngs)
+    width = encoder.features_dim + (roi.features_dim if roi is not None else 0)
+    head = heads.Head(width, len(labels.CLASS_NAMES[config.data.scheme]),
                       hidden=config.model.head.hidden, dropout=config.model.head.dropout,
                       rngs=rngs)
-    return heads.Classifier(encoder, head)
+    return heads.Classifier(encoder, head, roi)
+
+
+def build_roi_pool(config, *, rngs: nnx.Rngs) -> roi_pool.RoiPool | None:
+    """``config.model.roi_pool``'s branch for the recipe's channels (None when off)."""
+    settings = config.model.get("roi_pool", None)
+    if settings is None or not settings.hidden:
+        return None
+    channels = [str(c).strip().upper() for c in config.data.recipe.channels]
+    if "MASK" not in channels:
+        raise Her2jaxError(f"tumour-region pooling needs the MASK channel in the recipe; its "
+                           f"channels are {', '.join(channels)}", key="model.roi_pool.hidden")
+    return roi_pool.RoiPool(in_channels=len(channels), mask_channel=channels.index("MASK"),
+                            hidden=int(settings.hidden), rim_voxels=int(settings.rim_voxels),
+                            rngs=rngs)

@@ -76,19 +76,27 @@ class Head(nnx.Module):
 
 
 class Classifier(nnx.Module):
-    """An encoder (``[B, D, H, W, C] -> [B, F]``) followed by a ``Head``."""
+    """An encoder (``[B, D, H, W, C] -> [B, F]``), optionally a tumour-region branch beside
+    it (``roi``, e.g. :class:`her2jax.models.roi_pool.RoiPool`, whose features are appended),
+    followed by a ``Head``."""
 
-    def __init__(self, encoder: nnx.Module, head: Head):
+    def __init__(self, encoder: nnx.Module, head: Head, roi: nnx.Module | None = None):
         width = getattr(encoder, "features_dim", None)
+        if width is not None and roi is not None:
+            width += roi.features_dim
         if width is not None and width != head.in_features:
             raise Her2jaxError(f"the encoder gives {width} features but the head expects "
                                f"{head.in_features}", key="head")
         self.encoder = encoder
+        self.roi = roi
         self.head = head
 
     def features(self, x: jax.Array) -> jax.Array:
-        """[B, D, H, W, C] volumes -> [B, F] float32 encoder features."""
-        return self.encoder(x).astype(jnp.float32)
+        """[B, D, H, W, C] volumes -> [B, F] float32 features (encoder, then ``roi``'s)."""
+        features = self.encoder(x).astype(jnp.float32)
+        if self.roi is None:
+            return features
+        return jnp.concatenate([features, self.roi(x)], axis=-1)
 
     def __call__(self, x: jax.Array, *, dropout_keys: jax.Array | None = None,
                  rngs: nnx.Rngs | None = None) -> jax.Array:

@@ -142,9 +142,9 @@ def _layer_table(params: nnx.State) -> tuple[Callable[[tuple], int], int]:
     """(path keys -> layer id, num_layers) for a Classifier's parameters (ViT3D or ResNet3D)."""
     paths = [_path_keys(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     for p in paths:
-        if len(p) < 2 or p[0] not in ("encoder", "head"):
-            raise ValueError(f"expected the parameters of a Classifier (paths under 'encoder' "
-                             f"and 'head'), got the path {p}")
+        if len(p) < 2 or p[0] not in ("encoder", "roi", "head"):
+            raise ValueError(f"expected the parameters of a Classifier (paths under 'encoder', "
+                             f"'roi' and 'head'), got the path {p}")
     encoder_names = {p[1] for p in paths if p[0] == "encoder"}
     if "blocks" in encoder_names:
         depth = 1 + max(p[2] for p in paths if p[:2] == ("encoder", "blocks"))
@@ -172,7 +172,8 @@ def _layer_table(params: nnx.State) -> tuple[Callable[[tuple], int], int]:
                          "(expected a ViT3D or a ResNet3D)")
 
     def layer_id(p: tuple) -> int:
-        return num_layers if p[0] == "head" else encoder_id(p)
+        # The tumour-region branch is new on top of any encoder: it learns like the head.
+        return encoder_id(p) if p[0] == "encoder" else num_layers
 
     return layer_id, num_layers
 
