@@ -3,6 +3,7 @@ macro AUC of the model beside the hand-made baseline's, from hand-written eval f
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -31,12 +32,27 @@ def _workdir(tmp_path: Path) -> Path:
 def test_one_line_per_held_out_centre_model_then_baseline(tmp_path):
     workdir = _workdir(tmp_path)
     assert summary.held_out_lines(workdir) == [
+        "training loss: none logged (chance ln K = 1.10)",
         "held-out CENTER_A: model macro AUC 0.71 (CI n/a) | hand-made baseline n/a (eval wrote "
         "no baseline_metrics.json)",
         "held-out CENTER_C: model macro AUC 0.78 (0.70-0.85) | hand-made baseline 0.75 "
         "(0.66-0.83)"]
     assert summary.held_out_lines(tmp_path / "none") == [
         f"no held-out centre evaluated in {tmp_path / 'none' / 'eval'} (run --mode=eval)"]
+
+
+def test_the_training_loss_is_the_mean_of_the_last_logged_steps_against_chance(tmp_path):
+    workdir = _workdir(tmp_path)
+    files.write_metrics(workdir / "eval" / "test_CENTER_A" / "metrics.json",
+                        {**_auc(0.71, None, None), "class_names": ["neg", "pos"]})
+    records = [{"step": 10 * k, "split": "train", "loss": float(k)} for k in range(1, 9)]
+    records.insert(3, {"step": 35, "split": "val", "loss": 99.0})   # not a training record
+    (workdir / "metrics.jsonl").write_text(
+        "\n".join(json.dumps(r) for r in records) + "\n{torn")
+    # Steps 40..80 (losses 4..8): mean 6; two classes: ln 2.
+    assert summary.held_out_lines(workdir)[0] == (
+        "training loss 6.00 (mean of the last 5 logged steps, up to step 80) | chance ln 2 = "
+        "0.69")
 
 
 def test_cli_prints_the_lines_and_refuses_a_missing_workdir_argument(tmp_path):
