@@ -144,9 +144,10 @@ def test_eval_writes_the_hand_made_baseline_of_the_same_training_patients(traine
             balanced=config.train.class_weighting == "balanced"), abs=1e-9)
         assert record["splits"][name]["macro_auc"] == written["macro_auc"]
     test, base = model["test_CENTER_C"]["macro_auc"], record["splits"]["test_CENTER_C"]["macro_auc"]
-    assert lines == [f"held-out CENTER_C: model macro AUC {test['value']:.2f} ({test['ci_low']:.2f}"
-                     f"-{test['ci_high']:.2f}) | hand-made baseline {base['value']:.2f} "
-                     f"({base['ci_low']:.2f}-{base['ci_high']:.2f})"]
+    assert lines[0].startswith("training loss ") and lines[0].endswith("chance ln 3 = 1.10")
+    assert lines[1:] == [f"held-out CENTER_C: model macro AUC {test['value']:.2f} "
+                         f"({test['ci_low']:.2f}-{test['ci_high']:.2f}) | hand-made baseline "
+                         f"{base['value']:.2f} ({base['ci_low']:.2f}-{base['ci_high']:.2f})"]
 
 
 def test_features_mode_writes_embeddings(trained):
