@@ -65,15 +65,6 @@ def _tiny_vit_fmbcmri():
     return config
 
 
-def _resnet_kinetic():
-    config = load_config("demo_cpu")
-    from her2jax.data import recipes
-
-    config.data.recipe = recipes.recipe_config("kinetic")   # z-scored, tumour box resized
-    config.data.recipe.shape = (24, 24, 24)
-    return config
-
-
 # name -> (config builder, what it tests)
 CANDIDATES = {
     "demo": (lambda: load_config("demo_cpu"),
@@ -81,8 +72,6 @@ CANDIDATES = {
              "permutations"),
     "demo_intensity_aug": (_demo_intensity_aug, "the same plus intensity scale 0.1, shift 0.1, "
                            "noise 0.05 and per-channel contrast 0.25"),
-    "resnet_kinetic": (_resnet_kinetic, "the same ResNet on the z-scored 'kinetic' recipe "
-                       "(tumour box + 5 mm resized to 24^3: no physical scale)"),
     "vit_kinetic_mm": (_vit_kinetic_mm, "tiny ViT (patch 4) on the demo's inputs"),
     "tiny_vit_fmbcmri": (_tiny_vit_fmbcmri, "configs/tiny_cpu.py, the former demo: tiny ViT/8 "
                          "on one z-scored phase, tumour box resized to 32^3"),

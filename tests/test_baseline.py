@@ -113,3 +113,20 @@ def test_a_dataset_without_the_file_has_no_baseline_and_stale_files_go(dataset, 
     baseline.write(eval_dir, scored, ["test_CENTER_C"])
     assert not (eval_dir / "test_CENTER_C" / baseline.METRICS_FILE).exists()
     assert not (eval_dir / baseline.SUMMARY_FILE).exists()
+
+
+@pytest.mark.parametrize("content", ["patient_id,wash_in\nPHA_0001,0.5\n",
+                                     ",".join(kinetic_features.COLUMNS) + "\nPHA_0001,x,1,2,3,4\n"],
+                         ids=["wrong header", "not a number"])
+def test_a_corrupt_features_file_is_a_warning_naming_it_not_a_failed_eval(
+        data_dir, tmp_path, caplog, content):
+    copy = tmp_path / "data"
+    shutil.copytree(data_dir, copy)
+    broken = pipeline.open_dataset(copy, small_data_config())
+    (broken.path / kinetic_features.FILE).write_text(content)
+    test = pipeline.select_splits(broken, small_data_config())["test_CENTER_C"]
+    with caplog.at_level(logging.WARNING):
+        scored = baseline.fit_and_score(broken, _config(), {"test_CENTER_C": test}, n_boot=0)
+    assert scored is None
+    lines = [r.getMessage() for r in caplog.records if "baseline" in r.getMessage()]
+    assert len(lines) == 1 and kinetic_features.FILE in lines[0]

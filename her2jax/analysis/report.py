@@ -285,17 +285,8 @@ def read_curves(path) -> dict[str, dict[str, np.ndarray]]:
     Returns:
       The curves; ``{}`` when the file is missing or holds no record.
     """
-    path = Path(path)
-    if not path.exists():
-        return {}
     by_split: dict[str, dict[int, dict]] = {}
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(record, dict):
-            continue
+    for record in files.read_log(path):
         step, split = record.get("step"), record.get("split")
         if isinstance(step, int) and not isinstance(step, bool) and isinstance(split, str):
             by_split.setdefault(split, {})[step] = record

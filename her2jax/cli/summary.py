@@ -15,7 +15,6 @@ with the 95% bootstrap CIs in brackets. ``make demo`` runs it after the evaluati
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -76,17 +75,8 @@ def held_out_lines(workdir) -> list[str]:
 def _training_loss_line(workdir: Path, metrics: dict) -> str:
     """The training loss near the end of training against chance (ln K), from metrics.jsonl;
     the mean of the last ``LOSS_WINDOW`` logged steps (each one batch's loss: noisy)."""
-    records = []
-    log = workdir / "metrics.jsonl"
-    if log.exists():
-        for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if (isinstance(record, dict) and record.get("split") == "train"
-                    and isinstance(record.get("loss"), int | float)):
-                records.append(record)
+    records = [r for r in files.read_log(workdir / "metrics.jsonl")
+               if r.get("split") == "train" and isinstance(r.get("loss"), int | float)]
     chance = math.log(len(metrics.get("class_names") or ()) or 3)
     if not records:
         return f"training loss: none logged (chance ln K = {chance:.2f})"

@@ -291,6 +291,26 @@ def write_metrics(path: str | os.PathLike, summary: dict) -> None:
     write_text(path, text + "\n")
 
 
+def read_log(path: str | os.PathLike) -> list[dict]:
+    """The records of a training log (a workdir's ``metrics.jsonl``), in file order.
+
+    Lines that are not a whole JSON object (the torn last line of a killed run, a blank line)
+    are skipped; a missing file has no records.
+    """
+    path = pathlib.Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
 def read_metrics(path: str | os.PathLike) -> dict:
     """Reads ``metrics.json``; Her2jaxError naming the file when missing or not a JSON object."""
     path = pathlib.Path(path)

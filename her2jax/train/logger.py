@@ -30,6 +30,8 @@ from pathlib import Path
 
 import jax
 
+from her2jax.evaluate import files
+
 _FILE_NUMBER = itertools.count()   # two event files of one process never share a name
 
 
@@ -228,8 +230,5 @@ def _drop_after(path: Path, step: int) -> None:
 
 
 def read_metrics(workdir: Path) -> list[dict]:
-    """All records of ``workdir/metrics.jsonl``."""
-    path = Path(workdir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """All whole records of ``workdir/metrics.jsonl`` (``evaluate.files.read_log``)."""
+    return files.read_log(Path(workdir) / "metrics.jsonl")

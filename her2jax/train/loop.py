@@ -60,7 +60,7 @@ class TrainResult:
     best_metric: float | None
     best_step: int | None
     stopped: str
-    select_by: str = "val_loss"
+    select_by: str
 
 
 SELECT_BY = ("val_loss", "val_macro_auc", "last")
