@@ -1,14 +1,22 @@
 """The phantom demo on a 2-core CPU, and the engine's best configuration in the learning study
-(BENCHMARKS.md, "Learning"): a small 3D ResNet-10 trained from scratch on scanner-independent
+(BENCHMARKS.md, "Learning"): a tumour-region network trained from scratch on scanner-independent
 inputs at physical scale, centre C held out for testing.
 
 * Inputs (recipe ``kinetic_mm`` at 2.5 mm): percent enhancement at the first and the last
   post-contrast phase (wash-in, washout, the peritumoral rim) and the tumour mask (size, shape)
   on a 60 mm box. Ratios and a mask mean the same on every scanner; z-scored intensities do not.
-* Augmentation: the 48 axis symmetries of the cube (flips and axis permutations: tumour
-  orientation and slice direction carry no class); no intensity augmentation, which cost
-  held-out AUC in the study (``demo_intensity_aug``).
-* Selection: the lowest class-balanced validation loss over 6 evaluations on a stratified
+* Model (``model.encoder='none'`` + ``model.roi_pool``, models/roi_pool.py): a per-voxel MLP of
+  width 8 whose outputs are averaged inside the tumour mask and on two shells around it (0-5 mm
+  and 5-10 mm), their spread inside the tumour, the log volumes of the tumour and of the first
+  shell (size, surface per volume): 34 features, then a linear head. No CNN: on unseen centres
+  a ResNet-10 on the same inputs fits the training scanners and stayed 0.06-0.08 macro AUC
+  behind the hand-made baseline on two of three; this network states the baseline's kind of
+  quantity (means over the tumour and its surroundings) and learns which voxel functions of
+  the enhancement maps to average.
+* Augmentation: the 48 axis symmetries of the cube (flips and axis permutations); no intensity
+  augmentation, which cost held-out AUC in the study.
+* Training: AdamW 1e-2 for 1,000 steps of 16 (~110 epochs of 143 cases; ~50 s on 2 cores).
+* Selection: the lowest class-balanced validation loss over 10 evaluations on a stratified
   quarter of the training centres.
 
   her2jax --config=configs/demo_cpu.py --workdir=runs/demo/run --config.data.data_dir=runs/demo/data
@@ -29,18 +37,17 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.test_centers = ("CENTER_C",)
     config.data.val_fraction = 0.25
     config.data.worker_count = 0
-    config.model = factory.model_config("resnet3d")
-    config.model.resnet.update(depth=10, widen_factor=0.5, shortcut="B", bias_downsample=False,
-                               conv1_t_size=3, conv1_t_stride=2)
+    config.model = factory.model_config("none")
+    config.model.roi_pool.update(hidden=8, rim_voxels=(2, 4))
     config.train = defaults.train_config()
     config.train.batch_size = 16
-    config.train.steps = 300
-    config.train.learning_rate = 1e-3
+    config.train.steps = 1000
+    config.train.learning_rate = 1e-2
     config.train.warmup_steps = 20
     config.train.layer_decay = 1.0
     config.train.augment.update(flips=True, permute_axes=True, scale=0.0, channel_scale=0.0,
                                 shift=0.0, noise=0.0)
-    config.train.eval_every = 50
-    config.train.save_every = 50
+    config.train.eval_every = 100
+    config.train.save_every = 100
     config.train.eval_batch_size = 32
     return config

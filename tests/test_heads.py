@@ -134,8 +134,9 @@ def test_roi_pool_averages_voxel_features_inside_the_mask_and_on_its_rim():
     pool = roi_pool.RoiPool(in_channels=3, mask_channel=1, hidden=4, rim_voxels=1,
                             rngs=nnx.Rngs(0))
     out = np.asarray(pool(jnp.asarray(x)))
-    assert out.shape == (2, pool.features_dim) == (2, 13)
-    # By hand: the same voxel MLP, masked means, the one-voxel cube shell, the log volume.
+    assert out.shape == (2, pool.features_dim) == (2, 14)
+    # By hand: the same voxel MLP, masked means, the one-voxel cube shell, the log volume and
+    # the log volume of the shell.
     v = np.asarray(pool.fc2(jax.nn.gelu(pool.fc1(jnp.asarray(x)), approximate=False)))
     for b in range(2):
         inside = mask[b] > 0
@@ -148,8 +149,36 @@ def test_roi_pool_averages_voxel_features_inside_the_mask_and_on_its_rim():
         np.testing.assert_allclose(out[b, 4:8], v[b][inside].std(0), rtol=1e-3, atol=1e-3)
         np.testing.assert_allclose(out[b, 8:12], v[b][shell].mean(0), rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(out[b, 12], np.log(inside.mean()), rtol=1e-4)
+        np.testing.assert_allclose(out[b, 13], np.log(shell.mean()), rtol=1e-4)
     with pytest.raises(Her2jaxError, match="mask channel"):
         roi_pool.RoiPool(in_channels=3, mask_channel=3, rngs=nnx.Rngs(0))
+
+
+def test_roi_pool_nested_shells():
+    from her2jax.models import roi_pool
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(1, 12, 12, 12, 2)).astype(np.float32)
+    x[..., 1] = 0.0
+    x[0, 5:7, 4:7, 5:8, 1] = 1.0
+    pool = roi_pool.RoiPool(in_channels=2, mask_channel=1, hidden=3, rim_voxels=(1, 3),
+                            rngs=nnx.Rngs(0))
+    out = np.asarray(pool(jnp.asarray(x)))[0]
+    assert pool.shells == (1, 3) and out.shape == (pool.features_dim,) == (4 * 3 + 2,)
+    v = np.asarray(pool.fc2(jax.nn.gelu(pool.fc1(jnp.asarray(x)), approximate=False)))[0]
+
+    def cube(grow):   # the mask's box grown by `grow` voxels (a cuboid mask dilates to one)
+        out = np.zeros((12, 12, 12), bool)
+        out[5 - grow:7 + grow, 4 - grow:7 + grow, 5 - grow:8 + grow] = True
+        return out
+
+    near, far = cube(1) & ~cube(0), cube(3) & ~cube(1)
+    np.testing.assert_allclose(out[6:9], v[near].mean(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out[9:12], v[far].mean(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out[12:], np.log([cube(0).mean(), near.mean()]), rtol=1e-4)
+    for bad in (0, (2, 2), (3, 1), (), "x"):
+        with pytest.raises(Her2jaxError, match="rim_voxels"):
+            roi_pool.RoiPool(in_channels=2, mask_channel=1, rim_voxels=bad, rngs=nnx.Rngs(0))
 
 
 def test_the_roi_branch_joins_the_classifier_and_needs_a_mask_channel():
@@ -166,7 +195,7 @@ def test_the_roi_branch_joins_the_classifier_and_needs_a_mask_channel():
                                bias_downsample=False)
     config.model.roi_pool.hidden = 4
     model = factory.build_model(config)
-    assert model.roi.mask_channel == 2 and model.head.in_features == 128 + 13
+    assert model.roi.mask_channel == 2 and model.head.in_features == 128 + 14
     logits = model(jnp.zeros((2, 16, 16, 16, 3)))
     assert logits.shape == (2, 3)
     ids = optim.layer_ids(nnx.state(model, nnx.Param))
@@ -174,3 +203,55 @@ def test_the_roi_branch_joins_the_classifier_and_needs_a_mask_channel():
     config.data.recipe.channels = ("PE", "PEL")
     with pytest.raises(Her2jaxError, match="MASK"):
         factory.build_model(config)
+
+
+def test_standardized_roi_features_have_zero_mean_and_unit_spread_over_the_batch():
+    from her2jax.models import roi_pool
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(6, 8, 8, 8, 2)).astype(np.float32)
+    x[..., 1] = 0.0
+    for b in range(6):   # tumours of different sizes
+        x[b, 2:3 + b // 2, 2:4, 2:5, 1] = 1.0
+    plain = roi_pool.RoiPool(in_channels=2, mask_channel=1, hidden=3, rngs=nnx.Rngs(0))
+    pool = roi_pool.RoiPool(in_channels=2, mask_channel=1, hidden=3, standardize=True,
+                            rngs=nnx.Rngs(0))
+    raw = np.asarray(plain(jnp.asarray(x)))
+    out = np.asarray(pool(jnp.asarray(x)))      # training mode: this batch's statistics
+    np.testing.assert_allclose(out, (raw - raw.mean(0)) / np.sqrt(raw.var(0) + 1e-5),
+                               rtol=1e-4, atol=1e-4)
+    assert not hasattr(pool.standardize, "scale") or pool.standardize.scale is None
+    # eval mode uses the running statistics, updated by the training call above
+    pool.eval()
+    mean = 0.1 * raw.mean(0)
+    var = 0.9 + 0.1 * raw.var(0)
+    np.testing.assert_allclose(np.asarray(pool(jnp.asarray(x))),
+                               (raw - mean) / np.sqrt(var + 1e-5), rtol=1e-4, atol=1e-4)
+
+
+def test_encoder_none_is_the_tumour_region_branch_alone():
+    import ml_collections
+
+    from her2jax.data import recipes
+    from her2jax.models import factory
+    from her2jax.train import optim
+
+    config = ml_collections.ConfigDict(dict(data=recipes.data_config("kinetic_mm"),
+                                            model=factory.model_config("none")))
+    config.data.recipe.shape = (8, 8, 8)
+    with pytest.raises(Her2jaxError, match="roi_pool.hidden"):
+        factory.build_model(config)
+    config.model.roi_pool.hidden = 4
+    model = factory.build_model(config)
+    assert model.encoder is None and model.head.in_features == 14
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 8, 8, 3)), jnp.float32)
+    x = x.at[..., 2].set(0.0).at[:, 2:5, 2:5, 2:5, 2].set(1.0)
+    np.testing.assert_allclose(model.features(x), model.roi(x), rtol=1e-6)
+    assert model(x).shape == (2, 3)
+    ids = optim.layer_ids(nnx.state(model, nnx.Param))
+    assert {int(i) for i in jax.tree.leaves(ids)} == {1}   # the branch learns like the head
+    config.model.pretrained = "/nowhere"
+    with pytest.raises(Her2jaxError, match="no weights"):
+        factory.build_model(config)
+    with pytest.raises(Her2jaxError, match="encoder or a tumour-region"):
+        heads.Classifier(None, heads.Head(4, 3, rngs=nnx.Rngs(0)))

@@ -60,16 +60,26 @@ def test_the_demo_model_learns_what_transfers_to_an_unseen_centre(cohort, tmp_pa
 def test_the_study_summary_checks_the_goal_per_centre_and_on_the_mean():
     bench = _bench()
 
-    def row(center, model, baseline, permute=False):
+    def row(center, model, baseline, permute=False, data_seed=0):
         auc = lambda v: dict(value=v, ci_low=v - 0.05, ci_high=v + 0.05)  # noqa: E731
         return dict(candidate="demo", held_out=center, permuted_labels=permute,
-                    model=auc(model), pca_lr=auc(0.5), baseline=auc(baseline), train_s=10.0)
+                    data_seed=data_seed, model=auc(model), pca_lr=auc(0.5),
+                    baseline=auc(baseline), train_s=10.0)
 
-    rows = [row("A", 0.80, 0.82), row("B", 0.75, 0.70), row("A", 0.55, 0.6, permute=True)]
+    rows = [row("A", 0.80, 0.82), row("B", 0.75, 0.70), row("A", 0.55, 0.6, permute=True),
+            row("A", 0.63, 0.6, permute=True, data_seed=1),
+            row("B", 0.52, 0.5, permute=True)]
     real, permuted = bench.summarize(rows)
     assert (real["model_mean"], real["baseline_mean"]) == (0.775, 0.76)
     assert real["every_center_within_0_03"] and real["mean_at_least_baseline"]
-    assert permuted["permuted_labels"] and permuted["centers"] == ["A"]
+    # the control: each centre's mean over its permutations, every one at most 0.60
+    assert permuted["permuted_labels"] and permuted["centers"] == ["A", "B"]
+    assert permuted["model"] == {"A": 0.59, "B": 0.52} and permuted["runs"] == 3
+    assert permuted["every_center_at_most_0_60"]
+    rows[3] = row("A", 0.67, 0.6, permute=True, data_seed=1)    # A's mean 0.61
+    assert not bench.summarize(rows)[1]["every_center_at_most_0_60"]
     rows[0] = row("A", 0.78, 0.82)    # 0.04 behind on A: the per-centre goal fails
     assert not bench.summarize(rows)[0]["every_center_within_0_03"]
-    assert "| demo | real | A | 0.780 (0.730-0.830) |" in bench.markdown(rows)
+    table = bench.markdown(rows)
+    assert "| demo | real | A | 0.780 (0.730-0.830) |" in table
+    assert "| demo | permuted #1 | A | 0.670 (0.620-0.720) |" in table

@@ -215,6 +215,11 @@ def test_bad_settings_fail_before_the_workdir_is_touched(data_dir, tmp_path):
         with pytest.raises(Her2jaxError, match=f"train.{key}"):
             pca_lr.fit(pca_config(data_dir, **{key: value}), tmp_path / key)
         assert not (tmp_path / key).exists()
+    config = pca_config(data_dir)
+    config.model.encoder = "none"
+    with pytest.raises(Her2jaxError, match="model.encoder"):
+        pca_lr.fit(config, tmp_path / "none")
+    assert not (tmp_path / "none").exists()
 
 
 def test_only_pca_lr_workdirs_are_evaluated_here(data_dir, tmp_path):

@@ -514,6 +514,19 @@ def test_selection_statement_of_pca_lr_and_without_a_log(reported, tmp_path):
     assert "<img " not in training
 
 
+@pytest.mark.parametrize("model, expected", [
+    (dict(encoder="none", roi_pool=dict(hidden=8, rim_voxels=2)),
+     "no encoder: tumour-region pooling (voxel features of width 8 inside the mask and on a "
+     "2-voxel rim)"),
+    (dict(encoder="resnet3d", resnet=dict(depth=10), roi_pool=dict(hidden=16, rim_voxels=3)),
+     "3D ResNet-10 and tumour-region pooling (voxel features of width 16 inside the mask and "
+     "on a 3-voxel rim)"),
+    (dict(encoder="resnet3d", resnet=dict(depth=18), roi_pool=dict(hidden=0)), "3D ResNet-18"),
+])
+def test_the_model_line_names_the_tumour_region_branch(model, expected):
+    assert report._model_text(dict(model=model, train={})) == expected
+
+
 def test_write_report_refuses_a_non_workdir_and_an_unevaluated_one(reported, tmp_path):
     with pytest.raises(Her2jaxError, match="not a her2jax workdir"):
         report.write_report(tmp_path)

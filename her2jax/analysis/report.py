@@ -186,8 +186,15 @@ def _model_text(config: dict) -> str:
         text = f"3D ViT ({vit.get('size', '?')}, patch {vit.get('patch_size', '?')})"
     elif encoder == "resnet3d":
         text = f"3D ResNet-{model.get('resnet', {}).get('depth', '?')}"
+    elif encoder == "none":
+        text = "no encoder"
     else:
         text = str(encoder)
+    roi = model.get("roi_pool", {})
+    if roi.get("hidden"):
+        text += (f"{' and' if encoder != 'none' else ':'} tumour-region pooling (voxel "
+                 f"features of width {roi['hidden']} inside the mask and on a "
+                 f"{roi.get('rim_voxels', '?')}-voxel rim)")
     head = model.get("head", {})
     if head.get("hidden"):
         text += f", head with {head['hidden']} hidden units"

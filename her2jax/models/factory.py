@@ -15,7 +15,7 @@ from her2jax import labels
 from her2jax.errors import Her2jaxError
 from her2jax.models import heads, port, resnet3d, roi_pool, vit3d
 
-ENCODERS = ("vit3d", "resnet3d")
+ENCODERS = ("vit3d", "resnet3d", "none")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -28,18 +28,21 @@ def model_config(encoder: str = "vit3d") -> ml_collections.ConfigDict:
         resnet=dict(depth=18, shortcut="A", bias_downsample=True, conv1_t_size=7,
                     conv1_t_stride=2, no_max_pool=False, widen_factor=1.0),
         head=dict(hidden=0, dropout=0.0),
-        # Tumour-region pooling beside the encoder (models/roi_pool.py): voxel features of
-        # this width averaged inside the recipe's MASK channel and on a rim of rim_voxels
+        # Tumour-region pooling beside the encoder, or alone with encoder 'none'
+        # (models/roi_pool.py): voxel features of width `hidden` averaged inside the recipe's
+        # MASK channel and on nested shells around it whose outer edges are `rim_voxels`
         # (0: off; needs MASK among the recipe's channels).
-        roi_pool=dict(hidden=0, rim_voxels=2),
+        roi_pool=dict(hidden=0, rim_voxels=(2,), standardize=False),
         dtype="float32",          # compute dtype; bfloat16 on accelerators (params stay float32)
         pretrained="",            # a her2jax-port output directory, or '' for random init
         seed=0,
     ))
 
 
-def build_encoder(config, *, rngs: nnx.Rngs, bn_axis_name: str | None = None) -> nnx.Module:
-    """The encoder of ``config.model`` for ``config.data.recipe``'s channels and grid."""
+def build_encoder(config, *, rngs: nnx.Rngs,
+                  bn_axis_name: str | None = None) -> nnx.Module | None:
+    """The encoder of ``config.model`` for ``config.data.recipe``'s channels and grid (None for
+    ``encoder='none'``: the tumour-region branch alone feeds the head)."""
     model, recipe = config.model, config.data.recipe
     if model.dtype not in _DTYPES:
         raise Her2jaxError(f"unknown dtype {model.dtype!r} (expected {', '.join(_DTYPES)})",
@@ -62,6 +65,8 @@ def build_encoder(config, *, rngs: nnx.Rngs, bn_axis_name: str | None = None) ->
                                  no_max_pool=r.get("no_max_pool", False),
                                  widen_factor=r.widen_factor,
                                  bn_axis_name=bn_axis_name, dtype=dtype, rngs=rngs)
+    if model.encoder == "none":
+        return None
     raise Her2jaxError(f"unknown encoder {model.encoder!r} (expected {', '.join(ENCODERS)})",
                        key="model.encoder")
 
@@ -79,6 +84,13 @@ def build_model(config, *, rngs: nnx.Rngs | None = None,
         raise Her2jaxError(f"unknown scheme {config.data.scheme!r} (expected "
                            f"{', '.join(labels.CLASS_NAMES)})", key="data.scheme")
     rngs = rngs or nnx.Rngs(config.model.seed)
+    if config.model.encoder == "none":
+        if config.model.pretrained:
+            raise Her2jaxError("encoder 'none' has no weights to load; use a vit3d or "
+                               "resnet3d encoder with pretrained weights", key="model.pretrained")
+        if not config.model.get("roi_pool", {}).get("hidden", 0):
+            raise Her2jaxError("encoder 'none' needs the tumour-region branch "
+                               "(model.roi_pool.hidden > 0)", key="model.encoder")
     if config.model.pretrained:
         # Shapes only, then the port's arrays: random init would be thrown away (and on a
         # CPU it compiles one program per parameter shape).
@@ -87,15 +99,17 @@ def build_model(config, *, rngs: nnx.Rngs | None = None,
         port.load_pretrained(encoder, config.model.pretrained)
     else:
         encoder = build_encoder(config, rngs=rngs, bn_axis_name=bn_axis_name)
-    roi = build_roi_pool(config, rngs=rngs)
-    width = encoder.features_dim + (roi.features_dim if roi is not None else 0)
+    roi = build_roi_pool(config, rngs=rngs, bn_axis_name=bn_axis_name)
+    width = ((encoder.features_dim if encoder is not None else 0)
+             + (roi.features_dim if roi is not None else 0))
     head = heads.Head(width, len(labels.CLASS_NAMES[config.data.scheme]),
                       hidden=config.model.head.hidden, dropout=config.model.head.dropout,
                       rngs=rngs)
     return heads.Classifier(encoder, head, roi)
 
 
-def build_roi_pool(config, *, rngs: nnx.Rngs) -> roi_pool.RoiPool | None:
+def build_roi_pool(config, *, rngs: nnx.Rngs,
+                   bn_axis_name: str | None = None) -> roi_pool.RoiPool | None:
     """``config.model.roi_pool``'s branch for the recipe's channels (None when off)."""
     settings = config.model.get("roi_pool", None)
     if settings is None or not settings.hidden:
@@ -105,5 +119,6 @@ def build_roi_pool(config, *, rngs: nnx.Rngs) -> roi_pool.RoiPool | None:
         raise Her2jaxError(f"tumour-region pooling needs the MASK channel in the recipe; its "
                            f"channels are {', '.join(channels)}", key="model.roi_pool.hidden")
     return roi_pool.RoiPool(in_channels=len(channels), mask_channel=channels.index("MASK"),
-                            hidden=int(settings.hidden), rim_voxels=int(settings.rim_voxels),
-                            rngs=rngs)
+                            hidden=int(settings.hidden), rim_voxels=settings.rim_voxels,
+                            standardize=bool(settings.get("standardize", False)),
+                            bn_axis_name=bn_axis_name, rngs=rngs)

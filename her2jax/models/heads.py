@@ -78,10 +78,13 @@ class Head(nnx.Module):
 class Classifier(nnx.Module):
     """An encoder (``[B, D, H, W, C] -> [B, F]``), optionally a tumour-region branch beside
     it (``roi``, e.g. :class:`her2jax.models.roi_pool.RoiPool`, whose features are appended),
-    followed by a ``Head``."""
+    followed by a ``Head``. Either the encoder or ``roi`` may be None, not both."""
 
-    def __init__(self, encoder: nnx.Module, head: Head, roi: nnx.Module | None = None):
-        width = getattr(encoder, "features_dim", None)
+    def __init__(self, encoder: nnx.Module | None, head: Head, roi: nnx.Module | None = None):
+        if encoder is None and roi is None:
+            raise Her2jaxError("a classifier needs an encoder or a tumour-region branch",
+                               key="model.encoder")
+        width = 0 if encoder is None else getattr(encoder, "features_dim", None)
         if width is not None and roi is not None:
             width += roi.features_dim
         if width is not None and width != head.in_features:
@@ -93,6 +96,8 @@ class Classifier(nnx.Module):
 
     def features(self, x: jax.Array) -> jax.Array:
         """[B, D, H, W, C] volumes -> [B, F] float32 features (encoder, then ``roi``'s)."""
+        if self.encoder is None:
+            return self.roi(x)
         features = self.encoder(x).astype(jnp.float32)
         if self.roi is None:
             return features

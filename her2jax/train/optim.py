@@ -158,6 +158,11 @@ def _layer_table(params: nnx.State) -> tuple[Callable[[tuple], int], int]:
             if p[1] == "norm":
                 return num_layers
             raise ValueError(f"no layer id for the ViT parameter {p}")
+    elif not encoder_names:  # encoder 'none': the tumour-region branch and the head
+        num_layers = 1
+
+        def encoder_id(p: tuple) -> int:
+            raise ValueError(f"no encoder, yet the parameter {p}")
     elif encoder_names & set(_RESNET_STAGES):
         num_layers = _RESNET_NUM_LAYERS
 

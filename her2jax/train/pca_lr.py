@@ -194,6 +194,10 @@ def _check_settings(config) -> None:
     if int(tc.pca_components) < 1:
         raise Her2jaxError(f"must be at least 1, got {tc.pca_components}",
                            key="train.pca_components")
+    if config.model.encoder == "none":
+        raise Her2jaxError("the pca_lr protocol reads a frozen encoder's features; encoder "
+                           "'none' has none (train it with protocol 'finetune')",
+                           key="model.encoder")
     if tc.class_weighting not in ("balanced", "none"):
         raise Her2jaxError(f"unknown class weighting {tc.class_weighting!r} (expected "
                            "'balanced' or 'none')", key="train.class_weighting")
