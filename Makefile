@@ -40,8 +40,8 @@ test: $(STAMP) chromium
 lint: $(STAMP)
 	$(BIN)/ruff check her2jax tests benchmarks configs
 
-# Phantom cohort (300 patients, 3 centres) -> TFDS dataset -> train a small ResNet on
-# scanner-independent kinetic maps (configs/demo_cpu.py) -> evaluate on the held-out centre
+# Phantom cohort (300 patients, 3 centres) -> TFDS dataset -> train a tumour-region network
+# on scanner-independent kinetic maps (configs/demo_cpu.py) -> evaluate on the held-out centre
 # (printed next to the hand-made kinetic baseline) -> t-SNE / UMAP, feature- and image-space
 # SHAP -> report.html.
 # Re-running resumes / reuses.

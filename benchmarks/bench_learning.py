@@ -18,8 +18,8 @@ the same run and on the same patients:
 
 Each candidate trains for its config's own ``train.steps`` unless ``--steps`` is given.
 
-The permuted-label control (``data.permute_train_labels``: training labels shuffled, validation
-and test untouched) runs for the ``--control`` candidates on every held-out centre, once per
+The permuted-label control (``data.permute_train_labels``: training and validation labels
+shuffled, so the checkpoint choice sees no real label either; the test centre untouched) runs for the ``--control`` candidates on every held-out centre, once per
 permutation (``data.seed`` = 0, 1, ... ``--permutations`` - 1: each draws another permutation
 and another validation quarter); the baseline of the same run is then fitted on the permuted
 labels too. One permutation of ~140 labels is a noisy control (its held-out AUC swings by

@@ -429,7 +429,8 @@ def _cohort_from_dataset(config: dict, data_dir: str | None) -> tuple[list[tuple
               f"{unlabelled} without a {data_config.scheme} label (left out of the labelled "
               "splits).")
     if data_config.get("permute_train_labels", False):
-        source += " The training labels of this run were permuted (a negative control)."
+        source += (" The training and validation labels of this run were permuted (a "
+                   "negative control).")
     return rows, source
 
 

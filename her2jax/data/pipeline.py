@@ -179,9 +179,12 @@ def select_splits(dataset: Dataset, data_config) -> dict[str, Split]:
     splits = {"train": _subset(pool, np.flatnonzero(~held), "train"),
               "val": _subset(pool, np.flatnonzero(held), "val")}
     if data_config.get("permute_train_labels", False):
-        train_labels = np.random.default_rng((data_config.seed, 1)).permutation(
-            splits["train"].labels)
-        splits["train"] = dataclasses.replace(splits["train"], labels=train_labels)
+        # The negative control: the validation labels too, or the checkpoint chosen on them
+        # would carry real-label information into a run that must have none.
+        rng = np.random.default_rng((data_config.seed, 1))
+        for name in ("train", "val"):
+            splits[name] = dataclasses.replace(splits[name],
+                                               labels=rng.permutation(splits[name].labels))
     for center in test:
         name = f"test_{dataset.split_of.get(center, center)}"
         splits[name] = centre_split(dataset, [center], scheme, name=name)

@@ -90,8 +90,10 @@ def data_config(recipe: str = "fmbcmri") -> ml_collections.ConfigDict:
         test_centers=(),
         val_fraction=0.2,                # seeded, stratified share of the training centres
         seed=0,
-        # Negative control: permute the training labels (validation / test untouched); a
-        # run that still "learns" then is learning something other than the labels.
+        # Negative control: permute the labels of the training centres (training and
+        # validation split, each within itself; test untouched), so that neither the weights
+        # nor the checkpoint choice see a real label; a run that still "learns" then is
+        # learning something other than the labels.
         permute_train_labels=False,
         worker_count=2,                  # grain worker processes (0 reads in the main process)
         prefetch=2,                      # batches each worker keeps ready
