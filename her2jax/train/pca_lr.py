@@ -196,7 +196,7 @@ def _check_settings(config) -> None:
                            key="train.pca_components")
     if config.model.encoder == "none":
         raise Her2jaxError("the pca_lr protocol reads a frozen encoder's features; encoder "
-                           "'none' has none (train it with protocol 'finetune')",
+                           "'none' has none (train it with protocol 'gradient')",
                            key="model.encoder")
     if tc.class_weighting not in ("balanced", "none"):
         raise Her2jaxError(f"unknown class weighting {tc.class_weighting!r} (expected "
