@@ -521,6 +521,9 @@ def test_selection_statement_of_pca_lr_and_without_a_log(reported, tmp_path):
     (dict(encoder="resnet3d", resnet=dict(depth=10), roi_pool=dict(hidden=16, rim_voxels=3)),
      "3D ResNet-10 and tumour-region pooling (voxel features of width 16 inside the mask and "
      "on a 3-voxel rim)"),
+    (dict(encoder="none", roi_pool=dict(hidden=8, rim_voxels=[2, 4])),
+     "no encoder: tumour-region pooling (voxel features of width 8 inside the mask and on "
+     "shells of 0-2, 2-4 voxels around it)"),
     (dict(encoder="resnet3d", resnet=dict(depth=18), roi_pool=dict(hidden=0)), "3D ResNet-18"),
 ])
 def test_the_model_line_names_the_tumour_region_branch(model, expected):

@@ -192,9 +192,16 @@ def _model_text(config: dict) -> str:
         text = str(encoder)
     roi = model.get("roi_pool", {})
     if roi.get("hidden"):
+        edges = roi.get("rim_voxels", "?")
+        edges = list(edges) if isinstance(edges, list | tuple) else [edges]
+        if len(edges) == 1:
+            where = f"a {edges[0]}-voxel rim"
+        else:
+            where = "shells of " + ", ".join(f"{a}-{b}" for a, b in
+                                             zip([0, *edges[:-1]], edges, strict=True))
+            where += " voxels around it"
         text += (f"{' and' if encoder != 'none' else ':'} tumour-region pooling (voxel "
-                 f"features of width {roi['hidden']} inside the mask and on a "
-                 f"{roi.get('rim_voxels', '?')}-voxel rim)")
+                 f"features of width {roi['hidden']} inside the mask and on {where})")
     head = model.get("head", {})
     if head.get("hidden"):
         text += f", head with {head['hidden']} hidden units"
