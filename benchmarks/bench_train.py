@@ -498,7 +498,8 @@ def child_her2jax(spec: dict) -> dict:
                    if config.train.class_weighting == "balanced" else None)
         train_step = step_lib.make_train_step(
             graphdef, optimizer, mesh, num_classes=len(class_names),
-            augment_config=step_lib.Augment.from_config(config.train.augment),
+            augment_config=step_lib.Augment.from_config(config.train.augment,
+                                                        config.data.recipe.channels),
             class_weights=weights, label_smoothing=config.train.label_smoothing)
         if spec.get("hlo_dir"):
             # The optimised HLO of the step as it runs (the compiled executable is used below,

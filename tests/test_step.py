@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -201,3 +202,26 @@ def test_axis_permutations_and_channel_contrast_are_symmetries_of_the_input():
     assert np.mean(np.abs(factors[:, 0] - factors[:, 1])) > 0.05
     with pytest.raises(ValueError, match="cubic"):
         step_lib.augment(image[:, :, :, :2], keys, step_lib.Augment(permute_axes=True))
+
+
+def test_intensity_augmentation_leaves_the_mask_channel_to_the_geometry():
+    rng = np.random.default_rng(3)
+    image = rng.normal(size=(8, 4, 4, 4, 3)).astype(np.float32)
+    image[..., 2] = rng.random((8, 4, 4, 4)) > 0.5          # the MASK channel
+    keys = step_lib.example_keys(jnp.asarray([0, 5], jnp.uint32), jnp.int32(2), jnp.arange(8))
+    settings = dict(flips=True, permute_axes=True, scale=0.2, channel_scale=0.3, shift=0.1,
+                    noise=0.05)
+    geometry = np.asarray(step_lib.augment(jnp.asarray(image), keys, step_lib.Augment(
+        flips=True, permute_axes=True)))
+    config = step_lib.Augment.from_config(ml_collections.ConfigDict(settings),
+                                          channels=("PE", "PEL", "mask"))
+    assert config.mask_channels == (2,)
+    out = np.asarray(step_lib.augment(jnp.asarray(image), keys, config))
+    # The mask moves with the volume (same flips and permutation) and keeps its 0 / 1 values;
+    # the enhancement channels are moved and then rescaled, shifted and noised.
+    np.testing.assert_array_equal(out[..., 2], geometry[..., 2])
+    assert not np.allclose(out[..., :2], geometry[..., :2], atol=1e-3)
+    unmasked = np.asarray(step_lib.augment(jnp.asarray(image), keys,
+                                           step_lib.Augment(**settings)))
+    np.testing.assert_allclose(unmasked[..., :2], out[..., :2], rtol=1e-6)
+    assert not np.array_equal(unmasked[..., 2], geometry[..., 2])

@@ -217,7 +217,8 @@ def train(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
                                "'balanced' or 'none')", key="train.class_weighting")
         train_step = step_lib.make_train_step(
             graphdef, optimizer, mesh, num_classes=len(train_split.class_names),
-            augment_config=step_lib.Augment.from_config(tc.augment), class_weights=weights,
+            augment_config=step_lib.Augment.from_config(tc.augment, config.data.recipe.channels),
+            class_weights=weights,
             label_smoothing=tc.label_smoothing)
         predict = step_lib.make_predict(graphdef)
 

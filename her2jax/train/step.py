@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax import lax
@@ -49,6 +50,9 @@ class Augment:
         timings (an enhancement map sampled 30 s later is a few tens of percent stronger).
       shift: add U(-shift, shift).
       noise: add Gaussian noise of this standard deviation.
+      mask_channels: channels that hold a tumour mask (the recipe's ``MASK``): moved by the
+        flips and permutations, left alone by scale, channel_scale, shift and noise (a mask
+        scaled or noised would change the tumour's volume and the regions pooled over).
     """
 
     flips: bool = False
@@ -57,15 +61,20 @@ class Augment:
     channel_scale: float = 0.0
     shift: float = 0.0
     noise: float = 0.0
+    mask_channels: tuple[int, ...] = ()
 
     @classmethod
-    def from_config(cls, config) -> Augment:
+    def from_config(cls, config, channels=()) -> Augment:
+        """From ``config.train.augment``, with the recipe's ``channels`` (tokens such as
+        'PE', 'MASK') naming the mask channels."""
         return cls(flips=bool(config.flips),
                    permute_axes=bool(config.get("permute_axes", False)),
                    scale=float(config.scale),
                    channel_scale=float(config.get("channel_scale", 0.0)),
                    shift=float(config.shift),
-                   noise=float(config.noise))
+                   noise=float(config.noise),
+                   mask_channels=tuple(i for i, c in enumerate(channels)
+                                       if str(c).strip().upper() == "MASK"))
 
 
 def example_keys(rng: jax.Array, step: jax.Array, index: jax.Array) -> jax.Array:
@@ -101,6 +110,7 @@ def augment(image: jax.Array, keys: jax.Array, config: Augment) -> jax.Array:
             flips = jax.random.bernoulli(k_flip, 0.5, (3,))
             for axis in range(3):
                 x = jnp.where(flips[axis], jnp.flip(x, axis), x)
+        moved = x
         if config.scale:
             x = x * (1 + jax.random.uniform(k_scale, (), minval=-config.scale,
                                             maxval=config.scale))
@@ -112,6 +122,9 @@ def augment(image: jax.Array, keys: jax.Array, config: Augment) -> jax.Array:
             x = x + jax.random.uniform(k_shift, (), minval=-config.shift, maxval=config.shift)
         if config.noise:
             x = x + config.noise * jax.random.normal(k_noise, x.shape)
+        if config.mask_channels:
+            is_mask = np.isin(np.arange(x.shape[-1]), config.mask_channels)
+            x = jnp.where(is_mask, moved, x)
         return x
 
     return jax.vmap(one)(image, keys)
