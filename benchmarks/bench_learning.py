@@ -60,6 +60,7 @@ def _resnet_kinetic_mm():
     config.model.resnet.update(depth=10, widen_factor=0.5, shortcut="B", bias_downsample=False,
                                conv1_t_size=3, conv1_t_stride=2)
     config.train.update(steps=300, learning_rate=1e-3, eval_every=50, save_every=50)
+    config.train.augment.channel_scale = 0.0   # the demo's contrast augmentation is newer
     return config
 
 
