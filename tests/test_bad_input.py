@@ -336,6 +336,15 @@ def test_engine_refuses_a_config_override_of_the_wrong_type(data_dir, tmp_path):
     assert not workdir.exists()
 
 
+def test_engine_refuses_a_model_with_nothing_to_feed_the_head(data_dir, tmp_path):
+    workdir = tmp_path / "run"
+    result = _cli("her2jax.main", f"--workdir={workdir}", "--config=configs/tiny_cpu.py",
+                  f"--config.data.data_dir={data_dir}", "--config.data.recipe.shape=(24,24,24)",
+                  "--config.model.encoder=none")
+    assert_refused(result, "model.encoder", "roi_pool.hidden > 0")
+    assert not workdir.exists()
+
+
 # ---------------------------------------------------------------- her2jax-port
 
 
