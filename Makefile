@@ -44,7 +44,8 @@ lint: $(STAMP)
 # on scanner-independent kinetic maps (configs/demo_cpu.py) -> evaluate on the held-out centre
 # (printed next to the hand-made kinetic baseline) -> t-SNE / UMAP, feature- and image-space
 # SHAP -> report.html.
-# Re-running resumes / reuses.
+# Re-running resumes / reuses; after configs/demo_cpu.py changed, `make clean-demo` first (the
+# engine refuses to train another config into an existing workdir).
 demo: $(STAMP)
 	test -f $(DEMO)/cohort/clinical.csv || \
 	  $(BIN)/her2jax-phantom --out=$(DEMO)/cohort --patients=300 --centers=3 --seed=0 \
