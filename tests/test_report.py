@@ -530,6 +530,13 @@ def test_the_model_line_names_the_tumour_region_branch(model, expected):
     assert report._model_text(dict(model=model, train={})) == expected
 
 
+def test_the_model_line_says_when_the_parameters_are_a_moving_average():
+    model = dict(encoder="resnet3d", resnet=dict(depth=10))
+    assert report._model_text(dict(model=model, train=dict(ema_decay=0.99))) == (
+        "3D ResNet-10; evaluated with the moving average of its parameters (decay 0.99)")
+    assert report._model_text(dict(model=model, train=dict(ema_decay=0.0))) == "3D ResNet-10"
+
+
 def test_write_report_refuses_a_non_workdir_and_an_unevaluated_one(reported, tmp_path):
     with pytest.raises(Her2jaxError, match="not a her2jax workdir"):
         report.write_report(tmp_path)

@@ -225,3 +225,35 @@ def test_intensity_augmentation_leaves_the_mask_channel_to_the_geometry():
                                            step_lib.Augment(**settings)))
     np.testing.assert_allclose(unmasked[..., :2], out[..., :2], rtol=1e-6)
     assert not np.array_equal(unmasked[..., 2], geometry[..., 2])
+
+
+def test_the_parameter_ema_follows_the_updates_with_its_warm_up():
+    """state.ema after each step == e + (1 - d_t) (p_t - e), d_t = min(decay, (1+t)/(10+t)),
+    from the initial parameters; with gradient accumulation it moves on update steps only."""
+    decay = 0.9
+    for accum in (1, 2):
+        optimizer = optax.sgd(0.5) if accum == 1 else optax.MultiSteps(optax.sgd(0.5), accum)
+        mesh = mesh_of(jax.device_count())
+        graphdef, state = state_lib.create(vit_model(), optimizer, seed=5, ema=True)
+        expected = jax.device_get(state.params)
+        assert_trees_close(state.ema, expected, atol=0, rtol=0)
+        train_step = step_lib.make_train_step(graphdef, optimizer, mesh, num_classes=3,
+                                              augment_config=AUG, ema_decay=decay,
+                                              grad_accum=accum)
+        state = on_mesh(state, mesh, P())
+        for s in range(4):
+            before = jax.device_get(state.ema)
+            state, _ = train_step(state, on_mesh(batch_of(seed=s), mesh, P("data")))
+            params = jax.device_get(state.params)
+            if (s + 1) % accum:
+                assert_trees_close(state.ema, before, atol=0, rtol=0)
+                continue
+            t = (s + 1) // accum
+            d = min(decay, (1 + t) / (10 + t))
+            expected = jax.tree.map(lambda e, p, d=d: e + (1 - d) * (p - e), expected, params)
+            assert_trees_close(state.ema, expected, atol=1e-6, rtol=1e-5)
+        # The average lags behind the parameters it follows.
+        assert not all(np.allclose(np.asarray(a), np.asarray(b)) for a, b in zip(
+            jax.tree.leaves(state.ema), jax.tree.leaves(state.params), strict=True))
+    assert float(state_lib.ema_decay_at(0.99, 0)) == pytest.approx(0.1)
+    assert float(state_lib.ema_decay_at(0.99, 10_000)) == pytest.approx(0.99)

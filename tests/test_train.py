@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from her2jax.errors import Her2jaxError
-from her2jax.evaluate import calibration, files
+from her2jax.evaluate import calibration, files, metrics
 from her2jax.train import logger, loop
 
 from .test_factory import load_config
@@ -315,6 +315,37 @@ def test_checkpoint_selection_follows_select_by(data_dir, tmp_path):
     config.train.augment.permute_axes = True
     with pytest.raises(Her2jaxError, match="cubic crop"):
         loop.train(config, tmp_path / "bad", progress=False)
+    assert not (tmp_path / "bad").exists()
+
+
+def _val_loss_of_eval(workdir: Path) -> float:
+    """The class-balanced loss of eval's val predictions (what the loop logs as val loss)."""
+    frame = files.read_predictions(workdir / "eval" / "val" / "predictions.csv")
+    columns = [c for c in frame.columns if c.startswith("prob_")]
+    labels = frame["label"].map({c.removeprefix("prob_"): k for k, c in enumerate(columns)})
+    return metrics.balanced_log_loss(labels.to_numpy(), frame[columns].to_numpy())
+
+
+def test_with_an_ema_every_evaluation_uses_the_averaged_parameters(data_dir, tmp_path):
+    runs = {}
+    for name, ema in (("ema", 0.9), ("plain", 0.0)):
+        result = loop.train(small_config(data_dir, steps=8, eval_every=4, save_every=4,
+                                         select_by="last", learning_rate=1e-2,
+                                         ema_decay=ema), tmp_path / name, progress=False)
+        assert result.best_step == 8
+        loop.evaluate(tmp_path / name, splits=["val"], n_boot=0)
+        logged = [r["loss"] for r in logger.read_metrics(tmp_path / name)
+                  if r["split"] == "val" and r["step"] == 8]
+        # eval restores what the loop measured at step 8 (with an EMA: the average, both).
+        assert _val_loss_of_eval(tmp_path / name) == pytest.approx(logged[0], abs=1e-5)
+        runs[name] = logged[0]
+    assert loop.load_trained(tmp_path / "ema").state.ema is not None   # kept in checkpoints
+    assert loop.load_trained(tmp_path / "plain").state.ema is None
+    # Same 8 steps: the average is other parameters than the last ones.
+    assert abs(runs["ema"] - runs["plain"]) > 1e-4
+    for bad in (1.0, -0.1):
+        with pytest.raises(Her2jaxError, match="train.ema_decay"):
+            loop.train(small_config(data_dir, ema_decay=bad), tmp_path / "bad", progress=False)
     assert not (tmp_path / "bad").exists()
 
 

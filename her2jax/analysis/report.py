@@ -205,6 +205,8 @@ def _model_text(config: dict) -> str:
     head = model.get("head", {})
     if head.get("hidden"):
         text += f", head with {head['hidden']} hidden units"
+    if train.get("ema_decay"):
+        text += f"; evaluated with the moving average of its parameters (decay {train['ema_decay']})"
     if train.get("protocol"):
         text += f"; protocol {train['protocol']}"
     if model.get("pretrained"):

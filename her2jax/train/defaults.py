@@ -27,6 +27,10 @@ def train_config() -> ml_collections.ConfigDict:
         grad_accum=1,
         grad_clip=1.0,
         label_smoothing=0.0,
+        # Exponential moving average of the parameters, per optimizer update (0: off). When
+        # on, every evaluation (validation, checkpoint selection, eval / predict / features)
+        # uses the average; it warms up as min(ema_decay, (1 + t) / (10 + t)).
+        ema_decay=0.0,
         class_weighting="balanced",  # 'balanced' (n / (K n_c)) or 'none'
         augment=dict(flips=True, permute_axes=False, scale=0.1, channel_scale=0.0, shift=0.1,
                      noise=0.05),

@@ -170,6 +170,11 @@ def train(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
     if tc.augment.get("permute_axes", False) and len(set(shape)) != 1:
         raise Her2jaxError(f"permuting the axes needs a cubic crop, the recipe's is {shape}",
                            key="train.augment.permute_axes")
+    ema_decay = tc.get("ema_decay", 0.0)   # workdirs older than the key
+    if isinstance(ema_decay, bool) or not isinstance(ema_decay, int | float) \
+            or not 0 <= ema_decay < 1:
+        raise Her2jaxError(f"must be a number in [0, 1) (0: off), got {ema_decay!r}",
+                           key="train.ema_decay")
     if not 0 <= tc.augment.get("channel_scale", 0.0) < 1:
         raise Her2jaxError(f"must be in [0, 1), got {tc.augment.channel_scale}",
                            key="train.augment.channel_scale")
@@ -185,7 +190,7 @@ def train(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
     # workdir is touched).
     model = factory.build_model(config, bn_axis_name=step_lib.AXIS)
     optimizer = _optimizer(config, nnx.state(model, nnx.Param))
-    graphdef, state = state_lib.create(model, optimizer, tc.seed)
+    graphdef, state = state_lib.create(model, optimizer, tc.seed, ema=ema_decay > 0)
     del model
     state = jax.device_put(state, replicated)
 
@@ -219,7 +224,7 @@ def train(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
             graphdef, optimizer, mesh, num_classes=len(train_split.class_names),
             augment_config=step_lib.Augment.from_config(tc.augment, config.data.recipe.channels),
             class_weights=weights,
-            label_smoothing=tc.label_smoothing)
+            label_smoothing=tc.label_smoothing, ema_decay=ema_decay, grad_accum=tc.grad_accum)
         predict = step_lib.make_predict(graphdef)
 
         # 7. The loop.
@@ -261,8 +266,8 @@ def train(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
             bar.update()
 
             if done % tc.eval_every == 0 or done == total:
-                summary = evaluate_split(predict, state, dataset, val_split, mesh,
-                                         tc.eval_batch_size, n_boot=0)
+                summary = evaluate_split(predict, state_lib.for_inference(state), dataset,
+                                         val_split, mesh, tc.eval_batch_size, n_boot=0)
                 # None (undefined, e.g. a class missing from val) is logged as NaN; a real 0.0
                 # stays 0.0 (``x or nan`` would turn an accuracy of 0 into NaN).
                 macro, micro, accuracy = (float("nan") if v is None else v for v in (
@@ -399,7 +404,8 @@ def load_trained(workdir, *, which: str = "best", data_dir: str | None = None,
     abstract = state_lib.TrainState(
         step=jax.ShapeDtypeStruct((), jnp.int32), params=params, rest=rest,
         opt_state=jax.eval_shape(optimizer.init, params),
-        rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+        rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
+        ema=params if config.train.get("ema_decay", 0.0) > 0 else None)
     target = checkpoint.abstract_like(abstract, NamedSharding(mesh, P()))
     checkpoints = checkpoint.Checkpoints(workdir, save_every=1)
     try:
@@ -416,7 +422,9 @@ def load_trained(workdir, *, which: str = "best", data_dir: str | None = None,
                                key="checkpoint")
     finally:
         checkpoints.close()
-    return Trained(config, graphdef, state, mesh, int(jax.device_get(state.step)))
+    # With an EMA the averaged parameters are the trained model.
+    return Trained(config, graphdef, state_lib.for_inference(state), mesh,
+                   int(jax.device_get(state.step)))
 
 
 def evaluate(workdir, *, splits=(), which: str = "best", data_dir: str | None = None,

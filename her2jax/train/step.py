@@ -29,6 +29,7 @@ from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from her2jax.train import state as state_lib
 from her2jax.train.state import TrainState
 
 AXIS = "data"
@@ -184,7 +185,8 @@ def make_loss_and_grad(graphdef: nnx.GraphDef, *, augment_config: Augment,
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
                     mesh: Mesh, *, num_classes: int, augment_config: Augment = Augment(),
                     class_weights: jax.Array | None = None,
-                    label_smoothing: float = 0.0) -> Callable:
+                    label_smoothing: float = 0.0, ema_decay: float = 0.0,
+                    grad_accum: int = 1) -> Callable:
     """``jit(shard_map(step))``: ``(state, batch) -> (state, metrics)``, state donated.
 
     Args:
@@ -195,6 +197,10 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
       augment_config: on-device augmentation.
       class_weights: [K] loss weight per class (None: all 1).
       label_smoothing: label-smoothing epsilon.
+      ema_decay: the decay of ``state.ema`` per optimizer update, with
+        ``state_lib.ema_decay_at``'s warm-up (used when the state keeps an EMA).
+      grad_accum: global batches per optimizer update (``optax.MultiSteps``): the EMA moves
+        only on the batches that complete an update.
 
     The batch is a dict of global arrays sharded over ``data``: image [B, D, H, W, C],
     label [B], index [B] (global example index), valid [B].
@@ -207,10 +213,17 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         loss, grads, rest, aux = loss_and_grad(state, batch)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        ema = state.ema
+        if ema is not None:
+            updated = (state.step + 1) % grad_accum == 0
+            decay = jnp.where(updated, state_lib.ema_decay_at(
+                ema_decay, (state.step + 1) // grad_accum), 1.0)
+            ema = jax.tree.map(lambda e, p: (e + (1.0 - decay) * (p - e)).astype(e.dtype),
+                               ema, params)
         metrics = {"loss": loss, "accuracy": aux["accuracy"],
                    "grad_norm": optax.tree.norm(grads)}
         return state.replace(step=state.step + 1, params=params, rest=rest,
-                             opt_state=opt_state), metrics
+                             opt_state=opt_state, ema=ema), metrics
 
     sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS)),
                             out_specs=(P(), P()), check_vma=True)
