@@ -74,13 +74,14 @@ def test_pretrained_resnet_inflated_to_the_recipe_channels(tmp_path):
     ref = torch_references()
     torch = ref.torch
     single = ref.monai_resnet(10)
-    port.port("medicalnet", ref.save_medicalnet(single, tmp_path / "r10.pth"), tmp_path / "port",
-              in_channels=3)
+    port.port("monai-resnet", ref.save_medicalnet(single, tmp_path / "r10.pth"),
+              tmp_path / "port", in_channels=3, conv1_t_stride=2)
     config = load_config("resnet18")
     config.data.recipe.shape = (24, 24, 24)
     config.model.resnet.depth = 10
     config.model.resnet.shortcut = "B"
     config.model.resnet.bias_downsample = False
+    config.model.resnet.dilated = False   # MONAI's network, as the reference
     config.model.pretrained = str(tmp_path / "port")
     model = factory.build_model(config)
     model.eval()

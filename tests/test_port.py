@@ -78,10 +78,12 @@ def save_medicalnet(model: torch.nn.Module, path: Path, *, legacy: bool = False)
 
 
 @pytest.mark.parametrize("depth", [10, 18, 50])
-def test_medicalnet_resnets_match_monai(depth, tmp_path):
+def test_monai_resnets_match_monai(depth, tmp_path):
+    """MedicalNet's weights in MONAI's (undilated) network: ``monai-resnet`` with the stride
+    MONAI's pretrained=True uses (test_port_sources.py has the network they were trained in)."""
     reference = monai_resnet(depth)
     checkpoint = save_medicalnet(reference, tmp_path / f"resnet_{depth}.pth")
-    report = port.port("medicalnet", checkpoint, tmp_path / "port")
+    report = port.port("monai-resnet", checkpoint, tmp_path / "port", conv1_t_stride=2)
     assert report.architecture["depth"] == depth
     assert report.architecture["shortcut"] == ("A" if depth in (18, 34) else "B")
     assert not any(k.endswith("num_batches_tracked") for k in report.mapped)
@@ -94,7 +96,8 @@ def test_medicalnet_resnets_match_monai(depth, tmp_path):
 def test_resnet_first_layer_inflates_to_three_channels(tmp_path):
     single = monai_resnet(18)
     checkpoint = save_medicalnet(single, tmp_path / "resnet_18.pth")
-    report = port.port("medicalnet", checkpoint, tmp_path / "port", in_channels=3)
+    report = port.port("monai-resnet", checkpoint, tmp_path / "port", in_channels=3,
+                       conv1_t_stride=2)
     assert report.inflation == {"key": "conv1.weight", "from_channels": 1, "to_channels": 3}
     # The PyTorch reference with the same inflated kernel.
     triple = monai_resnet(18, in_channels=3)
@@ -268,7 +271,7 @@ def test_legacy_serialisation_ports_too(tmp_path):
     checkpoint = save_medicalnet(resnet, tmp_path / "resnet_10.pth", legacy=True)
     with open(checkpoint, "rb") as f:
         assert f.read(2) != b"PK", "legacy files are a pickle stream, not a zip"
-    port.port("medicalnet", checkpoint, tmp_path / "resnet")
+    port.port("monai-resnet", checkpoint, tmp_path / "resnet", conv1_t_stride=2)
     x = np.random.default_rng(3).standard_normal((1, 24, 24, 24, 1)).astype(np.float32)
     with torch.no_grad():
         assert_parity(ported(tmp_path / "resnet")(jnp.asarray(x)), resnet(to_torch(x)).numpy())
@@ -294,6 +297,13 @@ def test_port_json_records_source_hash_and_counts(tmp_path):
                     if not k.endswith("num_batches_tracked"))
     assert meta["num_mapped"] == n_tensors
     assert meta["inflation"]["to_channels"] == 2 and meta["architecture"]["in_channels"] == 2
+    # Every architecture fact says where it came from.
+    facts = meta["facts"]
+    assert set(facts) == set(meta["architecture"])
+    assert facts["depth"] == {"value": 10, "from": "file"}
+    assert facts["conv1_t_stride"] == {"value": 2, "from": "source medicalnet"}
+    assert facts["dilated"] == {"value": True, "from": "source medicalnet"}
+    assert facts["in_channels"]["from"].startswith("flag --in_channels")
 
 
 # ---------------------------------------------------------------- safety and bad input

@@ -23,10 +23,13 @@ def model_config(encoder: str = "vit3d") -> ml_collections.ConfigDict:
     """The ``model`` section configs start from (FM-BCMRI ViT-B/8, or MedicalNet ResNet-18)."""
     return ml_collections.ConfigDict(dict(
         encoder=encoder,
-        vit=dict(size="base", patch_size=8, attention="xla", attention_pad=0),
-        # MedicalNet's ResNet-18: parameter-free shortcut A, first conv stride 2.
+        # num_heads 0: the size's (VIT_SIZES); a port's heads must agree.
+        vit=dict(size="base", patch_size=8, attention="xla", attention_pad=0, num_heads=0),
+        # MedicalNet's ResNet-18: parameter-free shortcut A, first conv stride 2. dilated:
+        # layers 3-4 at stride 1 dilated 2 / 4, the network MedicalNet's weights were trained
+        # in (a `her2jax-port --source=medicalnet` port needs it).
         resnet=dict(depth=18, shortcut="A", bias_downsample=True, conv1_t_size=7,
-                    conv1_t_stride=2, no_max_pool=False, widen_factor=1.0),
+                    conv1_t_stride=2, no_max_pool=False, widen_factor=1.0, dilated=False),
         head=dict(hidden=0, dropout=0.0),
         # Tumour-region pooling beside the encoder, or alone with encoder 'none'
         # (models/roi_pool.py): voxel features of width `hidden` averaged inside the recipe's
@@ -56,19 +59,37 @@ def build_encoder(config, *, rngs: nnx.Rngs,
         return vit3d.ViT3D(in_channels=channels, input_shape=tuple(recipe.shape),
                            patch_size=model.vit.patch_size, attention=model.vit.attention,
                            attention_pad=model.vit.attention_pad, dtype=dtype, rngs=rngs,
-                           **vit3d.VIT_SIZES[model.vit.size])
+                           **{**vit3d.VIT_SIZES[model.vit.size],
+                              "num_heads": _vit_heads(model.vit)})
     if model.encoder == "resnet3d":
         r = model.resnet
         return resnet3d.ResNet3D(depth=r.depth, in_channels=channels, shortcut=r.shortcut,
                                  bias_downsample=r.bias_downsample, conv1_t_size=r.conv1_t_size,
                                  conv1_t_stride=r.conv1_t_stride,
                                  no_max_pool=r.get("no_max_pool", False),
-                                 widen_factor=r.widen_factor,
+                                 widen_factor=r.widen_factor, dilated=r.get("dilated", False),
                                  bn_axis_name=bn_axis_name, dtype=dtype, rngs=rngs)
     if model.encoder == "none":
         return None
     raise Her2jaxError(f"unknown encoder {model.encoder!r} (expected {', '.join(ENCODERS)})",
                        key="model.encoder")
+
+
+def _vit_heads(vit) -> int:
+    heads = vit.get("num_heads", 0) or vit3d.VIT_SIZES[vit.size]["num_heads"]
+    if heads < 1 or vit3d.VIT_SIZES[vit.size]["embed_dim"] % heads:
+        raise Her2jaxError(f"{heads} heads do not divide the {vit.size} ViT's embed dim "
+                           f"{vit3d.VIT_SIZES[vit.size]['embed_dim']}", key="model.vit.num_heads")
+    return heads
+
+
+def _port_facts(model) -> dict[str, tuple[object, str]]:
+    """The config's values of the architecture facts a port records but no shape shows."""
+    if model.encoder == "vit3d":
+        return {"num_heads": (_vit_heads(model.vit), "model.vit.num_heads")}
+    r = model.resnet
+    return {"conv1_t_stride": (r.conv1_t_stride, "model.resnet.conv1_t_stride"),
+            "dilated": (r.get("dilated", False), "model.resnet.dilated")}
 
 
 def build_model(config, *, rngs: nnx.Rngs | None = None,
@@ -93,10 +114,13 @@ def build_model(config, *, rngs: nnx.Rngs | None = None,
                                "(model.roi_pool.hidden > 0)", key="model.encoder")
     if config.model.pretrained:
         # Shapes only, then the port's arrays: random init would be thrown away (and on a
-        # CPU it compiles one program per parameter shape).
+        # CPU it compiles one program per parameter shape). Then the facts shapes cannot
+        # show (a stride, a dilation, the heads).
         encoder = nnx.eval_shape(lambda: build_encoder(config, rngs=nnx.Rngs(0),
                                                        bn_axis_name=bn_axis_name))
         port.load_pretrained(encoder, config.model.pretrained)
+        port.check_fits(config.model.pretrained, config.model.encoder,
+                        _port_facts(config.model))
     else:
         encoder = build_encoder(config, rngs=rngs, bn_axis_name=bn_axis_name)
     roi = build_roi_pool(config, rngs=rngs, bn_axis_name=bn_axis_name)

@@ -1,6 +1,16 @@
 """PyTorch foundation-encoder checkpoints -> Flax NNX encoder state (an orbax checkpoint).
 
-  her2jax-port --source=fmbcmri|medicalnet --checkpoint=PATH --out=DIR [--in_channels=C]
+  her2jax-port --source=NAME --checkpoint=PATH --out=DIR [--in_channels=C]
+
+Named sources (``SOURCES_BY_NAME``) know their files: the wrapper that holds the state dict
+(``state_dict`` of a Lightning ``.ckpt``, FMCIB's ``trunk_state_dict``), the key prefixes
+(``module.``, ``base_encoder.``, ``encoder.``, ``model.trunk.``), the heads to drop (MoCo's
+momentum encoder and projector, SimCLR's projection, MedicalNet's ``conv_seg``) and the
+architecture facts that no tensor shows but that change every feature: a ViT's attention
+heads, a ResNet's first-convolution stride and whether its layers 3-4 are dilated. A fact
+comes from a flag, else from the named source, else the port refuses naming the flag;
+``port.json`` records each fact and where it came from, and loading a port into a model
+whose config says otherwise is refused (:func:`check_fits`).
 
 Reading never imports torch and never unpickles anything outside an allow-list of tensor
 types (:mod:`torch_checkpoint`). The mapping is by name: her2jax's encoders name their
@@ -21,7 +31,8 @@ computed when absent), every checkpoint tensor that is not deliberately dropped 
 in the model, and every shape must match: anything else is a one-line error naming the key.
 
 The output directory holds ``encoder/`` (orbax checkpoint of the encoder's state as a pure
-dict) and ``port.json`` (source, input sha256, architecture, key counts, inflation). It
+dict) and ``port.json`` (source, input sha256, architecture and the provenance of each of
+its facts, key counts, inflation). It
 is written to a temporary sibling and renamed into place, so a failed port leaves nothing;
 the folder gets the mode the umask gives a new folder (not mkdtemp's 0700).
 """
@@ -46,16 +57,85 @@ from her2jax.errors import Her2jaxError
 from her2jax.jsonfile import read_json
 from her2jax.models import resnet3d, torch_checkpoint, vit3d
 
-SOURCES = ("fmbcmri", "medicalnet")
 PORT_FILE = "port.json"
 STATE_DIR = "encoder"
 
-# Keys a port drops on purpose: MoCo v3's momentum encoder and projector / predictor MLPs,
-# the old classification heads, and BatchNorm's batch counters.
-_DROPPED = re.compile(r"^(momentum_encoder\.|predictor\.|projector\.|head\.|fc\.)"
-                      r"|\.num_batches_tracked$")
-_WRAPPERS = ("state_dict", "model", "module", "net")
-_PREFIXES = ("module.", "base_encoder.", "encoder.", "backbone.")
+# What every checkpoint may carry besides the encoder: BatchNorm's batch counters.
+_ALWAYS_DROPPED = r"\.num_batches_tracked$"
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """A public foundation encoder: how its files are laid out and the architecture facts
+    its weights cannot tell.
+
+    Attributes:
+      name: the ``--source`` value.
+      kind: ``vit3d`` or ``resnet3d``.
+      title: what it is, for the README and errors.
+      wrappers: dict keys that hold the state dict, tried in order (a Lightning ``.ckpt``
+        and most training scripts: ``state_dict``).
+      prefixes: key prefixes stripped (repeatedly, in any order).
+      dropped: regex of (stripped) keys a port leaves out on purpose: heads, projectors,
+        momentum encoders.
+      facts: architecture facts the source fixes (``conv1_t_stride``, ``dilated``).
+      heads_by_width: ViT attention heads by embedding width (``num_heads`` is not in the
+        weights); a width not listed needs ``--num_heads``.
+    """
+
+    name: str
+    kind: str
+    title: str
+    wrappers: tuple[str, ...] = ("state_dict", "model", "module", "net")
+    prefixes: tuple[str, ...] = ("module.",)
+    dropped: str = r"^(head|fc)\."
+    facts: Mapping = dataclasses.field(default_factory=dict)
+    heads_by_width: Mapping = dataclasses.field(default_factory=dict)
+
+
+_SOURCE_LIST = (
+    Source("fmbcmri", "vit3d", "FM-BCMRI 3D ViT (MoCo v3; ViT-B/8 and vit_3d_small)",
+           prefixes=("module.", "base_encoder."),
+           dropped=r"^(momentum_encoder|predictor|projector|head)\.",
+           # FM-BCMRI's vit_3d_base and vit_3d_small both use 12 heads (64 and 32 wide).
+           heads_by_width={768: 12, 384: 12}),
+    Source("breastmrfm", "resnet3d", "BreastMR-FM (MONAI resnet10, SimCLR, Lightning .ckpt)",
+           prefixes=("module.", "encoder."), dropped=r"^(projection|fc)\.",
+           # monai.networks.nets.resnet10(spatial_dims=3, n_input_channels=1,
+           # feed_forward=False): MONAI's default stem stride 1, no dilation.
+           facts={"conv1_t_stride": 1, "dilated": False}),
+    Source("medicalnet", "resnet3d", "MedicalNet / Med3D 3D ResNet (Tencent, as trained)",
+           prefixes=("module.",), dropped=r"^(fc|conv_seg)\.",
+           # Tencent's models/resnet.py: a 7x7x7 / 2 stem, layers 3-4 stride 1 dilated 2 / 4.
+           facts={"conv1_t_stride": 2, "dilated": True}),
+    Source("fmcib", "resnet3d", "FMCIB (MONAI resnet50, widen 2; model_weights.torch or "
+           "Lighter .ckpt)",
+           wrappers=("trunk_state_dict", "state_dict"),
+           prefixes=("module.", "model.trunk.", "model.backbone.", "trunk."),
+           dropped=r"^(model\.heads|heads|latent_var_head|fc)\.",
+           # fmcib's resnet50(): monai resnet50(widen_factor=2, conv1_t_stride=2,
+           # feed_forward=False).
+           facts={"conv1_t_stride": 2, "dilated": False}),
+    Source("monai-resnet", "resnet3d", "any monai.networks.nets.ResNet state dict "
+           "(--conv1_t_stride required)",
+           prefixes=("module.", "encoder.", "backbone."), facts={"dilated": False}),
+    Source("timm-vit3d", "vit3d", "any timm-style 3D ViT state dict (--num_heads required)",
+           prefixes=("module.", "base_encoder.", "encoder.", "backbone.")),
+)
+SOURCES_BY_NAME = {source.name: source for source in _SOURCE_LIST}
+SOURCES = tuple(SOURCES_BY_NAME)
+
+# Architecture facts no tensor shows, and the flag that sets each.
+FACT_FLAGS = {"num_heads": "--num_heads", "conv1_t_stride": "--conv1_t_stride",
+              "dilated": "--dilated"}
+
+
+def source_of(name: str) -> Source:
+    """The named source; an unknown name is a one-line error listing the known ones."""
+    if name not in SOURCES_BY_NAME:
+        raise Her2jaxError(f"unknown source {name!r} (expected one of {', '.join(SOURCES)})",
+                           key="source")
+    return SOURCES_BY_NAME[name]
 
 
 @dataclasses.dataclass
@@ -63,10 +143,13 @@ class PortReport:
     """What a port mapped.
 
     Attributes:
-      source: ``fmbcmri`` or ``medicalnet``.
+      source: the ``--source`` name.
       checkpoint: the input file.
       sha256: of the input file.
-      architecture: the encoder's constructor arguments (inferred from the checkpoint).
+      architecture: the encoder's constructor arguments.
+      facts: for every architecture argument, ``{"value", "from"}``: ``file`` (read from
+        the tensors' names and shapes), ``source <name>`` (fixed by the named source) or
+        ``flag --<name>`` (given by the user).
       mapped: checkpoint keys that became encoder parameters.
       dropped: checkpoint keys dropped on purpose (momentum encoder, heads, counters).
       computed: encoder state computed rather than loaded (a missing fixed pos_embed).
@@ -77,6 +160,7 @@ class PortReport:
     checkpoint: str
     sha256: str
     architecture: dict
+    facts: dict
     mapped: list[str]
     dropped: list[str]
     computed: list[str]
@@ -86,9 +170,13 @@ class PortReport:
         """Multi-line report for the terminal."""
         arch = ", ".join(f"{k}={v}" for k, v in self.architecture.items())
         lines = [f"{self.source}: {Path(self.checkpoint).name} (sha256 {self.sha256[:12]}...)",
-                 f"  architecture: {arch}",
-                 f"  mapped {len(self.mapped)} tensors, dropped {len(self.dropped)} "
-                 f"({_describe_dropped(self.dropped)}), missing 0, unexpected 0"]
+                 f"  architecture: {arch}"]
+        told = [f"{k}={f['value']} ({f['from']})" for k, f in self.facts.items()
+                if f["from"] != "file"]
+        if told:
+            lines.append(f"  not in the weights: {', '.join(told)}")
+        lines.append(f"  mapped {len(self.mapped)} tensors, dropped {len(self.dropped)} "
+                     f"({_describe_dropped(self.dropped)}), missing 0, unexpected 0")
         if self.computed:
             lines.append(f"  computed (not in the checkpoint): {', '.join(self.computed)}")
         if self.inflation:
@@ -100,8 +188,9 @@ class PortReport:
     def to_json(self) -> dict:
         return {
             "source": self.source, "checkpoint": self.checkpoint, "sha256": self.sha256,
-            "architecture": self.architecture, "num_mapped": len(self.mapped),
-            "num_dropped": len(self.dropped), "num_missing": 0, "num_unexpected": 0,
+            "architecture": self.architecture, "facts": self.facts,
+            "num_mapped": len(self.mapped), "num_dropped": len(self.dropped),
+            "num_missing": 0, "num_unexpected": 0,
             "computed": self.computed, "inflation": self.inflation,
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         }
@@ -116,22 +205,27 @@ def _describe_dropped(keys: list[str]) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(groups.items())) or "none"
 
 
-def encoder_tensors(raw, *, file: str) -> tuple[dict[str, np.ndarray], list[str]]:
-    """The encoder's tensors from a loaded checkpoint: unwraps ``state_dict`` and the like,
-    strips ``module.`` / ``base_encoder.`` prefixes, drops what a port never uses.
+def encoder_tensors(raw, source: Source, *, file: str) -> tuple[dict[str, np.ndarray],
+                                                                 list[str]]:
+    """The encoder's tensors from a loaded checkpoint: unwraps the source's wrapper keys
+    (``state_dict``, ``trunk_state_dict``, ...), strips its key prefixes (``module.``,
+    ``encoder.``, ``model.trunk.``, ...) and drops what a port of that source never uses.
 
     Returns:
       (tensors by stripped key, dropped original keys).
     """
     state = raw
     while isinstance(state, Mapping) and not _looks_like_state(state):
-        inner = next((state[k] for k in _WRAPPERS if isinstance(state.get(k), Mapping)), None)
+        inner = next((state[k] for k in source.wrappers if isinstance(state.get(k), Mapping)),
+                     None)
         if inner is None:
-            raise Her2jaxError("holds no state dict (no tensors, no 'state_dict' entry)",
-                               file=file)
+            wanted = " or ".join(repr(k) for k in source.wrappers)
+            raise Her2jaxError(f"holds no state dict (no tensors, no {wanted} entry; a "
+                               f"{source.name} checkpoint?)", file=file)
         state = inner
     if not isinstance(state, Mapping):
         raise Her2jaxError(f"holds a {type(state).__name__}, not a state dict", file=file)
+    dropped_re = re.compile(f"{source.dropped}|{_ALWAYS_DROPPED}")
     tensors, dropped = {}, []
     for key, value in state.items():
         if not isinstance(value, np.ndarray):
@@ -140,11 +234,14 @@ def encoder_tensors(raw, *, file: str) -> tuple[dict[str, np.ndarray], list[str]
         changed = True
         while changed:
             changed = False
-            for prefix in _PREFIXES:
+            for prefix in source.prefixes:
                 if stripped.startswith(prefix):
                     stripped, changed = stripped[len(prefix):], True
-        if _DROPPED.search(stripped) or str(key).startswith("momentum_encoder."):
+        if dropped_re.search(stripped):
             dropped.append(str(key))
+        elif stripped in tensors:
+            raise Her2jaxError(f"holds {stripped} twice once its prefixes are stripped (two "
+                               "networks in one file?)", file=file, key=str(key))
         else:
             tensors[stripped] = value
     return tensors, sorted(dropped)
@@ -154,20 +251,48 @@ def _looks_like_state(d: Mapping) -> bool:
     return any(isinstance(v, np.ndarray) for v in d.values())
 
 
-def infer_architecture(source: str, tensors: dict[str, np.ndarray], *, file: str,
-                       num_heads: int | None = None, conv1_t_stride: int = 2) -> dict:
-    """The encoder's constructor arguments, from the tensor names and shapes.
+def _fact(name: str, source: Source, given, default_from_file=None, *, file: str,
+          why: str) -> dict:
+    """``{"value", "from"}`` for an architecture fact the weights cannot show: the flag if
+    given, else the source's, else a one-line refusal naming the flag."""
+    if given is not None:
+        return {"value": given, "from": f"flag {FACT_FLAGS[name]}"}
+    if name in source.facts:
+        return {"value": source.facts[name], "from": f"source {source.name}"}
+    if default_from_file is not None:
+        return default_from_file
+    raise Her2jaxError(f"{name} cannot be read from the weights and source {source.name} does "
+                       f"not fix it ({why}); pass {FACT_FLAGS[name]}", file=file,
+                       key=FACT_FLAGS[name].lstrip("-"))
+
+
+def infer_architecture(source: str | Source, tensors: dict[str, np.ndarray], *, file: str,
+                       num_heads: int | None = None, conv1_t_stride: int | None = None,
+                       dilated: bool | None = None) -> tuple[dict, dict]:
+    """The encoder's constructor arguments and where each came from.
+
+    Shapes and names give most of the architecture; the attention heads of a ViT, and the
+    first convolution's stride and the dilation of a ResNet, change the features without
+    changing a single shape. Those come from the flags, else from the named source, else the
+    port refuses (one line naming the flag): a guess would port silently wrong features.
 
     Args:
-      source: ``fmbcmri`` or ``medicalnet``.
+      source: a ``Source`` or its name.
       tensors: from :func:`encoder_tensors`.
       file: for error messages.
-      num_heads: ViT attention heads (not visible in weights; default embed_dim / 64, which
-        is 12 for FM-BCMRI's ViT-B).
-      conv1_t_stride: ResNet first-conv stride along D (not visible in weights; MedicalNet
-        was trained with 2).
+      num_heads: ViT attention heads (``--num_heads``).
+      conv1_t_stride: ResNet first-conv stride along D (``--conv1_t_stride``).
+      dilated: ResNet layers 3-4 dilated as Tencent's MedicalNet (``--dilated``).
+
+    Returns:
+      (architecture, facts): ``facts[name] = {"value", "from"}`` for every argument.
     """
-    if source == "fmbcmri":
+    source = source_of(source) if isinstance(source, str) else source
+    if source.kind == "vit3d":
+        if conv1_t_stride is not None or dilated is not None:
+            raise Her2jaxError(f"--conv1_t_stride / --dilated are ResNet facts; {source.name} "
+                               "is a ViT", key="conv1_t_stride" if conv1_t_stride is not None
+                               else "dilated")
         _expect(tensors, ("cls_token", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight"),
                 source, file)
         embed_dim = int(tensors["cls_token"].shape[-1])
@@ -184,48 +309,75 @@ def infer_architecture(source: str, tensors: dict[str, np.ndarray], *, file: str
             if grid ** 3 != tokens:
                 raise Her2jaxError(f"pos_embed has {tokens} patch tokens, not a cube; "
                                    "her2jax ports cubic inputs only", file=file, key="pos_embed")
-        heads = num_heads or max(embed_dim // 64, 1)
+        architecture = dict(kind="vit3d", in_channels=int(proj.shape[1]),
+                            input_shape=[grid * patch] * 3, patch_size=patch,
+                            embed_dim=embed_dim, depth=depth,
+                            mlp_ratio=float(tensors["blocks.0.mlp.fc1.weight"].shape[0])
+                            / embed_dim)
+        known = source.heads_by_width.get(embed_dim)
+        facts = {k: {"value": v, "from": "file"} for k, v in architecture.items()}
+        facts["num_heads"] = _fact(
+            "num_heads", source, num_heads,
+            {"value": known, "from": f"source {source.name} (embed {embed_dim})"}
+            if known else None, file=file,
+            why=f"it knows the heads of embed widths {sorted(source.heads_by_width)}, the "
+                f"checkpoint's is {embed_dim}" if source.heads_by_width
+            else "it ports any ViT")
+        heads = facts["num_heads"]["value"]
         if embed_dim % heads:
             raise Her2jaxError(f"embed dim {embed_dim} is not divisible by {heads} heads",
                                key="num_heads")
-        return dict(kind="vit3d", in_channels=int(proj.shape[1]),
-                    input_shape=[grid * patch] * 3, patch_size=patch, embed_dim=embed_dim,
-                    depth=depth, num_heads=heads,
-                    mlp_ratio=float(tensors["blocks.0.mlp.fc1.weight"].shape[0]) / embed_dim)
-    if source == "medicalnet":
-        _expect(tensors, ("conv1.weight", "bn1.running_mean", "layer1.0.conv1.weight"),
-                source, file)
-        counts = tuple(1 + max((int(k.split(".")[1]) for k in tensors
-                                if k.startswith(f"layer{i}.")), default=-1)
-                       for i in range(1, 5))
-        block = "bottleneck" if "layer1.0.conv3.weight" in tensors else "basic"
-        depth = next((d for d, (b, c) in resnet3d.RESNET_LAYERS.items()
-                      if b == block and tuple(c) == counts), None)
-        if depth is None:
-            raise Her2jaxError(f"{block} blocks per layer {counts} match no ResNet depth of "
-                               f"{sorted(resnet3d.RESNET_LAYERS)}", file=file)
-        conv1 = tensors["conv1.weight"]
-        downsample = [k for k in tensors if ".downsample.0.weight" in k]
-        return dict(kind="resnet3d", depth=depth, in_channels=int(conv1.shape[1]),
-                    shortcut="B" if downsample else "A",
-                    bias_downsample=any(".downsample.0.bias" in k for k in tensors),
-                    conv1_t_size=int(conv1.shape[2]), conv1_t_stride=conv1_t_stride,
-                    widen_factor=float(conv1.shape[0]) / 64)
-    raise Her2jaxError(f"unknown source {source!r} (expected {' or '.join(SOURCES)})",
-                       key="source")
+        architecture["num_heads"] = heads
+        return architecture, facts
+    if num_heads is not None:
+        raise Her2jaxError(f"--num_heads is a ViT fact; {source.name} is a ResNet",
+                           key="num_heads")
+    _expect(tensors, ("conv1.weight", "bn1.running_mean", "layer1.0.conv1.weight"),
+            source, file)
+    counts = tuple(1 + max((int(k.split(".")[1]) for k in tensors
+                            if k.startswith(f"layer{i}.")), default=-1)
+                   for i in range(1, 5))
+    block = "bottleneck" if "layer1.0.conv3.weight" in tensors else "basic"
+    depth = next((d for d, (b, c) in resnet3d.RESNET_LAYERS.items()
+                  if b == block and tuple(c) == counts), None)
+    if depth is None:
+        raise Her2jaxError(f"{block} blocks per layer {counts} match no ResNet depth of "
+                           f"{sorted(resnet3d.RESNET_LAYERS)}", file=file)
+    conv1 = tensors["conv1.weight"]
+    downsample = [k for k in tensors if ".downsample.0.weight" in k]
+    architecture = dict(kind="resnet3d", depth=depth, in_channels=int(conv1.shape[1]),
+                        shortcut="B" if downsample else "A",
+                        bias_downsample=any(".downsample.0.bias" in k for k in tensors),
+                        conv1_t_size=int(conv1.shape[2]),
+                        widen_factor=float(conv1.shape[0]) / 64)
+    facts = {k: {"value": v, "from": "file"} for k, v in architecture.items()}
+    facts["conv1_t_stride"] = _fact("conv1_t_stride", source, conv1_t_stride, file=file,
+                                    why="MONAI's default is 1, MedicalNet's 2")
+    facts["dilated"] = _fact("dilated", source, dilated, file=file,
+                             why="only Tencent's MedicalNet dilates layers 3-4")
+    architecture["conv1_t_stride"] = facts["conv1_t_stride"]["value"]
+    architecture["dilated"] = facts["dilated"]["value"]
+    return architecture, facts
 
 
-def _expect(tensors: dict, keys: tuple[str, ...], source: str, file: str) -> None:
+def _expect(tensors: dict, keys: tuple[str, ...], source: Source, file: str) -> None:
     missing = [k for k in keys if k not in tensors]
     if not missing:
         return
-    other = "fmbcmri" if source == "medicalnet" else "medicalnet"
     hint = ""
-    if (other == "fmbcmri" and "cls_token" in tensors) or (other == "medicalnet"
-                                                          and "conv1.weight" in tensors):
-        hint = f"; it looks like a {other} checkpoint: pass --source={other}"
-    raise Her2jaxError(f"is not a {source} checkpoint: missing {', '.join(missing)}{hint}",
-                       file=file)
+    if source.kind == "resnet3d" and "cls_token" in tensors:
+        hint = "; it looks like a ViT: pass --source=fmbcmri or timm-vit3d"
+    elif source.kind == "vit3d" and "conv1.weight" in tensors:
+        hint = ("; it looks like a ResNet: pass --source=medicalnet, breastmrfm, fmcib or "
+                "monai-resnet")
+    else:
+        # Keys under a prefix this source does not strip (another source's wrapper)?
+        found = next((k for k in tensors if k.endswith(f".{missing[0]}")), None)
+        if found:
+            hint = (f"; it holds {found}: another source's layout (see her2jax-port "
+                    "--helpfull for the sources)")
+    raise Her2jaxError(f"is not a {source.name} checkpoint: missing {', '.join(missing)}"
+                       f"{hint}", file=file)
 
 
 def build_encoder(architecture: Mapping, *, in_channels: int | None = None,
@@ -344,45 +496,48 @@ def _leaves(tree, prefix=()):
 
 
 def port(source: str, checkpoint, out, *, in_channels: int | None = None,
-         num_heads: int | None = None, conv1_t_stride: int = 2,
-         overwrite: bool = False) -> PortReport:
+         num_heads: int | None = None, conv1_t_stride: int | None = None,
+         dilated: bool | None = None, overwrite: bool = False) -> PortReport:
     """Ports a PyTorch checkpoint into ``out`` (``encoder/`` + ``port.json``).
 
     Args:
-      source: ``fmbcmri`` (FM-BCMRI 3D ViT) or ``medicalnet`` (MedicalNet / MONAI 3D ResNet).
-      checkpoint: ``.pth`` / ``.pth.tar`` / ``.pt`` (zip or legacy serialisation) or
-        ``.safetensors``.
+      source: one of ``SOURCES`` (see :data:`SOURCES_BY_NAME`).
+      checkpoint: ``.pth`` / ``.pth.tar`` / ``.pt`` / ``.ckpt`` / ``.torch`` (zip or legacy
+        serialisation) or ``.safetensors``.
       out: the output directory (must not exist, or be empty, unless ``overwrite``).
       in_channels: the model's input channels C (the dataset recipe's channel count); a
         single-channel first layer is inflated to C. Default: the checkpoint's.
-      num_heads: ViT heads (default embed_dim / 64).
-      conv1_t_stride: ResNet first-conv stride along D (MedicalNet: 2).
+      num_heads: ViT heads, where the source does not fix them.
+      conv1_t_stride: ResNet first-conv stride, where the source does not fix it.
+      dilated: ResNet layers 3-4 dilated (Tencent's MedicalNet), where the source does not
+        fix it.
       overwrite: replace an existing port in ``out``.
     """
-    if source not in SOURCES:
-        raise Her2jaxError(f"unknown source {source!r} (expected {' or '.join(SOURCES)})",
-                           key="source")
+    spec = source_of(source)
     checkpoint = Path(checkpoint)
     out = Path(out).absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise Her2jaxError("exists and is not empty; pass --overwrite to replace it",
                            file=str(out))
     raw = torch_checkpoint.load_state(checkpoint)
-    tensors, dropped = encoder_tensors(raw, file=str(checkpoint))
-    architecture = infer_architecture(source, tensors, file=str(checkpoint),
-                                      num_heads=num_heads, conv1_t_stride=conv1_t_stride)
+    tensors, dropped = encoder_tensors(raw, spec, file=str(checkpoint))
+    architecture, facts = infer_architecture(spec, tensors, file=str(checkpoint),
+                                             num_heads=num_heads,
+                                             conv1_t_stride=conv1_t_stride, dilated=dilated)
     if in_channels and in_channels != architecture["in_channels"]:
         if architecture["in_channels"] != 1:
             raise Her2jaxError(f"first layer has {architecture['in_channels']} input channels;"
                                f" only single-channel kernels inflate to {in_channels}",
                                file=str(checkpoint), key="in_channels")
         architecture["in_channels"] = in_channels
+        facts["in_channels"] = {"value": in_channels, "from": "flag --in_channels (inflated "
+                                "from the file's 1)"}
     model = nnx.eval_shape(lambda: build_encoder(architecture))
     pure, mapped, computed, inflation = map_tensors(tensors, _concrete_pos(model, architecture),
                                                     kind=architecture["kind"],
                                                     file=str(checkpoint))
-    report = PortReport(source, str(checkpoint), torch_checkpoint.sha256(checkpoint),
-                        architecture, mapped, dropped, computed, inflation)
+    report = PortReport(spec.name, str(checkpoint), torch_checkpoint.sha256(checkpoint),
+                        architecture, facts, mapped, dropped, computed, inflation)
     _write(out, pure, report)
     return report
 
@@ -424,6 +579,51 @@ def read_port(directory) -> dict:
                      missing="is not a her2jax-port output (no port.json)")
 
 
+# Facts a port made before they were recorded had these values (her2jax built no other).
+_LEGACY_FACTS = {"dilated": False}
+
+
+def _triple_or_value(value):
+    if isinstance(value, list | tuple):
+        return tuple(int(v) for v in value) if len(set(value)) > 1 else int(value[0])
+    return value
+
+
+def check_fits(directory, kind: str, wanted: Mapping[str, tuple[object, str]]) -> dict:
+    """Refuses a port whose weights were made for another network than the config's.
+
+    Shapes catch most mismatches when the weights load; these facts change the features
+    without changing a shape, so they are compared here.
+
+    Args:
+      directory: the port.
+      kind: the config's encoder (``vit3d`` / ``resnet3d``).
+      wanted: ``{fact: (the config's value, its config key)}``.
+
+    Returns:
+      port.json.
+
+    Raises:
+      Her2jaxError: one line naming the config key, the port's value and where it came from.
+    """
+    meta = read_port(directory)
+    architecture = meta.get("architecture") or {}
+    if architecture.get("kind") != kind:
+        raise Her2jaxError(f"port holds a {architecture.get('kind')} encoder "
+                           f"({meta.get('source')}), the config builds a {kind}",
+                           file=str(directory), key="model.encoder")
+    facts = meta.get("facts") or {}
+    for name, (value, key) in wanted.items():
+        ported = architecture.get(name, _LEGACY_FACTS.get(name))
+        if _triple_or_value(ported) != _triple_or_value(value):
+            origin = (facts.get(name) or {}).get("from", "port.json")
+            raise Her2jaxError(
+                f"port was made for {name}={ported} ({origin}) but {key} is {value}: set "
+                f"--config.{key}={ported} (the weights give other features in another "
+                "network)", file=str(directory), key=key)
+    return meta
+
+
 def load_pretrained(model: nnx.Module, directory) -> dict:
     """Loads a port's encoder state into ``model`` in place (the model's own shapes and
     shardings are the restore target). Returns port.json.
@@ -434,6 +634,11 @@ def load_pretrained(model: nnx.Module, directory) -> dict:
     import orbax.checkpoint as ocp
 
     meta = read_port(directory)
+    kind = "vit3d" if isinstance(model, vit3d.ViT3D) else "resnet3d"
+    ported_kind = (meta.get("architecture") or {}).get("kind")
+    if ported_kind != kind:
+        raise Her2jaxError(f"port holds a {ported_kind} encoder ({meta.get('source')}), the "
+                           f"config builds a {kind}", file=str(directory), key="model.encoder")
     path = Path(directory).absolute() / STATE_DIR
     state = nnx.state(model)
     pure = nnx.to_pure_dict(state)

@@ -83,8 +83,8 @@ def _check_depth(depth: int) -> None:
         raise Her2jaxError(f"ResNet depth {depth} is not one of {sorted(RESNET_LAYERS)}")
 
 
-def _conv(in_features, out_features, kernel, *, stride=1, padding=0, use_bias=False, dtype,
-          rngs) -> nnx.Conv:
+def _conv(in_features, out_features, kernel, *, stride=1, padding=0, dilation=1,
+          use_bias=False, dtype, rngs) -> nnx.Conv:
     """An ``nn.Conv3d`` lookalike: cubic ints or triples, symmetric explicit padding."""
     kernel = _triple(kernel)
     return nnx.Conv(
@@ -93,6 +93,7 @@ def _conv(in_features, out_features, kernel, *, stride=1, padding=0, use_bias=Fa
         kernel_size=kernel,
         strides=_triple(stride),
         padding=tuple((p, p) for p in _triple(padding)),
+        kernel_dilation=_triple(dilation),
         use_bias=use_bias,
         kernel_init=_kaiming_fan_out,
         dtype=dtype,
@@ -106,15 +107,18 @@ def _triple(v) -> tuple[int, int, int]:
 
 
 class BasicBlock(nnx.Module):
-    """MONAI ``ResNetBlock``: 3x3x3 (stride) -> 3x3x3, identity or projected shortcut."""
+    """MONAI ``ResNetBlock``: 3x3x3 (stride) -> 3x3x3, identity or projected shortcut (both
+    3x3x3 convolutions dilated by ``dilation``, padded by it, as Tencent's ``BasicBlock``)."""
 
     expansion = 1
 
     def __init__(self, in_planes: int, planes: int, *, stride: int, downsample: nnx.List | None,
-                 shortcut_a: bool, bn, dtype, rngs: nnx.Rngs):
-        self.conv1 = _conv(in_planes, planes, 3, stride=stride, padding=1, dtype=dtype, rngs=rngs)
+                 shortcut_a: bool, bn, dtype, rngs: nnx.Rngs, dilation: int = 1):
+        self.conv1 = _conv(in_planes, planes, 3, stride=stride, padding=dilation,
+                           dilation=dilation, dtype=dtype, rngs=rngs)
         self.bn1 = bn(planes)
-        self.conv2 = _conv(planes, planes, 3, padding=1, dtype=dtype, rngs=rngs)
+        self.conv2 = _conv(planes, planes, 3, padding=dilation, dilation=dilation, dtype=dtype,
+                           rngs=rngs)
         self.bn2 = bn(planes)
         self.downsample = downsample
         self.shortcut_a = (stride, planes) if shortcut_a else None
@@ -126,15 +130,16 @@ class BasicBlock(nnx.Module):
 
 
 class Bottleneck(nnx.Module):
-    """MONAI ``ResNetBottleneck``: 1x1x1 -> 3x3x3 (stride) -> 1x1x1 (x4 channels)."""
+    """MONAI ``ResNetBottleneck``: 1x1x1 -> 3x3x3 (stride, dilation) -> 1x1x1 (x4 channels)."""
 
     expansion = 4
 
     def __init__(self, in_planes: int, planes: int, *, stride: int, downsample: nnx.List | None,
-                 shortcut_a: bool, bn, dtype, rngs: nnx.Rngs):
+                 shortcut_a: bool, bn, dtype, rngs: nnx.Rngs, dilation: int = 1):
         self.conv1 = _conv(in_planes, planes, 1, dtype=dtype, rngs=rngs)
         self.bn1 = bn(planes)
-        self.conv2 = _conv(planes, planes, 3, stride=stride, padding=1, dtype=dtype, rngs=rngs)
+        self.conv2 = _conv(planes, planes, 3, stride=stride, padding=dilation, dilation=dilation,
+                           dtype=dtype, rngs=rngs)
         self.bn2 = bn(planes)
         self.conv3 = _conv(planes, planes * 4, 1, dtype=dtype, rngs=rngs)
         self.bn3 = bn(planes * 4)
@@ -174,7 +179,8 @@ class ResNet3D(nnx.Module):
     """MONAI ``ResNet`` (spatial_dims=3, ``feed_forward=False``) as a feature encoder.
 
     MedicalNet weights expect ``conv1_t_stride=2``, ``in_channels=1`` and
-    ``**medicalnet_args(depth)``; the defaults here are MONAI's ``ResNet`` defaults.
+    ``**medicalnet_args(depth)`` (and ``dilated=True`` for the features they were trained
+    to give); the defaults here are MONAI's ``ResNet`` defaults.
 
     Attributes:
       features_dim: length of the feature vector, ``int(block_inplanes[-1] * widen_factor)``
@@ -193,6 +199,7 @@ class ResNet3D(nnx.Module):
         no_max_pool: bool = False,
         widen_factor: float = 1.0,
         block_inplanes: Sequence[int] = (64, 128, 256, 512),
+        dilated: bool = False,
         bn_axis_name: str | None = None,
         dtype=jnp.float32,
         rngs: nnx.Rngs,
@@ -214,6 +221,11 @@ class ResNet3D(nnx.Module):
           widen_factor: scales every stage width, stem included, as MONAI
             (``int(planes * widen_factor)``; bottlenecks widen their inner 3x3x3 too).
           block_inplanes: stage widths before ``widen_factor``.
+          dilated: the network MedicalNet's weights were trained in (Tencent's
+            ``models/resnet.py``): layers 3 and 4 keep stride 1 and dilate their 3x3x3
+            convolutions by 2 and 4, so their maps stay at layer 2's resolution (MONAI's
+            ``ResNet``, the default here, strides them by 2 instead). Same parameters, other
+            features.
           bn_axis_name: mesh axis over which BatchNorm batch statistics are averaged (e.g.
             'data' under ``shard_map``); None for single-device use. With a name, a
             training-mode call must run inside a ``shard_map`` that binds that axis
@@ -243,7 +255,10 @@ class ResNet3D(nnx.Module):
 
         in_planes = widths[0]
         stages = []
-        for planes, blocks, stride in zip(widths, layers, (1, 2, 2, 2), strict=True):
+        strides, dilations = ((1, 2, 1, 1), (1, 1, 2, 4)) if dilated else ((1, 2, 2, 2),
+                                                                           (1, 1, 1, 1))
+        for planes, blocks, stride, dilation in zip(widths, layers, strides, dilations,
+                                                    strict=True):
             out_planes = planes * expansion
             reshapes = stride != 1 or in_planes != out_planes
             downsample = None
@@ -253,7 +268,8 @@ class ResNet3D(nnx.Module):
                           dtype=dtype, rngs=rngs),
                     bn(out_planes),
                 ])
-            block = partial(block_cls, planes=planes, bn=bn, dtype=dtype, rngs=rngs)
+            block = partial(block_cls, planes=planes, bn=bn, dtype=dtype, rngs=rngs,
+                            dilation=dilation)
             stage = [block(in_planes, stride=stride, downsample=downsample,
                            shortcut_a=reshapes and shortcut == "A")]
             in_planes = out_planes
