@@ -399,6 +399,8 @@ def test_facts_no_file_shows_are_refused_rather_than_guessed(tmp_path):
                   tmp_path / "out")
     assert not (tmp_path / "out").exists()
     port.port("timm-vit3d", plain, tmp_path / "generic", num_heads=2)
+    x = np.random.default_rng(6).standard_normal((2, 16, 16, 16, 1)).astype(np.float32)
+    assert_parity(ported(tmp_path / "generic")(jnp.asarray(x)), _features(tiny.eval(), x))
     port.port("monai-resnet", resnet, tmp_path / "monai", conv1_t_stride=2)
     assert port.read_port(tmp_path / "monai")["facts"]["dilated"] == {
         "value": False, "from": "source monai-resnet"}
