@@ -179,6 +179,47 @@ def test_bad_training_settings_fail_before_the_workdir_is_touched(data_dir, tmp_
     assert not (tmp_path / "a").exists() and not (tmp_path / "b" / "config.json").exists()
 
 
+@pytest.mark.parametrize("key, value, named", [
+    ("train.eval_every", 0, "an integer >= 1"),
+    ("train.log_every", 0, "an integer >= 1"),
+    ("train.eval_batch_size", 0, "an integer >= 1"),
+    ("train.save_every", 0, "an integer >= 1"),
+    ("train.label_smoothing", 1.5, "a number in [0, 1)"),
+    ("train.early_stop_patience", -1, "an integer >= 0"),
+    ("train.profile_steps", (5, 2), "(first, last) with 0 <= first <= last < 12"),
+    ("train.profile_steps", (0, 12), "last < 12"),
+    ("train.class_weighting", "inverse", "'balanced' or 'none'"),
+    ("train.augment.noise", -0.1, "a number >= 0"),
+    ("data.seed", -1, "an integer in [0, 2^32)"),
+    ("data.val_fraction", 1.0, "a number in [0, 1)"),
+    ("data.recipe.name", "no_such_recipe", "one of the named recipes"),
+    ("data.test_centers", "CENTER_C", "a tuple of centre names, e.g. ('CENTER_C',)"),
+])
+def test_every_setting_out_of_range_is_refused_before_the_workdir(key, value, named, data_dir,
+                                                                   tmp_path):
+    """Issue 16: these crashed (ZeroDivisionError, ValueError, RuntimeError), ran a nonsense
+    run, or wrote config.json before failing (so the corrected rerun was refused)."""
+    config = small_config(data_dir)
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+        node = node[part]
+    with node.ignore_type():
+        node[leaf] = value
+    with pytest.raises(Her2jaxError) as error:
+        loop.train(config, tmp_path / "run", progress=False)
+    assert f"key '{key}'" in str(error.value) and named in str(error.value), str(error.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_corrected_rerun_after_a_refused_setting_trains(data_dir, tmp_path):
+    with pytest.raises(Her2jaxError, match="train.eval_every"):
+        loop.train(small_config(data_dir, eval_every=0), tmp_path / "run", progress=False)
+    result = loop.train(small_config(data_dir, steps=2, eval_every=2, save_every=2,
+                                     warmup_steps=0), tmp_path / "run", progress=False)
+    assert result.steps == 2
+
+
 # ---------------------------------------------------------------- real processes
 
 RESUME_ARGS = ["--config=configs/tiny_cpu.py", "--config.data.recipe.shape=(24,24,24)",

@@ -63,6 +63,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from her2jax.data import recipes
 from her2jax.errors import Her2jaxError
 
 # Bump whenever a change here changes what a recipe produces: it is part of the fingerprint,
@@ -175,6 +176,11 @@ def check_recipe(recipe, num_phases: int | None = None) -> None:
     """
     for key in RECIPE_FIELDS:
         _get(recipe, key)
+    name = _get(recipe, "name")
+    if name not in recipes.RECIPES:
+        raise Her2jaxError(f"unknown recipe {name!r}; expected one of "
+                           f"{', '.join(recipes.RECIPES)} (override its fields, keep its name)",
+                           key="recipe.name")
     tokens = _channels(recipe)
     for token in tokens:
         kind, k = _parse(token)

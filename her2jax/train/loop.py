@@ -36,7 +36,7 @@ from her2jax.data import pipeline
 from her2jax.errors import Her2jaxError
 from her2jax.evaluate import calibration, decision, files, metrics, tables
 from her2jax.models import factory
-from her2jax.train import baseline, checkpoint, optim
+from her2jax.train import baseline, checkpoint, checks, optim
 from her2jax.train import logger as logger_lib
 from her2jax.train import state as state_lib
 from her2jax.train import step as step_lib
@@ -63,7 +63,7 @@ class TrainResult:
     select_by: str
 
 
-SELECT_BY = ("val_loss", "val_macro_auc", "last")
+SELECT_BY = checks.SELECT_BY
 
 
 def selection_score(select_by: str, step: int, summary: dict) -> float:
@@ -157,27 +157,15 @@ def train(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
     """
     workdir = Path(workdir)
     tc = config.train
+    # 0. Every setting's range, before anything is built or written.
+    checks.check_run_config(config)
     # 1. Mesh.
     mesh = make_mesh()
     replicated = NamedSharding(mesh, P())
     _check_batch(tc.batch_size, "train.batch_size")
     _check_batch(tc.eval_batch_size, "train.eval_batch_size")
     select_by = tc.get("select_by", "val_macro_auc")   # workdirs older than the key
-    if select_by not in SELECT_BY:
-        raise Her2jaxError(f"unknown checkpoint selection {select_by!r} (expected "
-                           f"{', '.join(SELECT_BY)})", key="train.select_by")
-    shape = tuple(config.data.recipe.shape)
-    if tc.augment.get("permute_axes", False) and len(set(shape)) != 1:
-        raise Her2jaxError(f"permuting the axes needs a cubic crop, the recipe's is {shape}",
-                           key="train.augment.permute_axes")
-    ema_decay = tc.get("ema_decay", 0.0)   # workdirs older than the key
-    if isinstance(ema_decay, bool) or not isinstance(ema_decay, int | float) \
-            or not 0 <= ema_decay < 1:
-        raise Her2jaxError(f"must be a number in [0, 1) (0: off), got {ema_decay!r}",
-                           key="train.ema_decay")
-    if not 0 <= tc.augment.get("channel_scale", 0.0) < 1:
-        raise Her2jaxError(f"must be in [0, 1), got {tc.augment.channel_scale}",
-                           key="train.augment.channel_scale")
+    ema_decay = tc.get("ema_decay", 0.0)
 
     # 2. Data: the split is chosen now, from the config.
     dataset = pipeline.open_dataset(config.data.data_dir, config.data)
@@ -217,9 +205,6 @@ def train(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
         # 6. The jitted steps.
         weights = (class_weights(train_split, config.data.scheme)
                    if tc.class_weighting == "balanced" else None)
-        if tc.class_weighting not in ("balanced", "none"):
-            raise Her2jaxError(f"unknown class weighting {tc.class_weighting!r} (expected "
-                               "'balanced' or 'none')", key="train.class_weighting")
         train_step = step_lib.make_train_step(
             graphdef, optimizer, mesh, num_classes=len(train_split.class_names),
             augment_config=step_lib.Augment.from_config(tc.augment, config.data.recipe.channels),

@@ -45,7 +45,7 @@ from her2jax.data import pipeline
 from her2jax.errors import Her2jaxError
 from her2jax.evaluate import metrics
 from her2jax.models import factory
-from her2jax.train import loop
+from her2jax.train import checks, loop
 from her2jax.train import state as state_lib
 from her2jax.train import step as step_lib
 from her2jax.train import workdir as workdir_lib
@@ -188,6 +188,7 @@ class _Weights:
 
 def _check_settings(config) -> None:
     tc = config.train
+    checks.check_run_config(config)
     if tc.protocol != PROTOCOL:
         raise Her2jaxError(f"is {tc.protocol!r}; pca_lr.fit runs the {PROTOCOL!r} protocol",
                            key="train.protocol")
