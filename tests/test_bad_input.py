@@ -336,6 +336,22 @@ def test_engine_refuses_a_config_override_of_the_wrong_type(data_dir, tmp_path):
     assert not workdir.exists()
 
 
+@pytest.mark.parametrize("how, named", [
+    ("syntax error", ["config file", "bad.py, line 1: invalid syntax", "def get_config(:"]),
+    ("missing file", ["config file", "missing.py: No such file or directory"]),
+    ("':' argument", ["--config=configs/tiny_cpu.py:foo", "the config file failed to load",
+                      "get_config() takes 0 positional arguments"]),
+])
+def test_engine_refuses_a_config_file_it_cannot_load(how, named, tmp_path):
+    config = {"syntax error": tmp_path / "bad.py", "missing file": tmp_path / "missing.py",
+              "':' argument": "configs/tiny_cpu.py:foo"}[how]
+    (tmp_path / "bad.py").write_text("def get_config(:\n    pass\n")
+    workdir = tmp_path / "run"
+    result = _cli("her2jax.main", f"--workdir={workdir}", f"--config={config}")
+    assert_refused(result, *named)
+    assert "Traceback" not in result.stderr and not workdir.exists()
+
+
 def test_engine_refuses_a_model_with_nothing_to_feed_the_head(data_dir, tmp_path):
     workdir = tmp_path / "run"
     result = _cli("her2jax.main", f"--workdir={workdir}", "--config=configs/tiny_cpu.py",

@@ -12,6 +12,7 @@ outputs hold patient data, so what a run creates is readable by its owner and gr
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -31,12 +32,32 @@ def fail(prog: str, message: object) -> None:
     sys.exit(EXIT_USER_ERROR)
 
 
+def config_file_error(error: BaseException) -> str | None:
+    """One line for ml_collections' failure to load a ``--config`` file (missing, a syntax
+    error, an exception in ``get_config``), or None for any other error."""
+    if isinstance(error, SyntaxError) and error.filename:
+        return (f"config file {error.filename}, line {error.lineno}: {error.msg} "
+                f"({(error.text or '').strip()!r})")
+    text = str(error)
+    missing = re.search(r"Attempted \[[^]]*\]:\s+(\S+)\s+\[Errno \d+\] ([^:\n]+)", text)
+    if "Failed loading config file" in text and missing:
+        return f"config file {missing.group(1)}: {missing.group(2)}"
+    if "Error whilst parsing config file" in text:
+        head = text.split("Error whilst parsing config file")[0].rstrip(": ")
+        last = [line.strip() for line in text.splitlines() if line.strip()][-1]
+        last = last.rsplit("^", 1)[-1].strip()
+        return f"{head}: the config file failed to load: {last}"
+    return None
+
+
 def _flags_parser(prog: str) -> Callable[[Sequence[str]], list[str]]:
     def parse(argv: Sequence[str]) -> list[str]:
         try:
             return flags.FLAGS(list(argv))
+        except SyntaxError as e:
+            fail(prog, config_file_error(e) or e)
         except flags.Error as e:
-            fail(prog, e)
+            fail(prog, config_file_error(e) or e)
         except (KeyError, AttributeError, TypeError, ValueError) as e:
             # ml_collections raises these for an override of a missing key (a KeyError, or an
             # AttributeError raised while handling one) or of a wrong type.
@@ -82,6 +103,12 @@ def run(main: Callable[[list[str]], int | None], *, positional: int = 0) -> None
             return main(argv)
         except Her2jaxError as e:
             fail(prog, e)
+        except OSError as e:
+            # A --config file that could not be loaded surfaces when the flag is first read.
+            message = config_file_error(e)
+            if message is None:
+                raise
+            fail(prog, message)
         return None
 
     app.run(wrapped, flags_parser=_flags_parser(prog))
