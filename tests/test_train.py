@@ -218,6 +218,14 @@ def test_a_corrected_rerun_after_a_refused_setting_trains(data_dir, tmp_path):
     result = loop.train(small_config(data_dir, steps=2, eval_every=2, save_every=2,
                                      warmup_steps=0), tmp_path / "run", progress=False)
     assert result.steps == 2
+    # The same data_dir spelled with a trailing slash (or "a/./b") is the same run.
+    for spelling in (f"{data_dir}/", f"{data_dir.parent}/./{data_dir.name}"):
+        config = small_config(data_dir, steps=2, eval_every=2, save_every=2, warmup_steps=0)
+        config.data.data_dir = spelling
+        assert loop.train(config, tmp_path / "run", progress=False).steps == 2
+    record = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert record["config"]["data"]["data_dir"] == str(data_dir)
+    assert "forced_changes" not in record["provenance"]
 
 
 # ---------------------------------------------------------------- real processes

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import importlib.metadata
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -23,9 +24,22 @@ _PACKAGES = ("her2jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint",
              "tensorflow-datasets", "grain", "array-record", "numpy", "scikit-learn")
 
 
+# Config values that are paths: spelled differently (a trailing slash, "a//b", "a/./b") they
+# still name the same run.
+_PATH_KEYS = (("data", "data_dir"), ("model", "pretrained"))
+
+
+def _normalised(record: dict) -> dict:
+    for section, key in _PATH_KEYS:
+        value = (record.get(section) or {}).get(key)
+        if isinstance(value, str) and value:
+            record[section][key] = os.path.normpath(value)
+    return record
+
+
 def config_dict(config) -> dict:
-    """The config as plain JSON values (tuples become lists)."""
-    return json.loads(config.to_json())
+    """The config as plain JSON values (tuples become lists), its paths normalised."""
+    return _normalised(json.loads(config.to_json()))
 
 
 def provenance(dataset_meta: dict) -> dict:
@@ -81,7 +95,7 @@ def claim(workdir: Path, config, dataset_meta: dict, *, force: bool = False) -> 
             old = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise Her2jaxError(f"unreadable ({e})", file=str(path)) from None
-        changed = _differences(old.get("config", {}), record["config"])
+        changed = _differences(_normalised(dict(old.get("config", {}))), record["config"])
         old_data = old.get("provenance", {}).get("dataset", {})
         for key in ("listing_hash", "recipe_fingerprint"):
             if old_data.get(key) != record["provenance"]["dataset"][key]:
