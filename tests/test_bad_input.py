@@ -315,6 +315,19 @@ def test_predict_refuses(case, trained, small_cohort, tmp_path):
     assert not out.exists() and snapshot(workdir) == before
 
 
+@pytest.mark.parametrize("where", ["the file itself", "a folder under a file"])
+def test_predict_refuses_an_out_folder_that_is_a_file(where, trained, phantom_cohort, tmp_path):
+    workdir, _ = trained
+    existing = tmp_path / "predictions.csv"
+    existing.write_text("keep me\n")
+    out = existing if where == "the file itself" else existing / "run1"
+    before = snapshot(workdir)
+    result = _cli("her2jax.main", f"--workdir={workdir}", "--mode=predict",
+                  f"--cohort={phantom_cohort}", f"--out={out}")
+    assert_refused(result, str(out), "--out names the folder")
+    assert existing.read_text() == "keep me\n" and snapshot(workdir) == before
+
+
 def test_eval_refuses_a_checkpoint_of_another_architecture(trained, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(trained[0], workdir, ignore=shutil.ignore_patterns("eval", "predict"))

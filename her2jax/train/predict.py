@@ -82,6 +82,8 @@ def predict_cohort(workdir, cohort_path, *, out=None, which: str = "best",
         written), or no valid case at all.
     """
     workdir = Path(workdir)
+    if out is not None:
+        check_out_folder(out)
     trained = loop.load_trained(workdir, which=which)
     data = trained.config.data
     recipe = plain(data.recipe)
@@ -181,6 +183,19 @@ def _stop(rejection: cohort_lib.Rejection) -> Her2jaxError:
 def _label(scheme: str, case: cohort_lib.Case) -> int:
     label, _ = labels_lib.derive_label(scheme, case.ihc, case.ish, case.her2)
     return -1 if label is None else label
+
+
+def check_out_folder(out) -> None:
+    """Refuses an output folder path that is, or lies under, an existing file (before any
+    work, so the run does not end in a FileExistsError after predicting)."""
+    path = Path(out)
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                what = "is a file" if candidate == path else f"lies under the file {candidate}"
+                raise Her2jaxError(f"{what}; --out names the folder predictions.csv is written "
+                                   "into", file=str(path))
+            return
 
 
 def _clinical_names(columns) -> list[str]:
