@@ -536,3 +536,24 @@ def test_fingerprint_changes_with_every_field(key, value):
     before = pp.recipe_fingerprint(r)
     r[key] = value
     assert pp.recipe_fingerprint(r) != before
+
+
+@pytest.mark.parametrize("name", ["fmbcmri_subtraction", "kinetic", "multiphase"])
+def test_phases_at_the_float32_limits_give_finite_channels(name):
+    """Issue 16: C0 at -3e38 and C2 at +3e38 overflowed the subtraction (C2 - C0 = 6e38) and
+    ended in an AssertionError. Each channel that leaves float32 is now derived in float64 and
+    normalised before it is narrowed; ordinary cases keep the float32 path."""
+    rng = np.random.default_rng(0)
+    phases = np.stack([rng.uniform(100, 200, (32, 32, 16)).astype(np.float32)
+                       for _ in range(3)])
+    phases[0], phases[2] = -3e38, 3e38
+    mask = np.zeros((32, 32, 16), np.uint8)
+    mask[10:20, 10:20, 5:10] = 1
+    crop = pp.preprocess(phases, mask, np.eye(4), recipes.recipe_config(name))
+    image = crop.image.astype(np.float32)
+    assert np.isfinite(image).all()
+    if name == "fmbcmri_subtraction":
+        # SUB2 = 6e38 everywhere: constant, so its z-score is 0 everywhere.
+        np.testing.assert_allclose(image, 0.0, atol=1e-3)
+    else:
+        assert image.std() > 0   # C1 is ordinary tissue

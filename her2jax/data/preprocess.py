@@ -483,8 +483,14 @@ def preprocess(phases, mask, affine, recipe) -> Crop:
     channels = []
     for token in tokens:
         kind = _parse(token)[0]
-        x = resample(_channel(token, block, num_phases - 1, eps, mask_block)
-                     .astype(np.float32), 1)
+        with np.errstate(over="ignore", invalid="ignore"):
+            raw = _channel(token, block, num_phases - 1, eps, mask_block).astype(np.float32)
+        if not np.isfinite(raw).all():
+            # Finite phases whose difference or ratio leaves float32 (intensities near
+            # +-3e38): the same channel in float64, normalised before it is narrowed.
+            raw = _channel(token, {p: v.astype(np.float64) for p, v in block.items()},
+                           num_phases - 1, eps, mask_block)
+        x = resample(raw, 1)
         if kind == "MASK" or (normalize == "ratio" and kind in _RATIOS):
             pass
         elif normalize in ("crop", "ratio") or (normalize == "joint" and kind != "C"):
