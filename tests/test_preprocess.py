@@ -551,9 +551,5 @@ def test_phases_at_the_float32_limits_give_finite_channels(name):
     mask[10:20, 10:20, 5:10] = 1
     crop = pp.preprocess(phases, mask, np.eye(4), recipes.recipe_config(name))
     image = crop.image.astype(np.float32)
-    assert np.isfinite(image).all()
-    if name == "fmbcmri_subtraction":
-        # SUB2 = 6e38 everywhere: constant, so its z-score is 0 everywhere.
-        np.testing.assert_allclose(image, 0.0, atol=1e-3)
-    else:
-        assert image.std() > 0   # C1 is ordinary tissue
+    assert np.isfinite(image).all() and image.std() > 0
+    assert np.abs(image).max() < 20   # z-scores, not values clipped at float16's limit
