@@ -450,3 +450,33 @@ def state_params_at_init(config):
     from her2jax.models import factory
 
     return nnx.state(factory.build_model(config), nnx.Param)
+
+
+def test_a_second_training_into_a_held_workdir_is_refused_until_the_holder_dies(data_dir,
+                                                                                tmp_path):
+    """Issue 16: two trainings into one workdir both ran and interleaved metrics.jsonl. The
+    lock is an flock held by a real process; SIGKILL releases it (no stale lock)."""
+    workdir = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from her2jax.train import workdir; "
+         f"ctx = workdir.locked({str(workdir)!r}); ctx.__enter__(); print('held', flush=True); "
+         "time.sleep(600)"], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(Her2jaxError, match=rf"in use by a running her2jax training "
+                                               rf"\(pid {holder.pid} on "):
+            loop.train(small_config(data_dir, steps=2, eval_every=2, save_every=2,
+                                    warmup_steps=0), workdir, progress=False)
+        assert not (workdir / "config.json").exists()
+        result = subprocess.run([sys.executable, "-m", "her2jax.main", f"--workdir={workdir}",
+                                 *RESUME_ARGS, f"--config.data.data_dir={data_dir}"],
+                                cwd=REPO, capture_output=True, text=True, timeout=300)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and "in use" in lines[0], lines
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)
+    # The holder died without releasing anything by hand: the workdir is free.
+    result = loop.train(small_config(data_dir, steps=2, eval_every=2, save_every=2,
+                                     warmup_steps=0), workdir, progress=False)
+    assert result.steps == 2

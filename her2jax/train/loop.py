@@ -182,16 +182,19 @@ def train(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
     del model
     state = jax.device_put(state, replicated)
 
-    # 4. The workdir belongs to this config and dataset.
-    try:
-        run_config = workdir_lib.claim(workdir, config, dataset.meta, force=force)["config"]
-    except OSError as e:
-        raise _cannot_write(workdir, workdir_lib.CONFIG_FILE, e) from e
-
     # Everything opened from here on is closed however the run ends (done, early stop,
     # preemption, divergence, a full disk): a save started before an error is finished, so
     # no step is left half-written, and the logs are flushed.
     with contextlib.ExitStack() as stack:
+        # 4. The workdir belongs to this run (no second training into it) and to this config
+        # and dataset.
+        try:
+            stack.enter_context(workdir_lib.locked(workdir))
+            run_config = workdir_lib.claim(workdir, config, dataset.meta,
+                                           force=force)["config"]
+        except OSError as e:
+            raise _cannot_write(workdir, workdir_lib.CONFIG_FILE, e) from e
+
         # 5. Restore the latest checkpoint; its step is the data position.
         checkpoints = stack.enter_context(checkpoint.Checkpoints(
             workdir, save_every=tc.save_every, keep_latest=tc.keep_latest))

@@ -224,7 +224,6 @@ def fit(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
       ``{split: metrics summary}`` for val and every test split (as metrics.json).
     """
     workdir = Path(workdir).absolute()
-    tc = config.train
     _check_settings(config)
 
     # 1. Mesh and data: the splits are chosen now, from the config.
@@ -249,9 +248,18 @@ def fit(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
     del model
     weights = _replicated(params, rest, mesh)
 
-    # 3. The workdir belongs to this config and dataset.
-    workdir_lib.claim(workdir, config, dataset.meta, force=force)
+    # 3. The workdir belongs to this run (no second fit or training into it) and to this
+    # config and dataset.
+    with workdir_lib.locked(workdir):
+        workdir_lib.claim(workdir, config, dataset.meta, force=force)
+        return _fit_claimed(config, workdir, dataset, splits, train_split, graphdef, weights,
+                            encoder_state, mesh, n_boot=n_boot, progress=progress)
 
+
+def _fit_claimed(config, workdir: Path, dataset, splits, train_split, graphdef, weights,
+                 encoder_state, mesh, *, n_boot: int, progress: bool) -> dict[str, dict]:
+    """Steps 4-7 of :func:`fit`, with the workdir held."""
+    tc = config.train
     # 4. Features of every split, once.
     predict = step_lib.make_predict(graphdef)
     features = {name: loop.predict_split(predict, weights, dataset, split, mesh,

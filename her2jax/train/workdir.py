@@ -7,10 +7,13 @@ accepts the change and records it).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import importlib.metadata
 import json
 import os
+import socket
 import subprocess
 from pathlib import Path
 
@@ -20,6 +23,7 @@ from her2jax.errors import Her2jaxError
 from her2jax.jsonfile import read_json
 
 CONFIG_FILE = "config.json"
+LOCK_FILE = ".her2jax.lock"
 _PACKAGES = ("her2jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint",
              "tensorflow-datasets", "grain", "array-record", "numpy", "scikit-learn")
 
@@ -122,3 +126,37 @@ def read(workdir: Path) -> dict:
     """config.json of a workdir (what eval / predict / features run with)."""
     return read_json(Path(workdir) / CONFIG_FILE, where=workdir,
                      missing="is not a her2jax workdir (no config.json); train first")
+
+
+@contextlib.contextmanager
+def locked(workdir):
+    """Holds the workdir for one training run (process 0 of it).
+
+    An exclusive ``flock`` on ``<workdir>/.her2jax.lock``: the kernel releases it however the
+    holder ends (a clean exit, an error, SIGKILL, a crash), so a dead run never leaves a
+    stale lock behind, and a second run into the same workdir is refused instead of
+    interleaving its checkpoints and metrics.jsonl with the first's. The file keeps the
+    holder's pid, host and start time for the message.
+
+    Raises:
+      Her2jaxError: another live process holds the workdir.
+    """
+    if jax.process_index() != 0:
+        yield
+        return
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(workdir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+            raise Her2jaxError(f"is in use by a running her2jax training ({holder}); wait for it "
+                               "to end or use another --workdir", file=str(workdir)) from None
+        since = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {since}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)   # releases the lock
