@@ -93,6 +93,8 @@ def _main(argv: list[str]) -> None:
                   "last": "the last step"}[result.select_by]
         print(f"{result.stopped.replace('_', ' ')} at step {result.steps}; checkpoints/best: "
               f"step {result.best_step}, {chosen}; checkpoints in {_WORKDIR.value}/checkpoints")
+        if result.stopped in ("preempted", "interrupted"):
+            print(f"step {result.steps} is saved; run the same command to resume there")
     elif _MODE.value == "eval":
         if pca_lr.is_pca_lr(_WORKDIR.value):
             results = pca_lr.evaluate(_WORKDIR.value, splits=_SPLITS.value,

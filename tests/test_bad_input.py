@@ -513,3 +513,46 @@ def test_report_refuses_an_evaluation_with_a_bad_predictions_file(trained, tmp_p
     result = _cli("her2jax.cli.report", str(workdir))
     assert_refused(result, str(split / "predictions.csv"), *named)
     assert snapshot(workdir) == before, "no report.html, no report_files/"
+
+
+# ---------------------------------------------------------------- Ctrl-C
+
+
+def test_ctrl_c_during_prepare_is_one_line_and_leaves_nothing(phantom_cohort, tmp_path):
+    """Issue 16: Ctrl-C in her2jax-prepare printed a KeyboardInterrupt traceback (and one per
+    worker). SIGINT goes to the whole process group, as a terminal sends it, once the workers
+    are preprocessing: one line, exit 130, no temporary folder, no dataset."""
+    import signal
+    import time
+
+    rows = read_csv(phantom_cohort / "clinical.csv")
+    manifest = []
+    for repeat in range(12):   # 432 cases: long enough to be interrupted half-way
+        for row in rows:
+            pid = row["patient_id"]
+            phases = sorted((phantom_cohort / "images" / pid).glob("*.nii.gz"))
+            manifest.append({"patient_id": f"R{repeat:02d}_{pid}", "center": row["center"],
+                             **{f"phase_{k}": str(p) for k, p in enumerate(phases)},
+                             "mask": str(phantom_cohort / "segmentations" / "expert"
+                                         / f"{pid}.nii.gz"),
+                             "ihc_score": row["ihc_score"], "ish_result": row["ish_result"]})
+    write_csv(tmp_path / "manifest.csv", manifest)
+    data = tmp_path / "data"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "her2jax.cli.prepare", f"--cohort={tmp_path / 'manifest.csv'}",
+         f"--data_dir={data}", "--config=configs/tiny_cpu.py", "--workers=2", "--noprogress",
+         "--config.data.allow_outside_root=True"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if any(p.is_file() for p in data.glob(".her2jax-prepare-*/spool/**/*")):
+            break
+        time.sleep(0.02)
+    assert process.poll() is None, "prepare ended before it could be interrupted"
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-3000:]
+    assert stderr.strip().splitlines() == [
+        "prepare.py: interrupted (Ctrl-C); nothing half-written was kept"], stderr[-3000:]
+    assert not list(data.glob(".her2jax-prepare-*")) and not (data / "her2_dce_mri").exists()

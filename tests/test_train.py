@@ -266,10 +266,13 @@ def _kill_after_first_checkpoint(workdir: Path, data_dir: Path,
     process.send_signal(sig)
     started = time.monotonic()
     process.wait(timeout=120)
-    if sig == signal.SIGTERM:   # preemption: a checkpoint, then a clean exit within 30 s
+    if sig in (signal.SIGTERM, signal.SIGINT):   # a checkpoint, then a clean exit within 30 s
         assert process.returncode == 0, process.stderr.read()[-2000:]
         assert time.monotonic() - started < 30
-        assert "preempted at step" in process.stdout.read()
+        stdout = process.stdout.read()
+        word = "preempted" if sig == signal.SIGTERM else "interrupted"
+        assert f"{word} at step" in stdout and "run the same command to resume" in stdout
+        assert "Traceback" not in process.stderr.read()
     else:
         assert process.returncode == -signal.SIGKILL, "the run ended before it was killed"
     done = max(int(p.name) for p in latest.iterdir() if p.name.isdigit())
@@ -322,12 +325,17 @@ def test_eval_on_a_directory_that_is_not_a_workdir(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_sigterm_saves_and_stops_then_the_run_continues(data_dir, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_sigterm_or_ctrl_c_saves_and_stops_then_the_run_continues_exactly(sig, straight,
+                                                                         data_dir, tmp_path):
     workdir = tmp_path / "run"
-    stopped_at = _kill_after_first_checkpoint(workdir, data_dir, signal.SIGTERM)
+    stopped_at = _kill_after_first_checkpoint(workdir, data_dir, sig)
     assert stopped_at < 160   # the step it was at when the signal came, saved off-interval
     _her2jax(workdir, data_dir)
     assert max(r["step"] for r in logger.read_metrics(workdir) if r["split"] == "train") == 160
+    for a, b in zip(jax.tree.leaves(_final_params(straight)),
+                    jax.tree.leaves(_final_params(workdir)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_early_stopping_and_gradient_accumulation(data_dir, tmp_path):

@@ -22,6 +22,7 @@ from absl import app, flags, logging
 from her2jax.errors import Her2jaxError
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130   # the shell's convention for a program stopped by SIGINT
 UMASK = 0o027   # no permission for "other"; no write for the group
 
 
@@ -109,6 +110,12 @@ def run(main: Callable[[list[str]], int | None], *, positional: int = 0) -> None
             if message is None:
                 raise
             fail(prog, message)
+        except KeyboardInterrupt:
+            # Every writer cleans up on the way out (temporary folders removed, a training's
+            # checkpoint finished); what is left to say is one line.
+            print(f"{prog}: interrupted (Ctrl-C); nothing half-written was kept",
+                  file=sys.stderr, flush=True)
+            sys.exit(EXIT_INTERRUPTED)
         return None
 
     app.run(wrapped, flags_parser=_flags_parser(prog))

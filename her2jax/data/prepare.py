@@ -28,6 +28,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import tempfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -300,16 +301,27 @@ def _preprocess_all(cohort, recipe: dict, spool: Path, workers: int, progress: b
             bar.update()
     else:
         # spawn, not fork: the parent may already run threads (TFDS, absl, JAX).
+        # Workers ignore Ctrl-C: the parent alone stops, drops the queued cases, waits for the
+        # few in flight and removes the temporary folder (a worker's KeyboardInterrupt would
+        # print a traceback per process).
         ctx = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx,
+                                                      initializer=_ignore_sigint)
+        try:
             futures = [pool.submit(_preprocess_case, *job) for job in jobs]
             for _ in concurrent.futures.as_completed(futures):
                 bar.update()
             results = [f.result() for f in futures]
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
     bar.close()
     records = [r for r, _ in results if r is not None]
     rejected = [x for _, x in results if x is not None]
     return records, rejected
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def crop_case(case: cohort_lib.Case, recipe: dict, needed_phases: int) -> preprocess.Crop:

@@ -52,7 +52,7 @@ class TrainResult:
       best_metric: the kept step's value of ``select_by`` (validation loss, macro AUC, or
         the step for 'last'; None if never evaluated).
       best_step: the step checkpoints/best keeps.
-      stopped: 'done', 'early_stop' or 'preempted'.
+      stopped: 'done', 'early_stop', 'preempted' (SIGTERM) or 'interrupted' (Ctrl-C).
       select_by: ``train.select_by``, what chose ``best_step``.
     """
 
@@ -115,34 +115,43 @@ def _optimizer(config, params):
 
 
 class _Preemption:
-    """SIGTERM sets a flag; the loop saves at the next step and stops.
+    """SIGTERM (preemption) or a first Ctrl-C (SIGINT) sets a flag; the loop saves at the next
+    step and stops, so either can be resumed exactly. A second Ctrl-C interrupts at once
+    (KeyboardInterrupt: the checkpoint in progress is finished on the way out).
 
     With several processes a SIGTERM reaches one or some of them; JAX's preemption service
     (which catches SIGTERM itself) agrees on a step at which every process saves and stops, so
-    no Python handler is installed then.
+    no Python handler is installed then (Ctrl-C there is a KeyboardInterrupt).
     """
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self.interrupted = False
+        self._previous: dict[int, object] = {}
         self._shared = jax.process_count() > 1
 
     def __enter__(self):
         def handler(signum, frame):
-            del signum, frame
+            del frame
             self.requested = True
+            if signum == signal.SIGINT:
+                self.interrupted = True
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                logging.warning("Ctrl-C: saving a checkpoint at the next step, then stopping "
+                                "(Ctrl-C again to stop at once)")
 
         if self._shared:
             return self
-        try:
-            self._previous = signal.signal(signal.SIGTERM, handler)
-        except ValueError:   # not the main thread (e.g. some test runners): no handler
-            self._previous = None
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[signum] = signal.signal(signum, handler)
+            except ValueError:   # not the main thread (e.g. some test runners): no handler
+                pass
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 def train(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
@@ -275,7 +284,7 @@ def train(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
                                     force=done == total or stopped != "done"
                                     or preemption.requested)
             if preemption.requested or checkpoints.preempted:
-                stopped = "preempted"
+                stopped = "interrupted" if preemption.interrupted else "preempted"
             if stopped != "done":
                 break
         checkpoints.wait_until_finished()
