@@ -556,3 +556,26 @@ def test_ctrl_c_during_prepare_is_one_line_and_leaves_nothing(phantom_cohort, tm
     assert stderr.strip().splitlines() == [
         "prepare.py: interrupted (Ctrl-C); nothing half-written was kept"], stderr[-3000:]
     assert not list(data.glob(".her2jax-prepare-*")) and not (data / "her2_dce_mri").exists()
+
+
+def test_a_patient_id_too_long_for_the_file_names_made_from_it_is_refused(small_cohort,
+                                                                          tmp_path):
+    """Issue 16: a 236-character id was prepared, then image SHAP failed with 'File name too
+    long' (<id>_shap_original.nii.gz is 256 bytes). Ids are capped at 128 bytes where a
+    cohort is read (prepare and predict alike)."""
+    cohort, pid = small_cohort
+    long_id = "P" * 236
+    folder = cohort / "images" / pid
+    for phase in sorted(folder.glob("*.nii.gz")):
+        phase.rename(folder / phase.name.replace(pid, long_id))
+    folder.rename(cohort / "images" / long_id)
+    masks = cohort / "segmentations" / "expert"
+    (masks / f"{pid}.nii.gz").rename(masks / f"{long_id}.nii.gz")
+    rows = read_csv(cohort / "clinical.csv")
+    for row in rows:
+        row["patient_id"] = long_id if row["patient_id"] == pid else row["patient_id"]
+    write_csv(cohort / "clinical.csv", rows)
+    result = _cli("her2jax.cli.prepare", f"--cohort={cohort}", f"--data_dir={tmp_path / 'd'}",
+                  "--config=configs/tiny_cpu.py", "--noprogress")
+    assert_refused(result, "236 bytes long", "ids of up to 128 bytes")
+    assert not (tmp_path / "d").exists()

@@ -320,11 +320,21 @@ def _resolve_columns(table: _Table, columns, require_labels: bool = True) -> _Co
 
 # ----------------------------------------------------------------------------- files
 
+# Patient ids become file names (images/<id>/<id>_0000.nii.gz, <id>_shap_original.nii.gz,
+# ...), and a file name holds at most 255 bytes: ids are capped well below, so that every name
+# her2jax derives from one fits on any filesystem.
+MAX_PATIENT_ID_BYTES = 128
+
+
 def _bad_patient_id(pid: str) -> str:
     if pid in (".", "..") or any(c in pid for c in "/\\") or any(
             ord(c) < 32 or ord(c) == 127 for c in pid):
         return (f"patient_id {pid!r} is not a plain name (contains a path separator or "
                 "control character, or is '.' / '..')")
+    size = len(pid.encode("utf-8", "surrogateescape"))
+    if size > MAX_PATIENT_ID_BYTES:
+        return (f"patient_id is {size} bytes long; her2jax names files after patient ids and "
+                f"takes ids of up to {MAX_PATIENT_ID_BYTES} bytes")
     return ""
 
 
