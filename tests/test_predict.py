@@ -57,7 +57,12 @@ def test_predictions_list_every_cohort_patient(predicted, phantom_cohort):
     assert "" in set(frame["label"])   # the phantom's IHC 2+ cases without ISH
     np.testing.assert_allclose(frame[PROBS].to_numpy().sum(1), 1.0, atol=1e-5)
     summary = json.loads((predicted.parent / "metrics.json").read_text())
-    assert summary["n"] == sum(k is not None for k in truth.values())
+    # The cohort holds the patients the model trained on: predicted, but left out of the
+    # metrics and named (issue 16).
+    trained_on = set(json.loads((predicted.parents[2] / "trained_on.json").read_text())["train"])
+    assert trained_on and summary["trained_on"] == sorted(trained_on)
+    assert summary["n_trained_on"] == len(trained_on)
+    assert summary["n"] == sum(k is not None for pid, k in truth.items() if pid not in trained_on)
     assert summary["n_unlabelled"] == sum(k is None for k in truth.values())
     assert not (predicted.parent / "rejected.csv").exists()
 

@@ -150,6 +150,28 @@ def test_eval_writes_the_hand_made_baseline_of_the_same_training_patients(traine
                          f"{base['value']:.2f} ({base['ci_low']:.2f}-{base['ci_high']:.2f})"]
 
 
+def test_eval_refuses_a_split_holding_patients_the_model_trained_on(trained, tmp_path):
+    """Issue 16: with another data.seed in config.json the validation split draws other
+    patients, some of whom trained the model; eval scored them without a word."""
+    workdir = tmp_path / "run"
+    shutil.copytree(trained[0], workdir, ignore=shutil.ignore_patterns("eval", "predict"))
+    trained_on = json.loads((workdir / "trained_on.json").read_text())
+    assert trained_on["train"] and trained_on["val"]
+    assert not set(trained_on["train"]) & set(trained_on["val"])
+    record = json.loads((workdir / "config.json").read_text())
+    seed = record["config"]["data"]["seed"]
+    record["config"]["data"]["seed"] = 12345
+    (workdir / "config.json").write_text(json.dumps(record))
+    with pytest.raises(Her2jaxError, match=r"split val holds \d+ patient\(s\) the model was "
+                                           r"trained on .*in-sample") as error:
+        loop.evaluate(workdir, splits=["val"], n_boot=0)
+    assert "trained_on.json" in str(error.value) and not (workdir / "eval").exists()
+    # The held-out centre never met the model: it is evaluated as before.
+    record["config"]["data"]["seed"] = seed
+    (workdir / "config.json").write_text(json.dumps(record))
+    assert loop.evaluate(workdir, splits=["test_CENTER_C"], n_boot=0)["test_CENTER_C"]["n"] > 0
+
+
 def test_features_mode_writes_embeddings(trained):
     workdir, _ = trained
     paths = loop.extract_features(workdir, splits=["CENTER_A"])

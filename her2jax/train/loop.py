@@ -201,6 +201,8 @@ def train(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
             stack.enter_context(workdir_lib.locked(workdir))
             run_config = workdir_lib.claim(workdir, config, dataset.meta,
                                            force=force)["config"]
+            workdir_lib.record_trained_on(workdir, train_split.patient_ids,
+                                          val_split.patient_ids)
         except OSError as e:
             raise _cannot_write(workdir, workdir_lib.CONFIG_FILE, e) from e
 
@@ -434,7 +436,10 @@ def evaluate(workdir, *, splits=(), which: str = "best", data_dir: str | None = 
     predict = step_lib.make_predict(trained.graphdef)
     batch_size = eval_batch_size(trained.config)
     outputs = {}
-    for name, split in eval_splits(dataset, trained.config.data, splits).items():
+    named = eval_splits(dataset, trained.config.data, splits)
+    for name, split in named.items():
+        workdir_lib.check_no_leak(workdir, name, split.patient_ids)
+    for name, split in named.items():
         probs, _ = predict_split(predict, trained.state, dataset, split, trained.mesh,
                                  batch_size)
         summary = metrics.summarize(split.labels, probs, split.class_names, n_boot=n_boot,

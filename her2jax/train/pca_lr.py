@@ -252,6 +252,8 @@ def fit(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
     # config and dataset.
     with workdir_lib.locked(workdir):
         workdir_lib.claim(workdir, config, dataset.meta, force=force)
+        workdir_lib.record_trained_on(workdir, train_split.patient_ids,
+                                      splits["val"].patient_ids if "val" in splits else ())
         return _fit_claimed(config, workdir, dataset, splits, train_split, graphdef, weights,
                             encoder_state, mesh, n_boot=n_boot, progress=progress)
 
@@ -422,6 +424,8 @@ def evaluate(workdir, *, splits: Sequence[str] = (), data_dir: str | None = None
     config = fitted.config
     dataset = pipeline.open_dataset(config.data.data_dir, config.data)
     named = loop.eval_splits(dataset, config.data, splits)
+    for name, split in named.items():
+        workdir_lib.check_no_leak(workdir, name, split.patient_ids)
     predict = fitted.predict_fn()
     features = {name: loop.predict_split(predict, fitted.weights, dataset, split, fitted.mesh,
                                          loop.eval_batch_size(config))[1]

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from absl import logging
 
 from her2jax import labels as labels_lib
 from her2jax.data import cohort as cohort_lib
@@ -44,6 +45,7 @@ from her2jax.errors import Her2jaxError
 from her2jax.evaluate import files, metrics
 from her2jax.train import loop
 from her2jax.train import step as step_lib
+from her2jax.train import workdir as workdir_lib
 
 PREDICT_DIR = "predict"
 PREDICTIONS_FILE = "predictions.csv"
@@ -108,11 +110,21 @@ def predict_cohort(workdir, cohort_path, *, out=None, which: str = "best",
                            file=str(cohort.table))
 
     task_labels = np.array([_label(data.scheme, case) for case in result.cases], np.int64)
+    # Patients the model was trained on keep their predictions but leave the metrics
+    # (in-sample scores would flatter it); metrics.json names them.
+    record = workdir_lib.trained_on(workdir)
+    seen = sorted({c.patient_id for c in result.cases} & record["train"]) if record else []
+    if seen:
+        logging.warning("%d of the cohort's patients were in the model's training split (%s); "
+                        "they are predicted but left out of metrics.json", len(seen),
+                        ", ".join(seen[:3]) + (" ..." if len(seen) > 3 else ""))
     if jax.process_index() == 0:
         _write(out, result, task_labels, class_names, _clinical_names(data.columns),
                rejected if skip_invalid else None,
                summary_extra={"step": trained.step, "checkpoint": which,
-                              "cohort": str(cohort.root)}, n_boot=n_boot)
+                              "cohort": str(cohort.root), "n_trained_on": len(seen),
+                              "trained_on": seen},
+               n_boot=n_boot, left_out=set(seen))
     return out / PREDICTIONS_FILE
 
 
@@ -204,7 +216,7 @@ def _clinical_names(columns) -> list[str]:
 
 
 def _write(out: Path, result: _Predicted, task_labels: np.ndarray, class_names, clinical_names,
-           rejected, *, summary_extra: dict, n_boot: int) -> None:
+           rejected, *, summary_extra: dict, n_boot: int, left_out: set = frozenset()) -> None:
     """predictions.csv, metrics.json (two classes labelled or more) and rejected.csv.
 
     A metrics.json or rejected.csv left by an earlier run that this run does not write is
@@ -218,8 +230,9 @@ def _write(out: Path, result: _Predicted, task_labels: np.ndarray, class_names, 
         class_names=class_names, clinical={n: [row.get(n, "") for row in rows]
                                            for n in present})
     labelled = task_labels >= 0
-    if len(np.unique(task_labels[labelled])) >= 2:
-        summary = metrics.summarize(task_labels[labelled], result.probs[labelled], class_names,
+    scored = labelled & np.array([c.patient_id not in left_out for c in result.cases], bool)
+    if len(np.unique(task_labels[scored])) >= 2:
+        summary = metrics.summarize(task_labels[scored], result.probs[scored], class_names,
                                     n_boot=n_boot)
         summary.update(summary_extra, n_unlabelled=int((~labelled).sum()))
         files.write_metrics(out / METRICS_FILE, summary)

@@ -24,6 +24,7 @@ from her2jax.jsonfile import read_json
 
 CONFIG_FILE = "config.json"
 LOCK_FILE = ".her2jax.lock"
+TRAINED_ON_FILE = "trained_on.json"
 _PACKAGES = ("her2jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint",
              "tensorflow-datasets", "grain", "array-record", "numpy", "scikit-learn")
 
@@ -160,3 +161,47 @@ def locked(workdir):
         yield
     finally:
         os.close(fd)   # releases the lock
+
+
+def record_trained_on(workdir, train_ids, val_ids) -> None:
+    """``trained_on.json``: the patients whose labels fitted the model (train) or chose its
+    checkpoint (val), so that evaluation and prediction can tell when they meet them again.
+    Written atomically by process 0."""
+    if jax.process_index() != 0:
+        return
+    path = Path(workdir) / TRAINED_ON_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"train": sorted(map(str, train_ids)),
+                               "val": sorted(map(str, val_ids))}, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def trained_on(workdir) -> dict[str, set[str]] | None:
+    """``{"train": ids, "val": ids}`` of a workdir (None for a workdir trained before the
+    record existed)."""
+    path = Path(workdir) / TRAINED_ON_FILE
+    if not path.exists():
+        return None
+    record = read_json(path, where=workdir, missing="")
+    return {k: set(record.get(k, [])) for k in ("train", "val")}
+
+
+def check_no_leak(workdir, split_name: str, patient_ids) -> None:
+    """Refuses to score a split holding patients the model was trained on (a changed
+    data.seed / val_fraction, a dataset rebuilt from another cohort, a centre both trained
+    and tested): its metrics would be in-sample. The train split itself is exempt.
+
+    Raises:
+      Her2jaxError: naming the split, the count and the first patients.
+    """
+    record = trained_on(workdir)
+    if record is None or split_name == "train":
+        return
+    leaked = sorted(set(map(str, patient_ids)) & record["train"])
+    if leaked:
+        shown = ", ".join(leaked[:3]) + (f" and {len(leaked) - 3} more" if len(leaked) > 3
+                                         else "")
+        raise Her2jaxError(f"split {split_name} holds {len(leaked)} patient(s) the model was "
+                           f"trained on ({shown}); scores on them would be in-sample. Evaluate "
+                           "with the training run's data settings, or a cohort without them",
+                           file=str(Path(workdir) / TRAINED_ON_FILE))
