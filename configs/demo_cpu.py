@@ -2,11 +2,9 @@
 (BENCHMARKS.md, "Learning"): a tumour-region network trained from scratch on scanner-independent
 inputs at physical scale, centre C held out for testing.
 
-* Inputs (recipe ``kinetic_mm`` at 2.5 mm, with every post-contrast phase): percent
-  enhancement at each of the four post-contrast phases (PE, PE2, PE3, PEL: the whole
-  enhancement curve — wash-in, peak, washout — and the peritumoral rim) and the tumour mask
-  (size, shape) on a 60 mm box. Ratios and a mask mean the same on every scanner; z-scored
-  intensities do not. Needs 5 phases (the phantom's); with 4, PE3 is the last phase again.
+* Inputs (recipe ``kinetic_mm`` at 2.5 mm): percent enhancement at the first and the last
+  post-contrast phase (wash-in, washout, the peritumoral rim) and the tumour mask (size, shape)
+  on a 60 mm box. Ratios and a mask mean the same on every scanner; z-scored intensities do not.
 * Model (``model.encoder='none'`` + ``model.roi_pool``, models/roi_pool.py): a per-voxel MLP of
   width 8 whose outputs are averaged inside the tumour mask and on two shells around it (0-5 mm
   and 5-10 mm), their spread inside the tumour, the log volumes of the tumour and of the first
@@ -37,7 +35,6 @@ from her2jax.train import defaults
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.data = recipes.data_config("kinetic_mm")
-    config.data.recipe.channels = ("PE", "PE2", "PE3", "PEL", "MASK")
     config.data.recipe.shape = (24, 24, 24)
     config.data.recipe.spacing_mm = 2.5
     config.data.test_centers = ("CENTER_C",)
