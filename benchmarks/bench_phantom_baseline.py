@@ -1,7 +1,7 @@
 """How hard is the phantom? A hand-made kinetic-feature baseline, leave one centre out.
 
   python benchmarks/bench_phantom_baseline.py [--patients=240] [--centers=3] [--seed=0]
-      [--shape=128,128,64] [--phases=5] [--cohort=DIR]
+      [--shape=128,128,64] [--phases=5] [--cohort=DIR] [--ceiling]
 
 Generates a phantom cohort (or reads ``--cohort``), computes five hand-made features of the
 tumour per case straight from the NIfTI files (wash-in, washout, log volume, enhancement
@@ -11,6 +11,13 @@ logistic regression on the other centres and scores the held-out one. Prints one
 held-out centre with the macro one-vs-rest AUC over its labelled 3-class cases, then a summary
 line. The phantom is calibrated so that this lands between 0.70 and 0.95: learnable, not
 trivial (real studies report external 3-class AUCs of 0.71-0.86).
+
+``--ceiling`` also scores, on the same patients and rotations, a logistic regression on the
+phantom's own latent tumour parameters (``LATENT``: the size, margin irregularity, wash-in and
+washout rates, heterogeneity, necrosis and oedema width / strength each case was drawn with,
+regenerated from the phantom's seed): what a model that recovered every class signal of the
+images could reach, the ceiling against which the baseline's and the engine's AUCs are read.
+Its lines carry ``features="latent"``.
 
 The functions are imported by tests/test_phantom.py, which checks the band on a small cohort.
 """
@@ -71,20 +78,51 @@ def cohort_features(root: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def leave_center_out(features: pd.DataFrame) -> list[dict]:
+# The phantom's latent tumour parameters (phantom._Tumour), on a log scale where they are
+# drawn log-normally.
+LATENT = ("log_diameter", "log_irregularity", "log_wash_in", "washout", "log_heterogeneity",
+          "necrosis", "log_edema_width", "log_edema_enhancement")
+
+
+def latent_parameters(root: Path) -> pd.DataFrame:
+    """``LATENT`` for every case of a phantom cohort, regenerated from its phantom.json (the
+    first draws of each case's random stream, as phantom._render makes them).
+
+    Returns:
+      One row per patient: patient_id, center, her2_class ('' when undetermined), LATENT.
+    """
+    params = json.loads((Path(root) / phantom.MARKER).read_text())
+    table = pd.read_csv(Path(root) / "clinical.csv", dtype=str, keep_default_na=False)
+    recorded = dict(zip(table.patient_id, table.her2_class, strict=True))
+    rows = []
+    for case in phantom._draw_cases(params["patients"], params["centers"], params["seed"]):
+        rng = np.random.default_rng([params["seed"], 1, case.center, case.number])
+        t = phantom._draw_tumour(rng, case.true_class)
+        rows.append(dict(
+            patient_id=case.patient_id, center=phantom.center_name(case.center),
+            her2_class=recorded[case.patient_id], log_diameter=np.log(t.diameter_mm),
+            log_irregularity=np.log(t.irregularity), log_wash_in=np.log(t.wash_in),
+            washout=t.washout, log_heterogeneity=np.log(t.heterogeneity),
+            necrosis=t.necrosis, log_edema_width=np.log(t.edema_width),
+            log_edema_enhancement=np.log(t.edema_enhancement)))
+    return pd.DataFrame(rows)
+
+
+def leave_center_out(features: pd.DataFrame, columns=FEATURES) -> list[dict]:
     """Trains on all centres but one and scores the held-out one, for every centre.
 
     Args:
-      features: ``cohort_features`` output; cases with an empty her2_class, or with a feature
-        that could not be computed (NaN), are left out.
+      features: ``cohort_features`` (or ``latent_parameters``) output; cases with an empty
+        her2_class, or with a feature that could not be computed (NaN), are left out.
+      columns: the feature columns to fit on.
 
     Returns:
       One dict per held-out centre: center, n_train, n_test, macro_auc (one-vs-rest, macro
       average over the three classes) and per_class_auc.
     """
     labelled = features[features.her2_class.isin(CLASSES)
-                        & np.isfinite(features[list(FEATURES)].to_numpy()).all(axis=1)]
-    x = labelled[list(FEATURES)].to_numpy()
+                        & np.isfinite(features[list(columns)].to_numpy()).all(axis=1)]
+    x = labelled[list(columns)].to_numpy()
     y = labelled.her2_class.map(CLASSES.index).to_numpy()
     results = []
     for center in sorted(labelled.center.unique()):
@@ -109,6 +147,8 @@ def main() -> None:
     parser.add_argument("--shape", default="128,128,64")
     parser.add_argument("--phases", type=int, default=5)
     parser.add_argument("--cohort", help="an existing cohort to read instead of generating one")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="also fit the phantom's latent tumour parameters (the ceiling)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -123,9 +163,14 @@ def main() -> None:
         t0 = time.perf_counter()
         features = cohort_features(root)
         features_s = time.perf_counter() - t0
+        latent = latent_parameters(root) if args.ceiling else None
     results = leave_center_out(features)
     for r in results:
         print(json.dumps(dict(bench="phantom_baseline", held_out=r.pop("center"), **r)))
+    if latent is not None:
+        for r in leave_center_out(latent, LATENT):
+            print(json.dumps(dict(bench="phantom_baseline", features="latent",
+                                  held_out=r.pop("center"), **r)))
     aucs = [r["macro_auc"] for r in results]
     print(json.dumps(dict(
         bench="phantom_baseline_summary", cohort=args.cohort or "generated",

@@ -233,6 +233,21 @@ def test_baseline_is_learnable_but_not_trivial(baseline_features):
         assert max(r["per_class_auc"].values()) < 0.99, r
 
 
+def test_the_ceiling_regenerates_the_tumours_the_images_show(phantom_cohort):
+    """bench_phantom_baseline --ceiling fits the phantom's latent tumour parameters, redrawn
+    from its seed: they must be the ones the images were rendered with (a changed draw order
+    in the phantom would silently fit other numbers)."""
+    latent = bench.latent_parameters(phantom_cohort).set_index("patient_id")
+    seen = bench.cohort_features(phantom_cohort).set_index("patient_id")
+    assert list(latent.index.sort_values()) == list(seen.index.sort_values())
+    assert (latent.loc[seen.index, "her2_class"] == seen["her2_class"]).all()
+    # Size: the drawn diameter against the mask's volume (elongation and the margin's
+    # irregularity blur it a little); washout: the drawn rate against the measured washout.
+    size = np.corrcoef(latent.loc[seen.index, "log_diameter"], seen["log_volume_mm3"])[0, 1]
+    washout = np.corrcoef(latent.loc[seen.index, "washout"], seen["washout"])[0, 1]
+    assert size > 0.9 and abs(washout) > 0.5, (size, washout)
+
+
 # --- command line --------------------------------------------------------------------------
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
