@@ -579,3 +579,48 @@ def test_a_patient_id_too_long_for_the_file_names_made_from_it_is_refused(small_
                   "--config=configs/tiny_cpu.py", "--noprogress")
     assert_refused(result, "236 bytes long", "ids of up to 128 bytes")
     assert not (tmp_path / "d").exists()
+
+
+# ---------------------------------------------------------------- a full disk
+
+
+_FULL_DISK = '''
+import errno, os
+_replace = os.replace
+def _full(src, dst, *args, **kwargs):
+    if os.environ["HER2JAX_TEST_FULL"] in os.fspath(dst):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(dst))
+    return _replace(src, dst, *args, **kwargs)
+os.replace = _full
+'''
+
+
+@pytest.mark.parametrize("mode", ["predict", "features", "eval"])
+def test_a_full_disk_is_one_line_and_leaves_no_folder_behind(mode, trained, phantom_cohort,
+                                                             tmp_path):
+    """Issue 16: a full disk during predict --out, features and eval was an OSError traceback,
+    and the folders they had begun stayed behind. The fault is injected where every writer
+    lands its file (the rename of a complete temporary file), in the real console script."""
+    workdir = tmp_path / "run"
+    shutil.copytree(trained[0], workdir, ignore=shutil.ignore_patterns("eval", "predict",
+                                                                       "features"))
+    fault = tmp_path / "fault"
+    fault.mkdir()
+    (fault / "sitecustomize.py").write_text(_FULL_DISK)
+    out = tmp_path / "predictions" / "run1"
+    target = {"predict": str(out.parent), "features": str(workdir / "features"),
+              "eval": str(workdir / "eval")}[mode]
+    env = {**os.environ, "PYTHONPATH": f"{fault}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "HER2JAX_TEST_FULL": target}
+    # The held-out centre only: no training patient (predict would name them on stderr).
+    cohort = copy_cohort(phantom_cohort, tmp_path / "cohort", per_center=3)
+    write_csv(cohort / "clinical.csv", [r for r in read_csv(cohort / "clinical.csv")
+                                        if r["center"] == "CENTER_C"])
+    args = {"predict": [f"--cohort={cohort}", f"--out={out}"], "features": [],
+            "eval": ["--bootstrap=50"]}[mode]
+    before = snapshot(workdir)
+    result = subprocess.run([sys.executable, "-m", "her2jax.main", f"--workdir={workdir}",
+                             f"--mode={mode}", "--noprogress", *args], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert_refused(result, "cannot write", "No space left on device", target)
+    assert not Path(target).exists() and snapshot(workdir) == before

@@ -826,9 +826,14 @@ def write_report(workdir, *, data_dir: str | None = None, out=None) -> Path:
       Her2jaxError: ``workdir`` is not a workdir, has no evaluation yet, or an evaluation file
         is unreadable. Nothing is written then.
     """
+    # A report that cannot be finished (a full disk) leaves no report_files/ it created.
+    with files.new_folders_removed_on_error(Path(workdir) / FIGURES_DIR):
+        return _write_report(Path(workdir), data_dir=data_dir, out=out)
+
+
+def _write_report(workdir: Path, *, data_dir: str | None, out) -> Path:
     from her2jax.train import workdir as workdir_lib
 
-    workdir = Path(workdir)
     record = workdir_lib.read(workdir)
     names = _eval_splits(workdir)
     if not names:

@@ -11,6 +11,7 @@ outputs hold patient data, so what a run creates is readable by its owner and gr
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import sys
@@ -49,6 +50,20 @@ def config_file_error(error: BaseException) -> str | None:
         last = last.rsplit("^", 1)[-1].strip()
         return f"{head}: the config file failed to load: {last}"
     return None
+
+
+# A full disk, a quota, a read-only filesystem: the user's storage, not a bug.
+_STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
+
+def storage_error(error: OSError) -> str | None:
+    """One line for a write that the storage refused (the writers have already removed their
+    temporary files and the folders they created), or None for any other OSError."""
+    if error.errno not in _STORAGE_ERRNOS:
+        return None
+    where = f" {error.filename}" if error.filename else ""
+    return (f"cannot write{where}: {error.strerror or os.strerror(error.errno)}; nothing "
+            "half-written was kept, free space and run the same command again")
 
 
 def _flags_parser(prog: str) -> Callable[[Sequence[str]], list[str]]:
@@ -106,7 +121,7 @@ def run(main: Callable[[list[str]], int | None], *, positional: int = 0) -> None
             fail(prog, e)
         except OSError as e:
             # A --config file that could not be loaded surfaces when the flag is first read.
-            message = config_file_error(e)
+            message = config_file_error(e) or storage_error(e)
             if message is None:
                 raise
             fail(prog, message)

@@ -14,12 +14,14 @@ give them (``0o666`` less the umask; the console scripts set a umask of at least
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import math
 import os
 import pathlib
+import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
 
@@ -57,6 +59,20 @@ def file_mode() -> int:
     mode to their temporary file before renaming it into place.
     """
     return 0o666 & ~current_umask()
+
+
+@contextlib.contextmanager
+def new_folders_removed_on_error(*folders: str | os.PathLike):
+    """Removes, if the block raises (a full disk, Ctrl-C, a bug), each of ``folders`` that did
+    not exist when it began: an output folder a command creates is complete or absent, never
+    left half-filled. Folders that existed are left to their atomic writers."""
+    new = [pathlib.Path(f) for f in folders if not pathlib.Path(f).exists()]
+    try:
+        yield
+    except BaseException:
+        for folder in new:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

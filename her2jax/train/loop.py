@@ -446,7 +446,8 @@ def evaluate(workdir, *, splits=(), which: str = "best", data_dir: str | None = 
                                     progress=name if progress else None)
         summary.update(step=trained.step, checkpoint=which)
         outputs[name] = (split, probs, summary)
-    write_eval(workdir, dataset, trained.config, outputs, n_boot=n_boot)
+    with files.new_folders_removed_on_error(workdir / "eval"):
+        write_eval(workdir, dataset, trained.config, outputs, n_boot=n_boot)
     return {name: summary for name, (_, _, summary) in outputs.items()}
 
 
@@ -531,16 +532,17 @@ def extract_features(workdir, *, splits=(), which: str = "best",
     dataset = pipeline.open_dataset(trained.config.data.data_dir, trained.config.data)
     predict = step_lib.make_predict(trained.graphdef)
     written = {}
-    for name, split in pipeline.named_splits(dataset, trained.config.data, splits).items():
-        probs, features = predict_split(predict, trained.state, dataset, split, trained.mesh,
-                                        eval_batch_size(trained.config))
-        path = workdir / "features" / f"{name}.npz"
-        if jax.process_index() == 0:
-            atomic_savez(path, dict(features=features, probs=probs, labels=split.labels,
-                                    patient_ids=np.asarray(split.patient_ids),
-                                    centers=np.asarray(split.centers),
-                                    class_names=np.asarray(split.class_names)))
-        written[name] = path
+    with files.new_folders_removed_on_error(workdir / "features"):
+        for name, split in pipeline.named_splits(dataset, trained.config.data, splits).items():
+            probs, features = predict_split(predict, trained.state, dataset, split,
+                                            trained.mesh, eval_batch_size(trained.config))
+            path = workdir / "features" / f"{name}.npz"
+            if jax.process_index() == 0:
+                atomic_savez(path, dict(features=features, probs=probs, labels=split.labels,
+                                        patient_ids=np.asarray(split.patient_ids),
+                                        centers=np.asarray(split.centers),
+                                        class_names=np.asarray(split.class_names)))
+            written[name] = path
     return written
 
 

@@ -119,12 +119,13 @@ def predict_cohort(workdir, cohort_path, *, out=None, which: str = "best",
                         "they are predicted but left out of metrics.json", len(seen),
                         ", ".join(seen[:3]) + (" ..." if len(seen) > 3 else ""))
     if jax.process_index() == 0:
-        _write(out, result, task_labels, class_names, _clinical_names(data.columns),
-               rejected if skip_invalid else None,
-               summary_extra={"step": trained.step, "checkpoint": which,
-                              "cohort": str(cohort.root), "n_trained_on": len(seen),
-                              "trained_on": seen},
-               n_boot=n_boot, left_out=set(seen))
+        with files.new_folders_removed_on_error(*_new_ancestors(out)):
+            _write(out, result, task_labels, class_names, _clinical_names(data.columns),
+                   rejected if skip_invalid else None,
+                   summary_extra={"step": trained.step, "checkpoint": which,
+                                  "cohort": str(cohort.root), "n_trained_on": len(seen),
+                                  "trained_on": seen},
+                   n_boot=n_boot, left_out=set(seen))
     return out / PREDICTIONS_FILE
 
 
@@ -195,6 +196,13 @@ def _stop(rejection: cohort_lib.Rejection) -> Her2jaxError:
 def _label(scheme: str, case: cohort_lib.Case) -> int:
     label, _ = labels_lib.derive_label(scheme, case.ihc, case.ish, case.her2)
     return -1 if label is None else label
+
+
+def _new_ancestors(out: Path) -> list[Path]:
+    """The outermost folder of ``out`` that does not exist yet (the one a failed write must
+    remove), or none."""
+    missing = [p for p in (out, *out.parents) if not p.exists()]
+    return missing[-1:]
 
 
 def check_out_folder(out) -> None:
