@@ -624,3 +624,37 @@ def test_a_full_disk_is_one_line_and_leaves_no_folder_behind(mode, trained, phan
                             capture_output=True, text=True, timeout=300)
     assert_refused(result, "cannot write", "No space left on device", target)
     assert not Path(target).exists() and snapshot(workdir) == before
+
+
+def _full_disk_env(tmp_path: Path, target: Path) -> dict:
+    fault = tmp_path / "fault"
+    fault.mkdir(exist_ok=True)
+    (fault / "sitecustomize.py").write_text(_FULL_DISK)
+    return {**os.environ, "PYTHONPATH": f"{fault}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+            "HER2JAX_TEST_FULL": str(target)}
+
+
+def test_a_full_disk_during_prepare_leaves_no_data_dir(small_cohort, tmp_path):
+    cohort, _ = small_cohort
+    data = tmp_path / "data"
+    result = subprocess.run([sys.executable, "-m", "her2jax.cli.prepare", f"--cohort={cohort}",
+                             f"--data_dir={data}", "--config=configs/tiny_cpu.py",
+                             "--noprogress"], cwd=REPO, env=_full_disk_env(tmp_path, data),
+                            capture_output=True, text=True, timeout=300)
+    assert_refused(result, "cannot write", "No space left on device", str(data))
+    assert not data.exists()
+
+
+def test_a_full_disk_during_the_report_leaves_no_report_behind(trained, tmp_path):
+    from her2jax.train import loop
+
+    workdir = tmp_path / "run"
+    shutil.copytree(trained[0], workdir, ignore=shutil.ignore_patterns(
+        "eval", "predict", "features", "analysis", "report*"))
+    loop.evaluate(workdir, splits=["test_CENTER_C"], n_boot=20)
+    before = snapshot(workdir)
+    result = subprocess.run([sys.executable, "-m", "her2jax.cli.report", str(workdir)],
+                            cwd=REPO, env=_full_disk_env(tmp_path, workdir / "report"),
+                            capture_output=True, text=True, timeout=300)
+    assert_refused(result, "cannot write", "No space left on device", str(workdir / "report"))
+    assert snapshot(workdir) == before, "no report.html, no report_files/"
