@@ -24,9 +24,7 @@ from her2jax.train import defaults
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    config.data = recipes.data_config("isotropic_1mm")
-    config.data.recipe.update(channels=("C1",), spacing_mm=2.0, shape=(128, 128, 128),
-                              normalize="joint")
+    config.data = recipes.data_config("breastmrfm")
     config.model = factory.model_config("resnet3d")
     config.model.resnet.update(depth=10, shortcut="B", bias_downsample=True, conv1_t_size=7,
                                conv1_t_stride=1, widen_factor=1.0, dilated=False)

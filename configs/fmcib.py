@@ -23,9 +23,7 @@ from her2jax.train import defaults
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    config.data = recipes.data_config("isotropic_1mm")
-    config.data.recipe.update(channels=("C1",), spacing_mm=1.0, shape=(50, 50, 50),
-                              normalize="crop")
+    config.data = recipes.data_config("fmcib")
     config.model = factory.model_config("resnet3d")
     config.model.resnet.update(depth=50, shortcut="B", bias_downsample=True, conv1_t_size=7,
                                conv1_t_stride=2, widen_factor=2.0, dilated=False)

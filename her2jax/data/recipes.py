@@ -51,6 +51,12 @@ RECIPES = {
                        normalize="ratio"),
     "isotropic_1mm": dict(channels=("C0", "C1", "C2"), spacing_mm=1.0, shape=(64, 64, 64),
                           normalize="joint"),
+    # What the other public foundation encoders were pretrained on (configs/breastmrfm.py,
+    # configs/fmcib.py): BreastMR-FM one DCE volume at 2 mm, 128^3, z-scored over the image;
+    # FMCIB a 50 mm cube at 1 mm around the lesion (CT there; z-scored over the crop here).
+    "breastmrfm": dict(channels=("C1",), spacing_mm=2.0, shape=(128, 128, 128),
+                       normalize="joint"),
+    "fmcib": dict(channels=("C1",), spacing_mm=1.0, shape=(50, 50, 50), normalize="crop"),
 }
 
 
