@@ -4,7 +4,7 @@ read-only disk, a prepare run killed midway.
 
 Kill points inside a training process are placed by a test-only ``sitecustomize.py`` put
 first on ``PYTHONPATH`` (see ``_fault_env``): it wraps ``Checkpoints.save_latest`` or
-``loop.evaluate_split`` when ``her2jax.train.loop`` is imported, writes what it saw at the
+``inference.evaluate_split`` when ``her2jax.train.loop`` is imported, writes what it saw at the
 kill to a JSON report, and SIGKILLs its own process. Runs resume on the same topology (8 CPU
 devices, as the straight run), so resumed parameters must be bitwise those of the run that
 was never interrupted (``straight`` in tests/conftest.py).
@@ -32,7 +32,7 @@ import pytest
 
 from her2jax.data import prepare, recipes, tfds_builder
 from her2jax.errors import Her2jaxError
-from her2jax.train import checkpoint, logger, loop
+from her2jax.train import checkpoint, inference, logger, loop
 from her2jax.train import step as step_lib
 from her2jax.train import workdir as workdir_lib
 
@@ -84,7 +84,7 @@ def _install(loop):
 
         checkpoint.Checkpoints.save_latest = save_then_die
     elif point == "validate":
-        evaluate_split = loop.evaluate_split
+        evaluate_split = inference.evaluate_split
 
         def evaluate_then_die(predict, state, dataset, split, mesh, batch_size, **kwargs):
             if int(state.step) != at:
@@ -104,7 +104,7 @@ def _install(loop):
             return evaluate_split(predict_then_die, state, dataset, split, mesh, batch_size,
                                   **kwargs)
 
-        loop.evaluate_split = evaluate_then_die
+        inference.evaluate_split = evaluate_then_die
     else:
         raise ValueError(f"unknown fault point {point!r}")
 
@@ -230,7 +230,7 @@ def test_sigterm_saves_the_step_it_stops_at(data_dir, tmp_path, monkeypatch):
     # What the command line prints as "preempted at step 8": saved off the interval of 6.
     assert (result.stopped, result.steps) == ("preempted", 8)
     assert _steps(workdir / "checkpoints" / "latest") == ["6", "8"]
-    assert loop.load_trained(workdir, which="latest").step == 8
+    assert inference.load_trained(workdir, which="latest").step == 8
 
 
 # ---------------------------------------------------------------- a diverging loss
@@ -252,7 +252,7 @@ def test_a_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
     assert _steps(workdir / "checkpoints" / "latest") == ["6"]
     assert _steps(workdir / "checkpoints" / "best") == ["6"]
     assert _logged_steps(workdir) == {"train": [3, 6], "val": [6]}
-    restored = loop.load_trained(workdir, which="latest")
+    restored = inference.load_trained(workdir, which="latest")
     assert restored.step == 6
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.state.params))
 
@@ -301,15 +301,15 @@ def test_a_full_disk_then_a_read_only_one_are_clear_errors_and_step_4_survives(
     assert _logged_steps(workdir)["val"] == [8]   # the logs were written up to the failure
 
     # The same workdir read-only (remounted while no process has a file open): resuming it
-    # restores step 4, then cannot write its logs. (In-process: the command line's one-line
-    # form of a Her2jaxError is shown above.)
+    # stops at its first write, the run's lock, before anything is restored or logged.
+    # (In-process: the command line's one-line form of a Her2jaxError is shown above.)
     subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
     config = ml_collections.ConfigDict(workdir_lib.read(workdir)["config"])
     with pytest.raises(Her2jaxError) as error:
         loop.train(config, workdir, progress=False)
-    assert str(error.value) == (f"{workdir}: cannot write the run's logs (metrics.jsonl, "
-                                "tensorboard/): Read-only file system")
-    assert loop.load_trained(workdir, which="latest").step == 4   # read-only: still restores
+    assert str(error.value) == (f"{workdir}: cannot write its lock .her2jax.lock: Read-only "
+                                "file system")
+    assert inference.load_trained(workdir, which="latest").step == 4   # read-only: still restores
 
 
 def test_a_background_write_failure_surfaces_at_the_next_save_naming_its_step(
@@ -341,7 +341,7 @@ def test_a_background_write_failure_surfaces_at_the_next_save_naming_its_step(
 def test_a_read_only_workdir_fails_before_training(data_dir, tmpfs):
     mount = tmpfs(1024 * 1024, "ro")
     with pytest.raises(Her2jaxError, match=re.escape(
-            f"{mount / 'run'}: cannot write config.json: Read-only file system")):
+            f"{mount / 'run'}: cannot write its lock .her2jax.lock: Read-only file system")):
         loop.train(small_config(data_dir), mount / "run", progress=False)
     with pytest.raises(Her2jaxError, match=re.escape(
             f"{mount / 'w' / 'checkpoints'}: cannot create the checkpoint folders: Read-only "
@@ -353,7 +353,7 @@ def test_a_failed_features_write_leaves_the_previous_file(straight, tmp_path,
                                                           monkeypatch):
     workdir = tmp_path / "run"
     shutil.copytree(straight, workdir)
-    path = loop.extract_features(workdir, splits=["CENTER_A"], which="latest")["CENTER_A"]
+    path = inference.extract_features(workdir, splits=["CENTER_A"], which="latest")["CENTER_A"]
     before = path.read_bytes()
 
     def disk_full(file, **arrays):
@@ -362,7 +362,7 @@ def test_a_failed_features_write_leaves_the_previous_file(straight, tmp_path,
 
     monkeypatch.setattr(np, "savez", disk_full)
     with pytest.raises(OSError, match="No space left on device"):
-        loop.extract_features(workdir, splits=["CENTER_A"], which="latest")
+        inference.extract_features(workdir, splits=["CENTER_A"], which="latest")
     assert path.read_bytes() == before
     assert sorted(p.name for p in path.parent.iterdir()) == ["CENTER_A.npz"]
 

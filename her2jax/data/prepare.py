@@ -21,6 +21,7 @@ Order of work, and why:
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -303,12 +304,15 @@ def _preprocess_all(cohort, recipe: dict, spool: Path, workers: int, progress: b
         # spawn, not fork: the parent may already run threads (TFDS, absl, JAX).
         # Workers ignore Ctrl-C: the parent alone stops, drops the queued cases, waits for the
         # few in flight and removes the temporary folder (a worker's KeyboardInterrupt would
-        # print a traceback per process).
+        # print a traceback per process). They are started while SIGINT is ignored, so they
+        # ignore it from their first instruction (Python installs no KeyboardInterrupt handler
+        # in a process that inherits an ignored SIGINT), not only once they have imported.
         ctx = multiprocessing.get_context("spawn")
         pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx,
                                                       initializer=_ignore_sigint)
         try:
-            futures = [pool.submit(_preprocess_case, *job) for job in jobs]
+            with _sigint_ignored():
+                futures = [pool.submit(_preprocess_case, *job) for job in jobs]
             for _ in concurrent.futures.as_completed(futures):
                 bar.update()
             results = [f.result() for f in futures]
@@ -322,6 +326,21 @@ def _preprocess_all(cohort, recipe: dict, spool: Path, workers: int, progress: b
 
 def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def _sigint_ignored():
+    """SIGINT ignored in this (main) thread for the block: the worker processes the pool
+    starts inside it inherit the ignored disposition."""
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:   # not the main thread: nothing to hand down
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def crop_case(case: cohort_lib.Case, recipe: dict, needed_phases: int) -> preprocess.Crop:
