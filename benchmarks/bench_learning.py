@@ -142,11 +142,11 @@ def pca_lr_on_features(workdir: Path, test_split: str, n_boot: int) -> dict:
     import numpy as np
 
     from her2jax.evaluate import metrics
-    from her2jax.train import loop, pca_lr
+    from her2jax.train import inference, pca_lr
     from her2jax.train import workdir as workdir_lib
 
     config = ml_collections.ConfigDict(workdir_lib.read(workdir)["config"])
-    written = loop.extract_features(workdir, splits=["train", test_split])
+    written = inference.extract_features(workdir, splits=["train", test_split])
     train, test = (np.load(written[s]) for s in ("train", test_split))
     k = min(config.train.pca_components, train["features"].shape[0],
             train["features"].shape[1])
@@ -176,7 +176,7 @@ def run_one(name: str, cohort: Path, root: Path, center: str, *, permute: bool,
     """Trains candidate ``name`` (with ``overrides``) with ``center`` held out; the held-out
     results. ``steps`` None keeps the candidate's own ``train.steps``; ``data_seed`` draws the
     validation quarter (and, with ``permute``, the permutation)."""
-    from her2jax.train import loop
+    from her2jax.train import inference, loop
 
     config = CANDIDATES[name][0]()
     apply_overrides(config, overrides or {})
@@ -195,7 +195,7 @@ def run_one(name: str, cohort: Path, root: Path, center: str, *, permute: bool,
     result = loop.train(config, workdir, progress=False)
     train_s = time.perf_counter() - t0
     split = f"test_{center}"
-    summaries = loop.evaluate(workdir, splits=[split], n_boot=n_boot)
+    summaries = inference.evaluate(workdir, splits=[split], n_boot=n_boot)
     baseline = json.loads((workdir / "eval" / split / "baseline_metrics.json").read_text())
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     final_loss = [r["loss"] for r in records if r["split"] == "train"][-1]

@@ -33,7 +33,7 @@ What runs:
   ``optim.make_optimizer(config.train)`` (layer-wise decay, clipping, warmup-cosine schedule),
   the state from ``state.create``, ``step.make_train_step`` with the config's on-device
   augmentation and balanced class weights, batches as global ``jax.Array`` s sharded over the
-  ``data`` axis of ``loop.make_mesh()`` (``pipeline.to_global``). On a GPU with bfloat16 the
+  ``data`` axis of ``step_lib.make_mesh()`` (``pipeline.to_global``). On a GPU with bfloat16 the
   ViT keeps configs/h100.py's cuDNN attention (tokens padded to 64); elsewhere attention is
   XLA's. ``--input=synthetic`` (default) makes one device batch of float16 volumes (the
   dataset's dtype) and feeds it to every step. ``--input=pipeline`` adds, for every training
@@ -438,7 +438,7 @@ def child_her2jax(spec: dict) -> dict:
         config.train.augment = dict(flips=False, scale=0.0, shift=0.0, noise=0.0)
     bench = BENCHES[spec["config"]]
     batch_size = spec["batch"]
-    mesh = loop.make_mesh()
+    mesh = step_lib.make_mesh()
     n_devices = jax.device_count()
     if batch_size % n_devices:
         raise SystemExit(f"global batch {batch_size} is not divisible by the {n_devices} "

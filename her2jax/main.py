@@ -69,7 +69,7 @@ def _main(argv: list[str]) -> None:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                            heartbeat_timeout_s=_HEARTBEAT.value)
     # The engine loads only now (~2.5 s): a bad flag or launch is refused without it.
-    from her2jax.train import loop, pca_lr, predict
+    from her2jax.train import inference, loop, pca_lr, predict
 
     if _MODE.value == "train":
         if _CONFIG.value is None:
@@ -101,7 +101,7 @@ def _main(argv: list[str]) -> None:
                                       data_dir=_DATA_DIR.value, n_boot=_BOOTSTRAP.value,
                                       progress=_PROGRESS.value)
         else:
-            results = loop.evaluate(_WORKDIR.value, splits=_SPLITS.value,
+            results = inference.evaluate(_WORKDIR.value, splits=_SPLITS.value,
                                     which=_CHECKPOINT.value, data_dir=_DATA_DIR.value,
                                     n_boot=_BOOTSTRAP.value, progress=_PROGRESS.value)
         for name, summary in results.items():
@@ -137,19 +137,22 @@ def _main(argv: list[str]) -> None:
                                       n_boot=_BOOTSTRAP.value)
         print(f"wrote {path}")
     elif _MODE.value == "features":
-        for name, path in loop.extract_features(_WORKDIR.value, splits=_SPLITS.value,
+        for name, path in inference.extract_features(_WORKDIR.value, splits=_SPLITS.value,
                                                 which=_CHECKPOINT.value,
                                                 data_dir=_DATA_DIR.value).items():
             print(f"{name}: {path}")
 
 
 def _print_summary(name: str, summary: dict) -> None:
-    from her2jax.train import loop
+    from her2jax.train import inference
 
-    print(f"{name} (n={summary['n']}): {loop.summary_line(summary)}")
+    print(f"{name} (n={summary['n']}): {inference.summary_line(summary)}")
 
 
 def main() -> None:
+    from her2jax.train import orbax_quirks
+
+    orbax_quirks.install()   # before any checkpoint is read or written
     cli.run(_main)
 
 

@@ -28,6 +28,14 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import pytest  # noqa: E402
 
+
+def pytest_sessionstart(session):
+    """The orbax / tensorstore workarounds, as the engine's command line installs them."""
+    del session
+    from her2jax.train import orbax_quirks
+
+    orbax_quirks.install()
+
 # Small enough for 2 CPU cores, large enough for three centres, all classes and a few
 # unlabellable cases.
 PHANTOM = dict(patients=36, centers=3, seed=0, shape=(48, 48, 24))

@@ -646,12 +646,12 @@ def test_a_full_disk_during_prepare_leaves_no_data_dir(small_cohort, tmp_path):
 
 
 def test_a_full_disk_during_the_report_leaves_no_report_behind(trained, tmp_path):
-    from her2jax.train import loop
+    from her2jax.train import inference
 
     workdir = tmp_path / "run"
     shutil.copytree(trained[0], workdir, ignore=shutil.ignore_patterns(
         "eval", "predict", "features", "analysis", "report*"))
-    loop.evaluate(workdir, splits=["test_CENTER_C"], n_boot=20)
+    inference.evaluate(workdir, splits=["test_CENTER_C"], n_boot=20)
     before = snapshot(workdir)
     result = subprocess.run([sys.executable, "-m", "her2jax.cli.report", str(workdir)],
                             cwd=REPO, env=_full_disk_env(tmp_path, workdir / "report"),

@@ -314,12 +314,12 @@ def _test_probabilities(workdir, dataset):
     import pandas as pd
 
     from her2jax.data import pipeline
-    from her2jax.train import loop
+    from her2jax.train import inference
     from her2jax.train import step as step_lib
 
-    model = loop.load_trained(workdir)
+    model = inference.load_trained(workdir)
     split = pipeline.named_splits(dataset, model.config.data, ["test_CENTER_C"])["test_CENTER_C"]
-    probs, _ = loop.predict_split(step_lib.make_predict(model.graphdef), model.state, dataset,
+    probs, _ = inference.predict_split(step_lib.make_predict(model.graphdef), model.state, dataset,
                                   split, model.mesh, 8)
     frame = pd.DataFrame({"patient_id": split.patient_ids,
                           "label": [split.class_names[y] for y in split.labels]})

@@ -25,7 +25,7 @@ import pytest
 from her2jax import distributed
 from her2jax.errors import Her2jaxError
 from her2jax.evaluate import files
-from her2jax.train import logger, loop
+from her2jax.train import inference, logger, loop
 from her2jax.train import workdir as workdir_lib
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,7 +101,7 @@ def _kill_all(process: subprocess.Popen) -> None:
 
 
 def _state(workdir: Path, step: int | None = None):
-    trained = loop.load_trained(workdir, which="latest", step=step)
+    trained = inference.load_trained(workdir, which="latest", step=step)
     return jax.device_get((trained.state.params, trained.state.rest))
 
 
@@ -168,7 +168,7 @@ def test_eval_with_two_processes_writes_each_patient_once(two_processes, tmp_pat
     copy.mkdir()
     for name in ("config.json", "checkpoints"):
         os.symlink(workdir / name, copy / name)
-    loop.evaluate(copy, n_boot=50)
+    inference.evaluate(copy, n_boot=50)
     for name in ("val", "test_CENTER_C"):
         multi = files.read_predictions(workdir / "eval" / name / "predictions.csv")
         single = files.read_predictions(copy / "eval" / name / "predictions.csv")

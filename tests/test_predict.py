@@ -12,7 +12,7 @@ import pytest
 from her2jax import labels
 from her2jax.errors import Her2jaxError
 from her2jax.evaluate import files
-from her2jax.train import loop
+from her2jax.train import inference
 from her2jax.train.predict import predict_cohort
 
 from .test_prepare import copy_cohort, read_csv, write_csv
@@ -35,7 +35,7 @@ def test_predict_matches_eval_of_the_prepared_test_centre(trained, predicted,
                                                           phantom_cohort):
     workdir, _ = trained
     assert predicted == workdir / "predict" / phantom_cohort.name / "predictions.csv"
-    loop.evaluate(workdir, splits=["test_CENTER_C"], n_boot=0)
+    inference.evaluate(workdir, splits=["test_CENTER_C"], n_boot=0)
     evaluated = _probs(workdir / "eval" / "test_CENTER_C" / "predictions.csv")
     ours = _probs(predicted)
     assert len(evaluated) >= 8

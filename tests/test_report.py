@@ -24,7 +24,7 @@ from her2jax.analysis import figures, report, stage
 from her2jax.errors import Her2jaxError
 from her2jax.evaluate import files, metrics, tables
 from her2jax.labels import CLASS_NAMES
-from her2jax.train import loop
+from her2jax.train import inference
 
 REPO = Path(__file__).resolve().parents[1]
 THREE = list(CLASS_NAMES["her2_3class"])
@@ -216,7 +216,7 @@ def reported(trained, tmp_path_factory):
     (one with a hostile patient id) and its report: (workdir, page text, shap patient ids)."""
     workdir = tmp_path_factory.mktemp("report") / "run"
     shutil.copytree(trained[0], workdir)
-    loop.evaluate(workdir, n_boot=50)
+    inference.evaluate(workdir, n_boot=50)
     stage.analyze(workdir, methods=("tsne",), progress=False, max_explained=10)
 
     eval_dir = workdir / "eval"

@@ -19,7 +19,7 @@ from PIL import Image
 
 from her2jax.errors import Her2jaxError
 from her2jax.evaluate import calibration, files, metrics
-from her2jax.train import logger, loop
+from her2jax.train import inference, logger, loop
 
 from .test_factory import load_config
 
@@ -62,7 +62,7 @@ def test_eval_reproduces_the_validation_metric_of_the_best_step(trained):
     assert result.select_by == "val_loss"
     assert result.best_step == min(val, key=lambda step: val[step]["loss"])
     assert result.best_metric == pytest.approx(val[result.best_step]["loss"], abs=1e-9)
-    summaries = loop.evaluate(workdir, splits=["val", "test_CENTER_C"], n_boot=200)
+    summaries = inference.evaluate(workdir, splits=["val", "test_CENTER_C"], n_boot=200)
     assert summaries["val"]["macro_auc"]["value"] == pytest.approx(
         val[result.best_step]["macro_auc"], abs=1e-9)
     test = summaries["test_CENTER_C"]
@@ -92,7 +92,7 @@ def test_eval_fits_calibration_on_val_and_applies_it_to_the_test_split(trained, 
     workdir = tmp_path / "run"
     shutil.copytree(trained[0], workdir)
     shutil.rmtree(workdir / "eval", ignore_errors=True)
-    summaries = loop.evaluate(workdir, splits=["test_CENTER_C"], n_boot=0)
+    summaries = inference.evaluate(workdir, splits=["test_CENTER_C"], n_boot=0)
     assert set(summaries) == {"val", "test_CENTER_C"}   # val joins: calibration is fitted there
     record = json.loads((workdir / "eval" / "calibration.json").read_text())
     val_labels, val_probs, _ = files.prediction_arrays(
@@ -125,7 +125,7 @@ def test_eval_writes_the_hand_made_baseline_of_the_same_training_patients(traine
     workdir = tmp_path / "run"
     shutil.copytree(trained[0], workdir)
     shutil.rmtree(workdir / "eval", ignore_errors=True)
-    model = loop.evaluate(workdir, splits=["test_CENTER_C"], n_boot=50)
+    model = inference.evaluate(workdir, splits=["test_CENTER_C"], n_boot=50)
     config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text())["config"])
     dataset = pipeline.open_dataset(config.data.data_dir, config.data)
     splits = pipeline.select_splits(dataset, config.data)
@@ -164,17 +164,17 @@ def test_eval_refuses_a_split_holding_patients_the_model_trained_on(trained, tmp
     (workdir / "config.json").write_text(json.dumps(record))
     with pytest.raises(Her2jaxError, match=r"split val holds \d+ patient\(s\) the model was "
                                            r"trained on .*in-sample") as error:
-        loop.evaluate(workdir, splits=["val"], n_boot=0)
+        inference.evaluate(workdir, splits=["val"], n_boot=0)
     assert "trained_on.json" in str(error.value) and not (workdir / "eval").exists()
     # The held-out centre never met the model: it is evaluated as before.
     record["config"]["data"]["seed"] = seed
     (workdir / "config.json").write_text(json.dumps(record))
-    assert loop.evaluate(workdir, splits=["test_CENTER_C"], n_boot=0)["test_CENTER_C"]["n"] > 0
+    assert inference.evaluate(workdir, splits=["test_CENTER_C"], n_boot=0)["test_CENTER_C"]["n"] > 0
 
 
 def test_features_mode_writes_embeddings(trained):
     workdir, _ = trained
-    paths = loop.extract_features(workdir, splits=["CENTER_A"])
+    paths = inference.extract_features(workdir, splits=["CENTER_A"])
     with np.load(paths["CENTER_A"]) as npz:
         assert npz["features"].shape == (len(npz["labels"]), 48)
         assert set(npz["centers"].tolist()) == {"CENTER_A"}
@@ -272,7 +272,7 @@ def _her2jax(workdir: Path, data_dir: Path, *extra: str, env=None, wait=True):
 
 
 def _final_params(workdir: Path):
-    return jax.device_get(loop.load_trained(workdir, which="latest").state.params)
+    return jax.device_get(inference.load_trained(workdir, which="latest").state.params)
 
 
 def _kill_after_first_checkpoint(workdir: Path, data_dir: Path,
@@ -339,7 +339,7 @@ def test_a_relative_workdir_works(data_dir, tmp_path, monkeypatch):
 
 def test_eval_on_a_directory_that_is_not_a_workdir(tmp_path):
     with pytest.raises(Her2jaxError, match="not a her2jax workdir"):
-        loop.evaluate(tmp_path)
+        inference.evaluate(tmp_path)
     result = subprocess.run([sys.executable, "-m", "her2jax.main", f"--workdir={tmp_path}",
                              "--mode=eval"], cwd=REPO, capture_output=True, text=True,
                             timeout=300)
@@ -412,14 +412,14 @@ def test_with_an_ema_every_evaluation_uses_the_averaged_parameters(data_dir, tmp
                                          select_by="last", learning_rate=1e-2,
                                          ema_decay=ema), tmp_path / name, progress=False)
         assert result.best_step == 8
-        loop.evaluate(tmp_path / name, splits=["val"], n_boot=0)
+        inference.evaluate(tmp_path / name, splits=["val"], n_boot=0)
         logged = [r["loss"] for r in logger.read_metrics(tmp_path / name)
                   if r["split"] == "val" and r["step"] == 8]
         # eval restores what the loop measured at step 8 (with an EMA: the average, both).
         assert _val_loss_of_eval(tmp_path / name) == pytest.approx(logged[0], abs=1e-5)
         runs[name] = logged[0]
-    assert loop.load_trained(tmp_path / "ema").state.ema is not None   # kept in checkpoints
-    assert loop.load_trained(tmp_path / "plain").state.ema is None
+    assert inference.load_trained(tmp_path / "ema").state.ema is not None   # kept in checkpoints
+    assert inference.load_trained(tmp_path / "plain").state.ema is None
     # Same 8 steps: the average is other parameters than the last ones.
     assert abs(runs["ema"] - runs["plain"]) > 1e-4
     for bad in (1.0, -0.1):
@@ -465,7 +465,7 @@ def test_linear_probe_trains_only_the_head(data_dir, tmp_path):
                 "layer_decay", "warmup_steps", "grad_clip"):
         config.train[key] = probe.train[key]
     loop.train(config, tmp_path / "run", progress=False)
-    start = loop.load_trained(tmp_path / "run", which="latest")
+    start = inference.load_trained(tmp_path / "run", which="latest")
     fresh = jax.device_get(state_params_at_init(config))
     trained_params = jax.device_get(start.state.params)
     assert np.array_equal(np.asarray(fresh["encoder"]["norm"]["scale"][...]),

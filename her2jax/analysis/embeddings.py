@@ -1,6 +1,6 @@
 """2-D embeddings (t-SNE, UMAP) of encoder features and how well classes and centres cluster.
 
-Input is one or more ``features/<split>.npz`` files as ``train.loop.extract_features`` writes
+Input is one or more ``features/<split>.npz`` files as ``train.inference.extract_features`` writes
 them (``features`` [N, F], ``probs`` [N, K], ``labels`` [N] int (-1 unknown), ``patient_ids``,
 ``centers``, ``class_names``). ``analyze_embeddings`` writes ``{tsne,umap}_{class,center}.png``
 and returns a summary dict for ``analysis/summary.json``.

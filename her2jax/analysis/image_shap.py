@@ -39,8 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -51,13 +49,13 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
+from her2jax import fileio
 from her2jax import labels as labels_lib
 from her2jax.analysis import numba_cache
 from her2jax.data import pipeline, tfds_builder
 from her2jax.data.preprocess import Crop
 from her2jax.errors import Her2jaxError
-from her2jax.evaluate.files import file_mode
-from her2jax.train import loop, pca_lr
+from her2jax.train import inference, pca_lr
 from her2jax.train import step as step_lib
 from her2jax.train import workdir as workdir_lib
 
@@ -319,19 +317,9 @@ def to_original(density: np.ndarray, crop_affine: np.ndarray, source_affine: np.
 
 
 def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` to a temporary file beside ``path`` (same suffixes), then rename it."""
-    suffix = "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    try:
-        try:
-            os.fchmod(fd, file_mode())   # as open() would make it, not mkstemp's 0o600
-        finally:
-            os.close(fd)
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``write(tmp)`` by name to a temporary file beside ``path`` (with the same suffixes:
+    nibabel picks the format from them), then one rename (``fileio.atomic_write``)."""
+    fileio.atomic_write(path, lambda f: write(Path(f.name)), suffix=f".tmp{''.join(path.suffixes)}")
 
 
 def save_nifti(path, data: np.ndarray, affine: np.ndarray) -> None:
@@ -485,7 +473,7 @@ def _model_predict_proba(trained, predict, batch_size: int) -> Callable[[np.ndar
         batch = pipeline.to_global({"image": np.asarray(images, np.float32)[rows]},
                                    trained.mesh)
         probs, _ = predict(trained.state.params, trained.state.rest, batch["image"])
-        return loop.gather(probs)
+        return inference.gather(probs)
 
     return predict_proba
 
@@ -603,9 +591,9 @@ def explain_workdir(workdir, out_dir, *, splits: Sequence[str] | None = None,
     # Unknown patient ids fail before the model is restored.
     cases = _find_patients(dataset, config.data, patients, splits) if patients else []
 
-    trained = loop.load_trained(workdir, which=which, data_dir=data_dir)
-    class_names = loop.class_names(trained.config)
-    size = loop.eval_batch_size(trained.config) if batch_size is None else int(batch_size)
+    trained = inference.load_trained(workdir, which=which, data_dir=data_dir)
+    class_names = inference.class_names(trained.config)
+    size = inference.eval_batch_size(trained.config) if batch_size is None else int(batch_size)
     size = -(-size // jax.device_count()) * jax.device_count()
     predict = step_lib.make_predict(trained.graphdef)
     if not patients:
@@ -613,7 +601,7 @@ def explain_workdir(workdir, out_dir, *, splits: Sequence[str] | None = None,
                                       splits if splits else _default_split_names(config))
         pool, probs = [], []
         for name, split in named.items():
-            p, _ = loop.predict_split(predict, trained.state, dataset, split, trained.mesh, size)
+            p, _ = inference.predict_split(predict, trained.state, dataset, split, trained.mesh, size)
             probs.append(p)
             pool += [_Case(pid, center, name, split.tfds_splits[int(s)], int(pos), int(y))
                      for pid, center, (s, pos), y in zip(split.patient_ids, split.centers,

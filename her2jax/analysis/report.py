@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from her2jax import fileio
 from her2jax.analysis import embeddings, figures
 from her2jax.errors import Her2jaxError
 from her2jax.evaluate import files, metrics
@@ -827,7 +828,7 @@ def write_report(workdir, *, data_dir: str | None = None, out=None) -> Path:
         is unreadable. Nothing is written then.
     """
     # A report that cannot be finished (a full disk) leaves no report_files/ it created.
-    with files.new_folders_removed_on_error(Path(workdir) / FIGURES_DIR):
+    with fileio.new_folders_removed_on_error(Path(workdir) / FIGURES_DIR):
         return _write_report(Path(workdir), data_dir=data_dir, out=out)
 
 

@@ -24,7 +24,7 @@ from absl import logging
 from her2jax.analysis import embeddings, image_shap, report, shap_features
 from her2jax.errors import Her2jaxError
 from her2jax.evaluate import files
-from her2jax.train import loop, pca_lr
+from her2jax.train import inference, pca_lr
 from her2jax.train import workdir as workdir_lib
 
 ANALYSIS_DIR = "analysis"
@@ -42,7 +42,7 @@ def _feature_files(workdir: Path, data_dir: str | None, which: str) -> dict[str,
                            file=str(workdir))
     config = workdir_lib.read(workdir)["config"]
     tests = [f"test_{c}" for c in config["data"]["test_centers"]]
-    return {**found, **loop.extract_features(workdir, splits=["train", "val", *tests],
+    return {**found, **inference.extract_features(workdir, splits=["train", "val", *tests],
                                              which=which, data_dir=data_dir)}
 
 

@@ -14,20 +14,18 @@ give them (``0o666`` less the umask; the console scripts set a umask of at least
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import math
 import os
 import pathlib
-import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
 
+from her2jax import fileio
 from her2jax.errors import Her2jaxError
 
 PREDICTION_COLUMNS = ("patient_id", "center", "label")
@@ -37,75 +35,14 @@ PROB_PREFIX = "prob_"
 PROB_SUM_TOLERANCE = 1e-3
 
 
-def current_umask() -> int:
-    """The process umask, read without changing it (``os.umask`` can only be read by setting it,
-    which would race with threads creating files)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o077)   # no /proc: a file made meanwhile is stricter, never looser
-    os.umask(mask)
-    return mask
-
-
-def file_mode() -> int:
-    """The permission bits ``open()`` gives a new file: ``0o666`` less the umask.
-
-    ``tempfile.mkstemp`` makes its files ``0o600`` whatever the umask; atomic writers apply this
-    mode to their temporary file before renaming it into place.
-    """
-    return 0o666 & ~current_umask()
-
-
-@contextlib.contextmanager
-def new_folders_removed_on_error(*folders: str | os.PathLike):
-    """Removes, if the block raises (a full disk, Ctrl-C, a bug), each of ``folders`` that did
-    not exist when it began: an output folder a command creates is complete or absent, never
-    left half-filled. Folders that existed are left to their atomic writers."""
-    new = [pathlib.Path(f) for f in folders if not pathlib.Path(f).exists()]
-    try:
-        yield
-    except BaseException:
-        for folder in new:
-            shutil.rmtree(folder, ignore_errors=True)
-        raise
-
-
-def write_text(path: str | os.PathLike, text: str) -> None:
-    """Writes ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, file_mode())
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
+# The file-I/O primitives live in her2jax.fileio.
+write_text = fileio.write_text
 
 
 def write_figure(path: str | os.PathLike, fig, **savefig) -> None:
-    """Saves a matplotlib figure as PNG through a temporary file in the same folder and a rename
-    (a killed run never leaves a truncated image)."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, file_mode())
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", **savefig)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
+    """Saves a matplotlib figure as PNG, atomically (a killed run never leaves a truncated
+    image)."""
+    fileio.atomic_write(path, lambda f: fig.savefig(f, format="png", **savefig))
 
 
 def _cell(value) -> str:

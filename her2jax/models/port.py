@@ -554,7 +554,7 @@ def _concrete_pos(model: nnx.Module, architecture: Mapping) -> nnx.Module:
 def _write(out: Path, pure: dict, report: PortReport) -> None:
     import orbax.checkpoint as ocp
 
-    from her2jax.evaluate.files import current_umask
+    from her2jax.fileio import current_umask
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

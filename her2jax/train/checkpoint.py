@@ -40,16 +40,9 @@ import contextlib
 import datetime
 import functools
 import json
-import logging as std_logging
 import math
 import os
-import re
 import shutil
-import sys
-import threading
-import time
-import traceback
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +55,7 @@ from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
 from her2jax.errors import Her2jaxError
+from her2jax.train import orbax_quirks
 from her2jax.train.state import TrainState
 
 MANAGERS = ("latest", "best")
@@ -186,143 +180,6 @@ class _Unreadable(Exception):
     """A step whose files cannot be read back (as opposed to one that does not fit)."""
 
 
-_TMP_SUFFIX = ".orbax-checkpoint-tmp"   # orbax's name for a step still being written
-_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
-
-
-def os_reason(error: BaseException | None) -> str | None:
-    """The operating system's reason when ``error`` (or an exception it was raised from) is a
-    failed file operation, e.g. "No space left on device"; None for any other error.
-
-    orbax passes tensorstore's failures on as ``ValueError("RESOURCE_EXHAUSTED: ... Failed to
-    write ... [os_error_code='28']")``, so the code is read from the message as well as from
-    an ``OSError``'s ``errno``.
-    """
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, OSError) and error.errno:
-            return error.strerror or os.strerror(error.errno)
-        match = _OS_ERROR_CODE.search(str(error))
-        if match:
-            return os.strerror(int(match.group(1)))
-        error = error.__cause__ or error.__context__
-    return None
-
-
-class _QuietWriteFailures(std_logging.Filter):
-    """Drops the ERROR records of a save that failed for an operating-system reason: orbax
-    logs it with its traceback once per background thread, and asyncio once per abandoned
-    write task, before the failure reaches the caller. ``Checkpoints`` raises it as one
-    ``Her2jaxError`` line instead, which the command line prints; orbax's other errors
-    still show."""
-
-    def filter(self, record: std_logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        if error is None or os_reason(error) is None:
-            return True
-        frames = [record.pathname] + [frame.filename for frame in
-                                      traceback.extract_tb(error.__traceback__)]
-        # asyncio's records of abandoned writes carry no orbax frame, but name the folder.
-        return not (any(f"{os.sep}orbax{os.sep}" in name for name in frames)
-                    or _TMP_SUFFIX in str(error))
-
-
-_QUIET_WRITE_FAILURES = _QuietWriteFailures()
-
-
-_WHOLE_SHARDS: Any = None   # the jax.Array handler _whole_shards_on_cpu registered
-
-
-def _whole_shards_on_cpu() -> None:
-    """On the CPU backend, saves a replicated array from one whole shard, not in slices.
-
-    orbax's default (everywhere but where ``JAX_PLATFORMS`` names a GPU) is replica-parallel:
-    every replicated array is cut into one slice per replica, each copied to the host by its
-    own device. On CPU a shard already is host memory, so the slices save nothing, and each
-    one is a small XLA program per array shape and device, compiled at the first save and
-    dispatched at every save: ~3 s of a 160-step run of the tiny ViT on 8 CPU devices (2
-    cores), also with JAX's persistent compilation cache. Only the chunking of the stored
-    arrays differs, which orbax reads back from the files: a checkpoint written either way
-    restores on any topology. GPU and TPU runs keep orbax's default. Process-wide (the
-    handler of ``jax.Array`` in orbax's registry: ``StandardCheckpointHandler`` takes no
-    registry of its own); idempotent.
-    """
-    global _WHOLE_SHARDS
-    if jax.default_backend() != "cpu":
-        return
-    if _WHOLE_SHARDS is None:
-        from orbax.checkpoint._src.metadata import array_metadata_store
-
-        # As orbax's default handler, with its per-process array metadata, but unsliced.
-        _WHOLE_SHARDS = ocp.type_handlers.ArrayHandler(
-            use_replica_parallel=False, array_metadata_store=array_metadata_store.Store())
-    if ocp.type_handlers.get_type_handler(jax.Array) is not _WHOLE_SHARDS:
-        # orbax logs the override as a warning, which the command line would print.
-        notice = _DropMessage("Type handler registry type")
-        std_logging.getLogger("absl").addFilter(notice)
-        try:
-            ocp.type_handlers.register_type_handler(jax.Array, _WHOLE_SHARDS, override=True)
-        finally:
-            std_logging.getLogger("absl").removeFilter(notice)
-
-
-class _DropMessage(std_logging.Filter):
-    """Drops the log records whose message starts with ``prefix``."""
-
-    def __init__(self, prefix: str):
-        super().__init__()
-        self.prefix = prefix
-
-    def filter(self, record: std_logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.prefix)
-
-
-def _quiet_abandoned_writes() -> None:
-    """Silences what orbax and tensorstore print about the writes of a failed save.
-
-    When one write of a save fails (a full disk fails them all), orbax raises at once and
-    abandons the others: it logs the failure with a traceback once per background thread,
-    asyncio logs each abandoned task, tensorstore reports each write ending after orbax
-    closed its event loop (``RuntimeError: Event loop is closed``, through
-    ``sys.unraisablehook`` from its own threads, up to hundreds of times), and the
-    abandoned coroutines warn at exit that they were never awaited. ``Checkpoints`` raises
-    the failure once, as a ``Her2jaxError``; nothing can act on the rest. Process-wide, and
-    narrow: a record or error is dropped only if it is one of these (other orbax errors and
-    any error of the main thread still show). Idempotent.
-    """
-    for name in ("absl", "asyncio"):   # a no-op after the first time: the same object
-        std_logging.getLogger(name).addFilter(_QUIET_WRITE_FAILURES)
-    warnings.filterwarnings("ignore", category=RuntimeWarning, message=(   # deduplicated
-        r"coroutine 'async_serialize_from_host\.<locals>\.\w+' was never awaited"))
-    previous = sys.unraisablehook
-    if getattr(previous, "her2jax_quiet", False):
-        return   # installed (again if something, e.g. pytest, replaced it since)
-
-    def unraisablehook(unraisable):
-        if (isinstance(unraisable.exc_value, RuntimeError) and unraisable.object is None
-                and str(unraisable.exc_value) == "Event loop is closed"
-                and threading.current_thread() is not threading.main_thread()):
-            return
-        previous(unraisable)
-
-    unraisablehook.her2jax_quiet = True
-    sys.unraisablehook = unraisablehook
-
-
-def _join_orbax_threads(timeout_s: float = 60.0) -> None:
-    """Waits (a bounded time) for orbax's background threads: after one write of a save
-    fails, orbax raises at once while its other writes of that save are still running, and
-    those would otherwise write into the step's folder after it is removed, or fail noisily
-    at interpreter shutdown."""
-    deadline = time.monotonic() + timeout_s
-    for thread in threading.enumerate():
-        if (thread is not threading.current_thread()
-                and type(thread).__module__.startswith("orbax.")):
-            with contextlib.suppress(Exception):   # orbax's threads re-raise their error
-                thread.join(max(deadline - time.monotonic(), 0.0))
-
-
 # --------------------------------------------------------------------------- managers
 
 class Checkpoints:
@@ -351,12 +208,12 @@ class Checkpoints:
         self._writing: dict[str, int | None] = dict.fromkeys(MANAGERS)
         # Set once every process agreed to save for a preemption (multi-process runs).
         self.preempted = False
-        _quiet_abandoned_writes()
-        _whole_shards_on_cpu()
+        orbax_quirks.install()           # idempotent: also for library callers
+        orbax_quirks.whole_shards_on_cpu()
         try:
             self._latest, self._best = self._managers(keep_latest, async_save)
         except OSError as e:
-            raise Her2jaxError(f"cannot create the checkpoint folders: {os_reason(e) or e}",
+            raise Her2jaxError(f"cannot create the checkpoint folders: {orbax_quirks.os_reason(e) or e}",
                                file=str(self.root)) from e
 
     def _managers(self, keep_latest: int, async_save: bool):
@@ -514,13 +371,13 @@ class Checkpoints:
         may still add a few files after that; orbax removes the folder at the next start, and
         no restore lists it meanwhile.
         """
-        reason = os_reason(error)
+        reason = orbax_quirks.os_reason(error)
         if reason is None:
             return None
-        _join_orbax_threads()
+        orbax_quirks.join_background_threads()
         directory = Path(str(self._manager(which).directory))
         if step is not None and jax.process_count() == 1:
-            for unfinished in directory.glob(f"{step}{_TMP_SUFFIX}*"):
+            for unfinished in directory.glob(f"{step}{orbax_quirks.TMP_SUFFIX}*"):
                 shutil.rmtree(unfinished, ignore_errors=True)
         what = "a checkpoint" if step is None else f"checkpoint step {step}"
         return Her2jaxError(f"cannot write {what}: {reason} (the earlier steps are intact)",

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import jax
 
+from her2jax import fileio
 from her2jax.evaluate import files
 
 _FILE_NUMBER = itertools.count()   # two event files of one process never share a name
@@ -224,9 +225,7 @@ def _drop_after(path: Path, step: int) -> None:
     kept = [line for line in lines if line.strip() and line.endswith("\n") and keep(line)]
     if len(kept) == len(lines):
         return
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    tmp.replace(path)
+    fileio.write_text(path, "".join(kept))
 
 
 def read_metrics(workdir: Path) -> list[dict]:

@@ -1,4 +1,4 @@
-"""The training loop and the modes that use a trained workdir (eval, features, predict).
+"""The training loop (the modes that use a trained workdir live in ``inference.py``).
 
 ``train`` reads top to bottom: mesh -> data -> model, optimizer, state -> workdir claim ->
 restore -> step functions -> loop. Resume order:
@@ -14,29 +14,23 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import signal
-import tempfile
 import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from her2jax import labels as labels_lib
 from her2jax.data import pipeline
 from her2jax.errors import Her2jaxError
-from her2jax.evaluate import calibration, decision, files, metrics, tables
 from her2jax.models import factory
-from her2jax.train import baseline, checkpoint, checks, optim
+from her2jax.train import checkpoint, checks, inference, optim, orbax_quirks
 from her2jax.train import logger as logger_lib
 from her2jax.train import state as state_lib
 from her2jax.train import step as step_lib
@@ -82,17 +76,6 @@ def _selected_value(select_by: str, score: float | None) -> float | None:
     if score is None:
         return None
     return -score if select_by == "val_loss" else score
-
-
-def make_mesh() -> jax.sharding.Mesh:
-    """One ``data`` axis over every device of every process.
-
-    Auto axis types: shardings stay out of the array types (jax >= 0.9 defaults make_mesh to
-    Explicit, under which e.g. the ViT's replicated CLS token and a data-sharded batch
-    cannot be concatenated); shard_map and jit place the computation.
-    """
-    return jax.make_mesh((jax.device_count(),), (step_lib.AXIS,),
-                         axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def class_weights(split: pipeline.Split, scheme: str) -> np.ndarray:
@@ -169,7 +152,7 @@ def train(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
     # 0. Every setting's range, before anything is built or written.
     checks.check_run_config(config)
     # 1. Mesh.
-    mesh = make_mesh()
+    mesh = step_lib.make_mesh()
     replicated = NamedSharding(mesh, P())
     _check_batch(tc.batch_size, "train.batch_size")
     _check_batch(tc.eval_batch_size, "train.eval_batch_size")
@@ -199,6 +182,9 @@ def train(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
         # and dataset.
         try:
             stack.enter_context(workdir_lib.locked(workdir))
+        except OSError as e:
+            raise _cannot_write(workdir, f"its lock {workdir_lib.LOCK_FILE}", e) from e
+        try:
             run_config = workdir_lib.claim(workdir, config, dataset.meta,
                                            force=force)["config"]
             workdir_lib.record_trained_on(workdir, train_split.patient_ids,
@@ -265,7 +251,7 @@ def train(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
             bar.update()
 
             if done % tc.eval_every == 0 or done == total:
-                summary = evaluate_split(predict, state_lib.for_inference(state), dataset,
+                summary = inference.evaluate_split(predict, state_lib.for_inference(state), dataset,
                                          val_split, mesh, tc.eval_batch_size, n_boot=0)
                 # None (undefined, e.g. a class missing from val) is logged as NaN; a real 0.0
                 # stays 0.0 (``x or nan`` would turn an accuracy of 0 into NaN).
@@ -297,7 +283,7 @@ def train(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
 
 def _cannot_write(workdir: Path, what: str, error: OSError) -> Her2jaxError:
     """A full disk or read-only workdir as a one-line error naming the folder and reason."""
-    reason = checkpoint.os_reason(error) or str(error)
+    reason = orbax_quirks.os_reason(error) or str(error)
     return Her2jaxError(f"cannot write {what}: {reason}", file=str(workdir))
 
 
@@ -331,242 +317,3 @@ class _RunLog:
                 raise _cannot_write(self._workdir, self._WHAT, e) from e
             # Most likely the first error's cause again (a full disk): not worth a second line.
             logging.info("while stopping after an error, closing the logs: %s", e)
-
-
-def gather(x: jax.Array) -> np.ndarray:
-    """A global array (sharded over processes) as one host numpy array on every process."""
-    if jax.process_count() == 1:
-        return np.asarray(x)
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def predict_split(predict, state, dataset: pipeline.Dataset, split: pipeline.Split, mesh,
-                  batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(probs [N, K], features [N, F]) for every example of ``split``, in split order."""
-    probs, features = [], []
-    for host in pipeline.eval_batches(dataset, split, global_batch_size=batch_size,
-                                      process_index=jax.process_index(),
-                                      process_count=jax.process_count()):
-        batch = pipeline.to_global(host, mesh)
-        p, f = predict(state.params, state.rest, batch["image"])
-        valid = gather(batch["valid"])
-        probs.append(gather(p)[valid])
-        features.append(gather(f)[valid])
-    if not probs:
-        return np.zeros((0, len(split.class_names)), np.float32), np.zeros((0, 0), np.float32)
-    return np.concatenate(probs), np.concatenate(features)
-
-
-def evaluate_split(predict, state, dataset, split, mesh, batch_size, *, n_boot: int) -> dict:
-    """metrics.summarize of the state's predictions on a labelled split, plus ``loss``: its
-    class-balanced cross-entropy (``metrics.balanced_log_loss``)."""
-    probs, _ = predict_split(predict, state, dataset, split, mesh, batch_size)
-    summary = metrics.summarize(split.labels, probs, split.class_names, n_boot=n_boot)
-    summary["loss"] = metrics.balanced_log_loss(split.labels, probs)
-    return summary
-
-
-# ---------------------------------------------------------------- trained-workdir modes
-
-
-@dataclasses.dataclass
-class Trained:
-    """A workdir's model, restored: what eval, features and predict need."""
-
-    config: ml_collections.ConfigDict
-    graphdef: nnx.GraphDef
-    state: state_lib.TrainState
-    mesh: jax.sharding.Mesh
-    step: int
-
-
-def load_trained(workdir, *, which: str = "best", data_dir: str | None = None,
-                 step: int | None = None) -> Trained:
-    """Restores ``checkpoints/<which>`` of a workdir into the current mesh.
-
-    Args:
-      workdir: a trained workdir (config.json + checkpoints).
-      which: 'best' or 'latest'.
-      data_dir: where the prepared dataset is now (default: the config's).
-      step: a step kept in ``which`` (default: its best, or latest, step).
-    """
-    workdir = Path(workdir)
-    record = workdir_lib.read(workdir)
-    config = ml_collections.ConfigDict(record["config"])
-    config.model.pretrained = ""   # the checkpoint holds the trained encoder
-    if data_dir:
-        config.data.data_dir = data_dir
-    mesh = make_mesh()
-    model = nnx.eval_shape(lambda: factory.build_model(config, rngs=nnx.Rngs(0)))
-    graphdef, params, rest = state_lib.split_model(model)
-    optimizer = _optimizer(config, params)
-    abstract = state_lib.TrainState(
-        step=jax.ShapeDtypeStruct((), jnp.int32), params=params, rest=rest,
-        opt_state=jax.eval_shape(optimizer.init, params),
-        rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
-        ema=params if config.train.get("ema_decay", 0.0) > 0 else None)
-    target = checkpoint.abstract_like(abstract, NamedSharding(mesh, P()))
-    checkpoints = checkpoint.Checkpoints(workdir, save_every=1)
-    try:
-        if step is not None:
-            state = checkpoints.restore_step(step, target, which)
-        elif which == "best":
-            state = checkpoints.restore_best(target)
-        elif which == "latest":
-            state = checkpoints.restore_latest(target)
-            if state is None:
-                raise Her2jaxError("has no checkpoint to restore", file=str(workdir))
-        else:
-            raise Her2jaxError(f"unknown checkpoint {which!r} (expected best or latest)",
-                               key="checkpoint")
-    finally:
-        checkpoints.close()
-    # With an EMA the averaged parameters are the trained model.
-    return Trained(config, graphdef, state_lib.for_inference(state), mesh,
-                   int(jax.device_get(state.step)))
-
-
-def evaluate(workdir, *, splits=(), which: str = "best", data_dir: str | None = None,
-             n_boot: int = 2000, progress: bool = False) -> dict[str, dict]:
-    """Writes ``eval/<split>/predictions.csv`` and ``metrics.json`` for the named splits
-    (default: val and every test centre). Returns the summaries."""
-    workdir = Path(workdir)
-    trained = load_trained(workdir, which=which, data_dir=data_dir)
-    dataset = pipeline.open_dataset(trained.config.data.data_dir, trained.config.data)
-    predict = step_lib.make_predict(trained.graphdef)
-    batch_size = eval_batch_size(trained.config)
-    outputs = {}
-    named = eval_splits(dataset, trained.config.data, splits)
-    for name, split in named.items():
-        workdir_lib.check_no_leak(workdir, name, split.patient_ids)
-    for name, split in named.items():
-        probs, _ = predict_split(predict, trained.state, dataset, split, trained.mesh,
-                                 batch_size)
-        summary = metrics.summarize(split.labels, probs, split.class_names, n_boot=n_boot,
-                                    progress=name if progress else None)
-        summary.update(step=trained.step, checkpoint=which)
-        outputs[name] = (split, probs, summary)
-    with files.new_folders_removed_on_error(workdir / "eval"):
-        write_eval(workdir, dataset, trained.config, outputs, n_boot=n_boot)
-    return {name: summary for name, (_, _, summary) in outputs.items()}
-
-
-def eval_splits(dataset: pipeline.Dataset, data_config, names=()) -> dict[str, pipeline.Split]:
-    """``pipeline.named_splits`` plus ``val`` whenever the run has a non-empty one: calibration
-    and thresholds are fitted on it (``evaluate.decision``), whichever splits were asked for."""
-    named = pipeline.named_splits(dataset, data_config, names)
-    if "val" not in named:
-        val = pipeline.select_splits(dataset, data_config).get("val")
-        if val is not None and len(val):
-            named = {"val": val, **named}
-    return named
-
-
-def write_eval(workdir: Path, dataset: pipeline.Dataset, config,
-               outputs: dict[str, tuple], *, n_boot: int) -> None:
-    """The eval files (process 0): ``eval/<split>/{predictions.csv,metrics.json}`` for each
-    (split, probs [N, K], summary) of ``outputs``, the hand-made kinetic baseline on the same
-    splits (``eval/baseline.json``, ``eval/<split>/baseline_metrics.json``; see
-    :mod:`her2jax.train.baseline`), the validation-fitted calibration
-    (``eval/calibration.json``, ``eval/<split>/{predictions_calibrated.csv,reliability.png}``),
-    then ``eval/summary.txt`` and the pooled per-centre / subgroup tables of the test splits."""
-    if jax.process_index() != 0:
-        return
-    eval_dir = Path(workdir) / "eval"
-    clinical = config.data.columns.clinical
-    for name, (split, probs, summary) in outputs.items():
-        _write_predictions(eval_dir / name / "predictions.csv", dataset, split, probs, clinical)
-        files.write_metrics(eval_dir / name / "metrics.json", summary)
-    scored = baseline.fit_and_score(dataset, config, {n: o[0] for n, o in outputs.items()},
-                                    n_boot=n_boot)
-    baseline.write(eval_dir, scored, outputs)
-    fitted = _write_calibration(eval_dir, dataset, outputs, clinical)
-    frames = {name: files.read_predictions(eval_dir / name / "predictions.csv")
-              for name in outputs}
-    tables.write_tables(eval_dir, frames, class_names(config), clinical, n_boot=n_boot)
-    lines = [f"{name} (n={s['n']}): {summary_line(s)}\n" for name, (_, _, s) in outputs.items()]
-    lines.append(f"calibration: {fitted['statement']}\n")
-    files.write_text(eval_dir / "summary.txt", "".join(lines))
-
-
-def _write_predictions(path: Path, dataset: pipeline.Dataset, split: pipeline.Split,
-                       probs: np.ndarray, clinical) -> None:
-    files.write_predictions(path, patient_ids=split.patient_ids, centers=split.centers,
-                            labels=split.labels, probs=probs, class_names=split.class_names,
-                            clinical=pipeline.clinical_columns(dataset, split, clinical))
-
-
-def _write_calibration(eval_dir: Path, dataset: pipeline.Dataset, outputs: dict[str, tuple],
-                       clinical) -> dict:
-    """Fits temperature (and binary thresholds) on val, applies them to every split of
-    ``outputs`` and writes ``eval/calibration.json``; returns its content."""
-    val = outputs.get(decision.FITTED_ON)
-    if val is None or not len(val[0]):
-        fitted = decision.not_fitted("no validation split was evaluated")
-    else:
-        fitted = decision.fit(val[0].labels, val[1], val[0].class_names)
-        fitted["splits"] = {}
-        for name, (split, probs, _) in outputs.items():
-            entry, calibrated = decision.apply(fitted, split.labels, probs)
-            _write_predictions(eval_dir / name / "predictions_calibrated.csv", dataset, split,
-                               calibrated, clinical)
-            calibration.plot_reliability(eval_dir / name / "reliability.png", split.labels,
-                                         calibrated, split.class_names)
-            entry["reliability_png"] = f"eval/{name}/reliability.png"
-            fitted["splits"][name] = entry
-    files.write_metrics(eval_dir / "calibration.json", fitted)
-    return fitted
-
-
-def summary_line(summary: dict) -> str:
-    """The study's style: ``macro-average AUC 0.833 (95% CI 0.818–0.847), micro-...``."""
-    return (f"macro-average AUC {metrics.format_auc(summary['macro_auc'])}, "
-            f"micro-average AUC {metrics.format_auc(summary['micro_auc'])}")
-
-
-def extract_features(workdir, *, splits=(), which: str = "best",
-                     data_dir: str | None = None) -> dict[str, Path]:
-    """Writes ``features/<split>.npz`` (features, probs, labels, patient_ids, centers)."""
-    workdir = Path(workdir)
-    trained = load_trained(workdir, which=which, data_dir=data_dir)
-    dataset = pipeline.open_dataset(trained.config.data.data_dir, trained.config.data)
-    predict = step_lib.make_predict(trained.graphdef)
-    written = {}
-    with files.new_folders_removed_on_error(workdir / "features"):
-        for name, split in pipeline.named_splits(dataset, trained.config.data, splits).items():
-            probs, features = predict_split(predict, trained.state, dataset, split,
-                                            trained.mesh, eval_batch_size(trained.config))
-            path = workdir / "features" / f"{name}.npz"
-            if jax.process_index() == 0:
-                atomic_savez(path, dict(features=features, probs=probs, labels=split.labels,
-                                        patient_ids=np.asarray(split.patient_ids),
-                                        centers=np.asarray(split.centers),
-                                        class_names=np.asarray(split.class_names)))
-            written[name] = path
-    return written
-
-
-def atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """``np.savez`` into a temporary file beside ``path``, then one rename: a reader (or a
-    rerun after a kill) sees the old file or the complete new one, never a torn one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, files.file_mode())   # mkstemp's 0600 -> what the umask allows
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def eval_batch_size(config) -> int:
-    """train.eval_batch_size rounded to a multiple of the device count."""
-    n = jax.device_count()
-    return max(config.train.eval_batch_size // n, 1) * n
-
-
-def class_names(config) -> tuple[str, ...]:
-    return labels_lib.CLASS_NAMES[config.data.scheme]

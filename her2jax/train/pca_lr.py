@@ -18,8 +18,8 @@ What the workdir holds (``config.json`` says ``train.protocol == 'pca_lr'``):
   ``allow_pickle=False``, because loading a pickle can run code. Probabilities are computed
   from these arrays in numpy, equal to scikit-learn's ``predict_proba`` to ~1e-15.
 * ``eval/<split>/predictions.csv`` and ``metrics.json`` for val and every test centre, as
-  ``loop.evaluate`` writes them; ``features/<split>.npz`` (train, val, tests) with
-  ``loop.extract_features``' keys plus ``pca_features`` [N, k], the logistic regression's
+  ``inference.evaluate`` writes them; ``features/<split>.npz`` (train, val, tests) with
+  ``inference.extract_features``' keys plus ``pca_features`` [N, k], the logistic regression's
   inputs (what a SHAP KernelExplainer on the k components explains).
 
   her2jax --config=configs/fmbcmri_pca_lr.py --workdir=DIR --config.model.pretrained=PORT
@@ -45,7 +45,7 @@ from her2jax.data import pipeline
 from her2jax.errors import Her2jaxError
 from her2jax.evaluate import metrics
 from her2jax.models import factory
-from her2jax.train import checks, loop
+from her2jax.train import checks, inference
 from her2jax.train import state as state_lib
 from her2jax.train import step as step_lib
 from her2jax.train import workdir as workdir_lib
@@ -139,7 +139,7 @@ class PcaLr:
     def save(self, path) -> None:
         """Writes the arrays to ``path`` (.npz, no pickled objects), atomically."""
         arrays = {f.name: np.asarray(getattr(self, f.name)) for f in dataclasses.fields(self)}
-        loop.atomic_savez(Path(path), arrays)
+        inference.atomic_savez(Path(path), arrays)
 
     @classmethod
     def load(cls, path) -> PcaLr:
@@ -180,7 +180,7 @@ def make_sklearn(n_components: int, *, seed: int, balanced: bool) -> Pipeline:
 
 @dataclasses.dataclass(frozen=True)
 class _Weights:
-    """What ``loop.predict_split`` reads from a state: ``params`` and ``rest``."""
+    """What ``inference.predict_split`` reads from a state: ``params`` and ``rest``."""
 
     params: nnx.State
     rest: nnx.State
@@ -227,7 +227,7 @@ def fit(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
     _check_settings(config)
 
     # 1. Mesh and data: the splits are chosen now, from the config.
-    mesh = loop.make_mesh()
+    mesh = step_lib.make_mesh()
     dataset = pipeline.open_dataset(config.data.data_dir, config.data)
     splits = pipeline.select_splits(dataset, config.data)
     logging.info("splits: %s", pipeline.describe(splits))
@@ -264,8 +264,8 @@ def _fit_claimed(config, workdir: Path, dataset, splits, train_split, graphdef, 
     tc = config.train
     # 4. Features of every split, once.
     predict = step_lib.make_predict(graphdef)
-    features = {name: loop.predict_split(predict, weights, dataset, split, mesh,
-                                         loop.eval_batch_size(config))[1]
+    features = {name: inference.predict_split(predict, weights, dataset, split, mesh,
+                                         inference.eval_batch_size(config))[1]
                 for name, split in splits.items() if len(split)}
 
     # 5. StandardScaler -> PCA -> LogisticRegression on the training features.
@@ -313,7 +313,7 @@ def _write_outputs(workdir: Path, config, dataset: pipeline.Dataset,
             continue
         probs = classifier.predict_proba(features[name])
         if jax.process_index() == 0:
-            loop.atomic_savez(workdir / "features" / f"{name}.npz", dict(
+            inference.atomic_savez(workdir / "features" / f"{name}.npz", dict(
                 features=features[name], probs=probs, labels=split.labels,
                 patient_ids=np.asarray(split.patient_ids), centers=np.asarray(split.centers),
                 class_names=np.asarray(split.class_names),
@@ -325,7 +325,7 @@ def _write_outputs(workdir: Path, config, dataset: pipeline.Dataset,
         summary.update(step=0, checkpoint=MODEL_FILE, protocol=PROTOCOL,
                        pca_components=classifier.n_components, encoder=classifier.encoder)
         outputs[name] = (split, probs, summary)
-    loop.write_eval(workdir, dataset, config, outputs, n_boot=n_boot)
+    inference.write_eval(workdir, dataset, config, outputs, n_boot=n_boot)
     return {name: summary for name, (_, _, summary) in outputs.items()}
 
 
@@ -384,7 +384,7 @@ def load(workdir, *, data_dir: str | None = None) -> Fitted:
     nnx.replace_by_pure_dict(state, pure)
     nnx.update(model, state)
     graphdef, params, rest = state_lib.split_model(model)
-    mesh = loop.make_mesh()
+    mesh = step_lib.make_mesh()
     return Fitted(config, graphdef, _replicated(params, rest, mesh), classifier, mesh)
 
 
@@ -423,12 +423,12 @@ def evaluate(workdir, *, splits: Sequence[str] = (), data_dir: str | None = None
     fitted = load(workdir, data_dir=data_dir)
     config = fitted.config
     dataset = pipeline.open_dataset(config.data.data_dir, config.data)
-    named = loop.eval_splits(dataset, config.data, splits)
+    named = inference.eval_splits(dataset, config.data, splits)
     for name, split in named.items():
         workdir_lib.check_no_leak(workdir, name, split.patient_ids)
     predict = fitted.predict_fn()
-    features = {name: loop.predict_split(predict, fitted.weights, dataset, split, fitted.mesh,
-                                         loop.eval_batch_size(config))[1]
+    features = {name: inference.predict_split(predict, fitted.weights, dataset, split, fitted.mesh,
+                                         inference.eval_batch_size(config))[1]
                 for name, split in named.items() if len(split)}
     return _write_outputs(workdir, config, dataset, named, features, fitted.classifier,
                           n_boot=n_boot, progress=progress)

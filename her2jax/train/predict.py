@@ -29,21 +29,20 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import os
-import tempfile
 from pathlib import Path
 
 import jax
 import numpy as np
 from absl import logging
 
+from her2jax import fileio
 from her2jax import labels as labels_lib
 from her2jax.data import cohort as cohort_lib
 from her2jax.data import pipeline, prepare, preprocess
 from her2jax.data.recipes import plain
 from her2jax.errors import Her2jaxError
 from her2jax.evaluate import files, metrics
-from her2jax.train import loop
+from her2jax.train import inference
 from her2jax.train import step as step_lib
 from her2jax.train import workdir as workdir_lib
 
@@ -86,7 +85,7 @@ def predict_cohort(workdir, cohort_path, *, out=None, which: str = "best",
     workdir = Path(workdir)
     if out is not None:
         check_out_folder(out)
-    trained = loop.load_trained(workdir, which=which)
+    trained = inference.load_trained(workdir, which=which)
     data = trained.config.data
     recipe = plain(data.recipe)
     preprocess.check_recipe(recipe)
@@ -119,7 +118,7 @@ def predict_cohort(workdir, cohort_path, *, out=None, which: str = "best",
                         "they are predicted but left out of metrics.json", len(seen),
                         ", ".join(seen[:3]) + (" ..." if len(seen) > 3 else ""))
     if jax.process_index() == 0:
-        with files.new_folders_removed_on_error(*_new_ancestors(out)):
+        with fileio.new_folders_removed_on_error(*_new_ancestors(out)):
             _write(out, result, task_labels, class_names, _clinical_names(data.columns),
                    rejected if skip_invalid else None,
                    summary_extra={"step": trained.step, "checkpoint": which,
@@ -136,21 +135,21 @@ class _Predicted:
     rejected: list[cohort_lib.Rejection]
 
 
-def _batch_size(trained: loop.Trained, requested: int | None, num_cases: int) -> int:
+def _batch_size(trained: inference.Trained, requested: int | None, num_cases: int) -> int:
     """A global batch: a multiple of the device count, no larger than the cohort needs.
 
     One batch shape for the whole cohort (the last batch is padded), so the model compiles
     once; a cohort smaller than a batch gets a batch just large enough for it.
     """
     n = jax.device_count()
-    size = loop.eval_batch_size(trained.config) if requested is None else int(requested)
+    size = inference.eval_batch_size(trained.config) if requested is None else int(requested)
     if size < 1:
         raise Her2jaxError(f"must be positive, got {size}", key="batch_size")
     size = -(-size // n) * n
     return max(min(size, -(-num_cases // n) * n), n)
 
 
-def _predict_cases(trained: loop.Trained, cases, recipe: dict, batch_size: int,
+def _predict_cases(trained: inference.Trained, cases, recipe: dict, batch_size: int,
                    skip_invalid: bool) -> _Predicted:
     """Crops the cases one by one and predicts them a global batch at a time."""
     predict = step_lib.make_predict(trained.graphdef)
@@ -164,7 +163,7 @@ def _predict_cases(trained: loop.Trained, cases, recipe: dict, batch_size: int,
         images = np.stack(pending + pending[:1] * (batch_size - n))   # padding repeats row 0
         batch = pipeline.to_global({"image": images[rows]}, trained.mesh)
         p, _ = predict(trained.state.params, trained.state.rest, batch["image"])
-        probs.append(loop.gather(p)[:n])   # rows n.. are padding
+        probs.append(inference.gather(p)[:n])   # rows n.. are padding
         pending.clear()
 
     for case in cases:
@@ -258,11 +257,4 @@ def _write_rejected(path: Path, rejected) -> None:
     writer = csv.DictWriter(buffer, fieldnames=list(_REJECTED_COLUMNS), lineterminator="\n")
     writer.writeheader()
     writer.writerows(dataclasses.asdict(r) for r in rejected)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(buffer.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    fileio.write_text(path, buffer.getvalue())

@@ -245,3 +245,14 @@ def make_predict(graphdef: nnx.GraphDef) -> Callable:
         return jax.nn.softmax(logits.astype(jnp.float32), axis=-1), features
 
     return predict
+
+
+def make_mesh() -> jax.sharding.Mesh:
+    """One ``data`` axis over every device of every process.
+
+    Auto axis types: shardings stay out of the array types (jax >= 0.9 defaults make_mesh to
+    Explicit, under which e.g. the ViT's replicated CLS token and a data-sharded batch
+    cannot be concatenated); shard_map and jit place the computation.
+    """
+    return jax.make_mesh((jax.device_count(),), (AXIS,),
+                         axis_types=(jax.sharding.AxisType.Auto,))

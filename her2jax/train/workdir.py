@@ -19,6 +19,7 @@ from pathlib import Path
 
 import jax
 
+from her2jax import fileio
 from her2jax.errors import Her2jaxError
 from her2jax.jsonfile import read_json
 
@@ -116,10 +117,7 @@ def claim(workdir: Path, config, dataset_meta: dict, *, force: bool = False) -> 
             return old
         record["provenance"]["forced_changes"] = changed
     if jax.process_index() == 0:
-        Path(workdir).mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        tmp.replace(path)
+        fileio.write_json(path, record)
     return record
 
 
@@ -169,11 +167,9 @@ def record_trained_on(workdir, train_ids, val_ids) -> None:
     Written atomically by process 0."""
     if jax.process_index() != 0:
         return
-    path = Path(workdir) / TRAINED_ON_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"train": sorted(map(str, train_ids)),
-                               "val": sorted(map(str, val_ids))}, indent=1) + "\n")
-    tmp.replace(path)
+    fileio.write_json(Path(workdir) / TRAINED_ON_FILE,
+                      {"train": sorted(map(str, train_ids)), "val": sorted(map(str, val_ids))},
+                      indent=1)
 
 
 def trained_on(workdir) -> dict[str, set[str]] | None:
