@@ -53,6 +53,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from her2jax import treepaths
 from her2jax.errors import Her2jaxError
 from her2jax.jsonfile import read_json
 from her2jax.models import resnet3d, torch_checkpoint, vit3d
@@ -643,8 +644,8 @@ def load_pretrained(model: nnx.Module, directory) -> dict:
     state = nnx.state(model)
     pure = nnx.to_pure_dict(state)
     checkpointer = ocp.StandardCheckpointer()
-    stored = {_name(p): tuple(m.shape) for p, m in _leaves(checkpointer.metadata(path).item_metadata)}
-    wanted = {_name(p): tuple(v.shape) for p, v in _leaves(pure)}
+    stored = {treepaths.dotted(p): tuple(m.shape) for p, m in _leaves(checkpointer.metadata(path).item_metadata)}
+    wanted = {treepaths.dotted(p): tuple(v.shape) for p, v in _leaves(pure)}
     for name in sorted(set(stored) | set(wanted)):
         if stored.get(name) != wanted.get(name):
             raise Her2jaxError(
@@ -657,7 +658,3 @@ def load_pretrained(model: nnx.Module, directory) -> dict:
     nnx.replace_by_pure_dict(state, checkpointer.restore(path, target))
     nnx.update(model, state)
     return meta
-
-
-def _name(path) -> str:
-    return ".".join(str(p) for p in path)

@@ -54,6 +54,7 @@ from absl import logging
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
+from her2jax import treepaths
 from her2jax.errors import Her2jaxError
 from her2jax.train import orbax_quirks
 from her2jax.train.state import TrainState
@@ -129,19 +130,6 @@ def check_finite(state: TrainState, step: int) -> None:
                            "learning rate or check the data, then resume)", key=bad[0])
 
 
-def _name(path) -> str:
-    """orbax's name for a leaf: the keys of its path joined with '.'."""
-    keys = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                keys.append(str(getattr(k, attr)))
-                break
-        else:
-            keys.append(str(k))
-    return ".".join(keys)
-
-
 def _stored_shape(x) -> tuple[int, ...]:
     if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):   # saved as its raw key data
         return tuple(jax.eval_shape(jax.random.key_data,
@@ -151,9 +139,9 @@ def _stored_shape(x) -> tuple[int, ...]:
 
 def _mismatches(saved_metadata: Any, abstract_state: Any) -> list[str]:
     """How the leaves on disk differ from the target (names and shapes), at most a few."""
-    saved = {_name(p): tuple(getattr(m, "shape", ()) or ())
+    saved = {treepaths.dotted(p): tuple(getattr(m, "shape", ()) or ())
              for p, m in jax.tree_util.tree_leaves_with_path(saved_metadata)}
-    wanted = {_name(p): _stored_shape(x)
+    wanted = {treepaths.dotted(p): _stored_shape(x)
               for p, x in jax.tree_util.tree_leaves_with_path(abstract_state)}
     problems = [f"missing {n}" for n in sorted(wanted.keys() - saved.keys())]
     problems += [f"unexpected {n}" for n in sorted(saved.keys() - wanted.keys())]
@@ -510,7 +498,7 @@ class Checkpoints:
             raise Her2jaxError(f"checkpoint step {step} was written for another model: "
                                f"{shown} (use a new workdir or the run's config)",
                                file=manager.directory)
-        missing = [_name(p) for p, x in jax.tree_util.tree_leaves_with_path(abstract_state)
+        missing = [treepaths.dotted(p) for p, x in jax.tree_util.tree_leaves_with_path(abstract_state)
                    if getattr(x, "sharding", None) is None]
         if missing:
             raise ValueError(f"the restore target has no sharding for {missing[0]} (and "

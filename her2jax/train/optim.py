@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from her2jax import treepaths
 from her2jax.errors import Her2jaxError
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -120,27 +121,9 @@ def _check_unit_interval(train_config, field: str) -> float:
 # Parameter paths -> layer ids and groups
 
 
-def _path_keys(path) -> tuple:
-    """A jax key path -> plain keys: ('encoder', 'blocks', 0, 'attn', 'qkv', 'kernel')."""
-    keys = []
-    for entry in path:
-        if isinstance(entry, jax.tree_util.DictKey):
-            keys.append(entry.key)
-        elif isinstance(entry, jax.tree_util.SequenceKey):
-            keys.append(entry.idx)
-        elif isinstance(entry, jax.tree_util.GetAttrKey):
-            keys.append(entry.name)
-        else:
-            keys.append(getattr(entry, "key", entry))
-    # nnx.Variable nodes flatten to their array under the attribute 'value'.
-    if keys and keys[-1] == "value" and isinstance(path[-1], jax.tree_util.GetAttrKey):
-        keys.pop()
-    return tuple(keys)
-
-
 def _layer_table(params: nnx.State) -> tuple[Callable[[tuple], int], int]:
     """(path keys -> layer id, num_layers) for a Classifier's parameters (ViT3D or ResNet3D)."""
-    paths = [_path_keys(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    paths = [treepaths.keys(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     for p in paths:
         if len(p) < 2 or p[0] not in ("encoder", "roi", "head"):
             raise ValueError(f"expected the parameters of a Classifier (paths under 'encoder', "
@@ -185,7 +168,7 @@ def _layer_table(params: nnx.State) -> tuple[Callable[[tuple], int], int]:
 
 def _map_paths(fn: Callable[[tuple, Any], Any], params: nnx.State):
     """``fn(path keys, leaf)`` over ``params``, keeping its structure (Param nodes included)."""
-    return jax.tree_util.tree_map_with_path(lambda p, x: fn(_path_keys(p), x), params)
+    return jax.tree_util.tree_map_with_path(lambda p, x: fn(treepaths.keys(p), x), params)
 
 
 def layer_ids(params: nnx.State):
