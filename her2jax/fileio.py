@@ -41,8 +41,9 @@ def file_mode() -> int:
     return 0o666 & ~current_umask()
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], *, binary: bool = True,
-                 suffix: str = ".tmp") -> pathlib.Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[IO], None] | None = None, *,
+                 binary: bool = True, suffix: str = ".tmp",
+                 write_path: Callable[[pathlib.Path], None] | None = None) -> pathlib.Path:
     """Writes ``path`` through a temporary file in its folder and one rename.
 
     Args:
@@ -51,6 +52,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], *, binary
         False); writes the content.
       suffix: the temporary file's suffix (a writer that looks at the name, e.g. nibabel's
         ``.nii.gz``, needs the real one).
+      write_path: instead of ``write``, called with the temporary file's path, for writers
+        that open the file themselves.
 
     Returns:
       ``path``.
@@ -62,8 +65,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], *, binary
         os.fchmod(fd, file_mode())
         with (os.fdopen(fd, "wb") if binary
               else os.fdopen(fd, "w", encoding="utf-8", newline="")) as f:
-            write(f)
-            f.flush()
+            if write_path is not None:
+                write_path(pathlib.Path(tmp))
+            else:
+                write(f)
+                f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

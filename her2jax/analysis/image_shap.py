@@ -319,7 +319,7 @@ def to_original(density: np.ndarray, crop_affine: np.ndarray, source_affine: np.
 def _atomic(path: Path, write: Callable[[Path], None]) -> None:
     """``write(tmp)`` by name to a temporary file beside ``path`` (with the same suffixes:
     nibabel picks the format from them), then one rename (``fileio.atomic_write``)."""
-    fileio.atomic_write(path, lambda f: write(Path(f.name)), suffix=f".tmp{''.join(path.suffixes)}")
+    fileio.atomic_write(path, write_path=write, suffix=f".tmp{''.join(path.suffixes)}")
 
 
 def save_nifti(path, data: np.ndarray, affine: np.ndarray) -> None:
