@@ -193,6 +193,21 @@ def test_a_workdir_refuses_another_config_unless_forced(trained, data_dir, tmp_p
     assert "forced_changes" in json.loads((copy / "config.json").read_text())["provenance"]
 
 
+def test_a_workdir_made_before_a_config_key_existed_resumes(trained, data_dir, tmp_path):
+    """A key added to her2jax later (train.ema_decay, model.resnet.dilated, ...) is absent from
+    an older run's config.json: at its default it is no change; set otherwise it is one."""
+    copy = tmp_path / "run"
+    shutil.copytree(trained[0], copy)
+    record = json.loads((copy / "config.json").read_text())
+    del record["config"]["train"]["ema_decay"], record["config"]["model"]["resnet"]["dilated"]
+    del record["config"]["model"]["vit"]["num_heads"]
+    (copy / "config.json").write_text(json.dumps(record))
+    assert loop.train(small_config(data_dir), copy, progress=False).steps == 12
+    assert "forced_changes" not in json.loads((copy / "config.json").read_text())["provenance"]
+    with pytest.raises(Her2jaxError, match=r"train\.ema_decay None -> 0\.9"):
+        loop.train(small_config(data_dir, ema_decay=0.9), copy, progress=False)
+
+
 def test_bad_training_settings_fail_before_the_workdir_is_touched(data_dir, tmp_path):
     with pytest.raises(Her2jaxError, match="train.batch_size"):
         loop.train(small_config(data_dir, batch_size=6), tmp_path / "a", progress=False)

@@ -76,11 +76,29 @@ def _git_commit() -> str | None:
     return result.stdout.strip() or None if result.returncode == 0 else None
 
 
-def _differences(old, new, prefix="") -> list[str]:
+def _defaults() -> dict:
+    """Every config key's default (data, model, train sections), as config.json holds them."""
+    import ml_collections
+
+    from her2jax.data import recipes
+    from her2jax.models import factory
+    from her2jax.train import defaults
+
+    return config_dict(ml_collections.ConfigDict(dict(
+        data=recipes.data_config(), model=factory.model_config(),
+        train=defaults.train_config())))
+
+
+def _differences(old, new, prefix="", default=None) -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
+        default = default if isinstance(default, dict) else {}
         for key in sorted(set(old) | set(new)):
-            out += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
+            if key not in old and key in default and new.get(key) == default[key]:
+                # A key added to her2jax after this run was made, at its default (which is
+                # what the run had): not a change.
+                continue
+            out += _differences(old.get(key), new.get(key), f"{prefix}{key}.", default.get(key))
         return out
     return [] if old == new else [f"{prefix[:-1]} {old!r} -> {new!r}"]
 
@@ -101,7 +119,8 @@ def claim(workdir: Path, config, dataset_meta: dict, *, force: bool = False) -> 
             old = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise Her2jaxError(f"unreadable ({e})", file=str(path)) from None
-        changed = _differences(_normalised(dict(old.get("config", {}))), record["config"])
+        changed = _differences(_normalised(dict(old.get("config", {}))), record["config"],
+                               default=_defaults())
         old_data = old.get("provenance", {}).get("dataset", {})
         for key in ("listing_hash", "recipe_fingerprint"):
             if old_data.get(key) != record["provenance"]["dataset"][key]:
