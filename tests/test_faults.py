@@ -66,7 +66,7 @@ def _listing(folder):
 
 
 def _install(loop):
-    from her2jax.train import checkpoint
+    from her2jax.train import checkpoint, inference   # loop has imported both
 
     point, at, report = os.environ["HER2JAX_FAULT"].split(":", 2)
     at = int(at)
