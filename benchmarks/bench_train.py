@@ -418,13 +418,12 @@ def _timed_windows(run_steps, block, *, warmup: int, steps: int, repeat: int):
 def child_her2jax(spec: dict) -> dict:
     """The her2jax step (train or features) on synthetic or pipeline input."""
     import jax
-    from flax import nnx
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
     from her2jax import labels
     from her2jax.data import pipeline
-    from her2jax.train import loop, optim
+    from her2jax.train import loop
     from her2jax.train import state as state_lib
     from her2jax.train import step as step_lib
 
@@ -464,10 +463,6 @@ def child_her2jax(spec: dict) -> dict:
         def block():
             jax.block_until_ready(outputs)
     else:
-        optimizer = optim.make_optimizer(config.train, nnx.state(model, nnx.Param),
-                                         total_steps=config.train.steps)
-        graphdef, state = state_lib.create(model, optimizer, config.train.seed)
-        state = jax.device_put(state, replicated)
         if spec["input"] == "pipeline":
             dataset = pipeline.open_dataset(spec["data_dir"], config.data)
             split = pipeline.select_splits(dataset, config.data)["train"]
@@ -485,25 +480,19 @@ def child_her2jax(spec: dict) -> dict:
             def next_batch():
                 return next(device_batches)
 
+            train_labels = split.labels
             result.update(workers=config.data.worker_count, train_examples=len(split))
         else:
             host = synthetic_batch(batch_size, image_shape, len(class_names))
-            split = pipeline.Split(
-                name="synthetic", tfds_splits=(), keys=np.zeros((batch_size, 2), np.int64),
-                labels=host["label"], patient_ids=("",) * batch_size,
-                centers=("",) * batch_size, class_names=class_names)
             device_batch = pipeline.to_global(host, mesh)
+            train_labels = host["label"]
 
             def next_batch():
                 return device_batch
 
-        weights = (loop.class_weights(split, config.data.scheme)
-                   if config.train.class_weighting == "balanced" else None)
-        train_step = step_lib.make_train_step(
-            graphdef, optimizer, mesh, num_classes=len(class_names),
-            augment_config=step_lib.Augment.from_config(config.train.augment,
-                                                        config.data.recipe.channels),
-            class_weights=weights, label_smoothing=config.train.label_smoothing)
+        # The engine's own training setup (her2jax.train.loop.build_training).
+        training = loop.build_training(config, mesh, train_labels, model=model)
+        state, train_step = training.state, training.train_step
         if spec.get("hlo_dir"):
             # The optimised HLO of the step as it runs (the compiled executable is used below,
             # so nothing is compiled twice).

@@ -17,9 +17,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from her2jax.data import pipeline
 from her2jax.errors import Her2jaxError
 from her2jax.evaluate import calibration, files, metrics
 from her2jax.train import inference, logger, loop
+from her2jax.train import step as step_lib
 
 from .test_factory import load_config
 
@@ -525,3 +527,24 @@ def test_a_second_training_into_a_held_workdir_is_refused_until_the_holder_dies(
     result = loop.train(small_config(data_dir, steps=2, eval_every=2, save_every=2,
                                      warmup_steps=0), workdir, progress=False)
     assert result.steps == 2
+
+
+def test_build_training_is_the_setup_the_loop_trains_with(data_dir):
+    """One training setup (issue 17): class weights n / (K n_c) of the training labels, the
+    state replicated on the mesh, an EMA only when asked for, and a step that trains."""
+    np.testing.assert_allclose(loop.class_weights(np.array([0, 0, 0, 1]), 3),
+                               [4 / 9, 4 / 3, 0.0], rtol=1e-6)
+    config = small_config(data_dir, ema_decay=0.5)
+    mesh = step_lib.make_mesh()
+    labels = np.array([0, 1, 1, 2, 2, 2, 0, 1])
+    training = loop.build_training(config, mesh, labels)
+    assert training.state.ema is not None and int(training.state.step) == 0
+    leaf = jax.tree.leaves(training.state.params)[0]
+    assert leaf.sharding.is_fully_replicated
+    assert len(leaf.sharding.device_set) == mesh.devices.size
+    shape = (*config.data.recipe.shape, len(config.data.recipe.channels))
+    batch = {"image": np.zeros((8, *shape), np.float16), "label": labels.astype(np.int32),
+             "index": np.arange(8, dtype=np.int32), "valid": np.ones(8, bool)}
+    state, metrics = training.train_step(training.state, pipeline.to_global(batch, mesh))
+    assert int(state.step) == 1 and np.isfinite(float(metrics["loss"]))
+    assert loop.build_training(small_config(data_dir), mesh, labels).state.ema is None

@@ -1,7 +1,7 @@
 """The training loop (the modes that use a trained workdir live in ``inference.py``).
 
-``train`` reads top to bottom: mesh -> data -> model, optimizer, state -> workdir claim ->
-restore -> step functions -> loop. Resume order:
+``train`` reads top to bottom: checks -> mesh -> data -> ``build_training`` (model, optimizer,
+state, step functions) -> workdir lock and claim -> restore -> loop. Resume order:
 
 1. build the initial state (shapes, shardings) exactly as a fresh run would;
 2. restore ``checkpoints/latest`` into it (an abstract target with the current mesh, so a
@@ -17,6 +17,7 @@ import dataclasses
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import ml_collections
@@ -27,6 +28,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
+from her2jax import labels as labels_lib
 from her2jax.data import pipeline
 from her2jax.errors import Her2jaxError
 from her2jax.models import factory
@@ -78,23 +80,69 @@ def _selected_value(select_by: str, score: float | None) -> float | None:
     return -score if select_by == "val_loss" else score
 
 
-def class_weights(split: pipeline.Split, scheme: str) -> np.ndarray:
-    """[K] 'balanced' loss weights n / (K n_c) (classes absent from the split get 0)."""
-    k = len(split.class_names)
-    counts = np.bincount(split.labels, minlength=k).astype(np.float64)
+def class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """[K] 'balanced' loss weights n / (K n_c) of the training labels (classes absent from
+    them get 0)."""
+    labels = np.asarray(labels)
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
     with np.errstate(divide="ignore"):
-        weights = np.where(counts > 0, len(split) / (k * counts), 0.0)
+        weights = np.where(counts > 0, len(labels) / (num_classes * counts), 0.0)
     return weights.astype(np.float32)
+
+
+@dataclasses.dataclass
+class Training:
+    """What a gradient run needs, built once from its config (:func:`build_training`).
+
+    Attributes:
+      graphdef: the model's graph definition.
+      state: the initial ``TrainState``, replicated on the mesh.
+      optimizer: the optax transformation of ``state.opt_state``.
+      train_step: ``jit(shard_map(step))`` (``step.make_train_step``).
+      predict: the evaluation function (``step.make_predict``).
+    """
+
+    graphdef: nnx.GraphDef
+    state: state_lib.TrainState
+    optimizer: Any
+    train_step: Any
+    predict: Any
+
+
+def build_training(config, mesh, train_labels: np.ndarray, *, model=None) -> Training:
+    """The model, optimizer, initial state and jitted steps of ``config`` on ``mesh``: the one
+    training setup the loop and the benchmarks use (a bad setting fails here, before anything
+    is written). Nothing is compiled until the steps are first called.
+
+    Args:
+      config: the full config.
+      mesh: from ``step.make_mesh``.
+      train_labels: the training split's labels (for 'balanced' class weights).
+      model: a model built elsewhere (e.g. with host-drawn parameters); default
+        ``factory.build_model(config)``.
+    """
+    tc = config.train
+    ema_decay = tc.get("ema_decay", 0.0)
+    num_classes = len(labels_lib.CLASS_NAMES[config.data.scheme])
+    if model is None:
+        model = factory.build_model(config, bn_axis_name=step_lib.AXIS)
+    optimizer = optim.make_optimizer(tc, nnx.state(model, nnx.Param), total_steps=tc.steps)
+    graphdef, state = state_lib.create(model, optimizer, tc.seed, ema=ema_decay > 0)
+    state = jax.device_put(state, NamedSharding(mesh, P()))
+    weights = (class_weights(train_labels, num_classes)
+               if tc.class_weighting == "balanced" else None)
+    train_step = step_lib.make_train_step(
+        graphdef, optimizer, mesh, num_classes=num_classes,
+        augment_config=step_lib.Augment.from_config(tc.augment, config.data.recipe.channels),
+        class_weights=weights, label_smoothing=tc.label_smoothing, ema_decay=ema_decay,
+        grad_accum=tc.grad_accum)
+    return Training(graphdef, state, optimizer, train_step, step_lib.make_predict(graphdef))
 
 
 def _check_batch(batch_size: int, key: str) -> None:
     if batch_size % jax.device_count():
         raise Her2jaxError(f"{batch_size} is not divisible by the {jax.device_count()} devices",
                            key=key)
-
-
-def _optimizer(config, params):
-    return optim.make_optimizer(config.train, params, total_steps=config.train.steps)
 
 
 class _Preemption:
@@ -153,11 +201,9 @@ def train(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
     checks.check_run_config(config)
     # 1. Mesh.
     mesh = step_lib.make_mesh()
-    replicated = NamedSharding(mesh, P())
     _check_batch(tc.batch_size, "train.batch_size")
     _check_batch(tc.eval_batch_size, "train.eval_batch_size")
     select_by = tc.get("select_by", "val_macro_auc")   # workdirs older than the key
-    ema_decay = tc.get("ema_decay", 0.0)
 
     # 2. Data: the split is chosen now, from the config.
     dataset = pipeline.open_dataset(config.data.data_dir, config.data)
@@ -166,13 +212,10 @@ def train(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
     logging.info("splits: %s", pipeline.describe(splits))
     total = tc.steps * tc.grad_accum
 
-    # 3. Model, optimizer and the initial state (a bad setting fails here, before the
-    # workdir is touched).
-    model = factory.build_model(config, bn_axis_name=step_lib.AXIS)
-    optimizer = _optimizer(config, nnx.state(model, nnx.Param))
-    graphdef, state = state_lib.create(model, optimizer, tc.seed, ema=ema_decay > 0)
-    del model
-    state = jax.device_put(state, replicated)
+    # 3. Model, optimizer, the initial state and the jitted steps (a bad setting fails here,
+    # before the workdir is touched).
+    training = build_training(config, mesh, train_split.labels)
+    state, train_step, predict = training.state, training.train_step, training.predict
 
     # Everything opened from here on is closed however the run ends (done, early stop,
     # preemption, divergence, a full disk): a save started before an error is finished, so
@@ -202,17 +245,7 @@ def train(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
         if start:
             logging.info("resuming at step %d", start)
 
-        # 6. The jitted steps.
-        weights = (class_weights(train_split, config.data.scheme)
-                   if tc.class_weighting == "balanced" else None)
-        train_step = step_lib.make_train_step(
-            graphdef, optimizer, mesh, num_classes=len(train_split.class_names),
-            augment_config=step_lib.Augment.from_config(tc.augment, config.data.recipe.channels),
-            class_weights=weights,
-            label_smoothing=tc.label_smoothing, ema_decay=ema_decay, grad_accum=tc.grad_accum)
-        predict = step_lib.make_predict(graphdef)
-
-        # 7. The loop.
+        # 6. The loop.
         log = stack.enter_context(_RunLog(workdir, resume_step=start))
         batches = pipeline.device_batches(pipeline.train_batches(
             dataset, train_split, global_batch_size=tc.batch_size, seed=tc.seed,
