@@ -17,17 +17,12 @@ it; model.resnet.conv1_t_stride must agree), type-B shortcuts with a bias, 512 f
 
 import ml_collections
 
-from her2jax.data import recipes
-from her2jax.models import factory
 from her2jax.train import defaults
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
-    config.data = recipes.data_config("breastmrfm")
-    config.model = factory.model_config("resnet3d")
+    config = defaults.default_config("breastmrfm", "resnet3d")
     config.model.resnet.update(depth=10, shortcut="B", bias_downsample=True, conv1_t_size=7,
                                conv1_t_stride=1, widen_factor=1.0, dilated=False)
-    config.train = defaults.train_config()
     config.train.batch_size = 8
     return config

@@ -10,14 +10,9 @@ post-contrast phase, tight tumour box -> 48^3, per-crop z-score), three-class HE
 
 import ml_collections
 
-from her2jax.data import recipes
-from her2jax.models import factory
 from her2jax.train import defaults
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
-    config.data = recipes.data_config("fmbcmri")
-    config.model = factory.model_config("vit3d")
-    config.train = defaults.train_config()
+    config = defaults.default_config("fmbcmri", "vit3d")
     return config

@@ -27,22 +27,17 @@ inputs at physical scale, centre C held out for testing.
 
 import ml_collections
 
-from her2jax.data import recipes
-from her2jax.models import factory
 from her2jax.train import defaults
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
-    config.data = recipes.data_config("kinetic_mm")
+    config = defaults.default_config("kinetic_mm", "none")
     config.data.recipe.shape = (24, 24, 24)
     config.data.recipe.spacing_mm = 2.5
     config.data.test_centers = ("CENTER_C",)
     config.data.val_fraction = 0.25
     config.data.worker_count = 0
-    config.model = factory.model_config("none")
     config.model.roi_pool.update(hidden=8, rim_voxels=(2, 4))
-    config.train = defaults.train_config()
     config.train.batch_size = 16
     config.train.steps = 1000
     config.train.learning_rate = 1e-2

@@ -16,16 +16,11 @@ features come from a randomly initialised encoder: a baseline, not the study's p
 
 import ml_collections
 
-from her2jax.data import recipes
-from her2jax.models import factory
 from her2jax.train import defaults
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
-    config.data = recipes.data_config("fmbcmri")
-    config.model = factory.model_config("vit3d")
-    config.train = defaults.train_config()
+    config = defaults.default_config("fmbcmri", "vit3d")
     config.train.protocol = "pca_lr"
     config.train.pca_components = 16
     return config

@@ -16,17 +16,12 @@ ResNet with a stride-2 stem (the port records it; the model section must agree).
 
 import ml_collections
 
-from her2jax.data import recipes
-from her2jax.models import factory
 from her2jax.train import defaults
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
-    config.data = recipes.data_config("fmcib")
-    config.model = factory.model_config("resnet3d")
+    config = defaults.default_config("fmcib", "resnet3d")
     config.model.resnet.update(depth=50, shortcut="B", bias_downsample=True, conv1_t_size=7,
                                conv1_t_stride=2, widen_factor=2.0, dilated=False)
-    config.train = defaults.train_config()
     config.train.batch_size = 16
     return config

@@ -7,21 +7,16 @@ cuDNN attention (tokens padded to a multiple of 64), global batch 128, more grai
 
 import ml_collections
 
-from her2jax.data import recipes
-from her2jax.models import factory
 from her2jax.train import defaults
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
-    config.data = recipes.data_config("fmbcmri")
+    config = defaults.default_config("fmbcmri", "vit3d")
     config.data.worker_count = 8
     config.data.prefetch = 4
-    config.model = factory.model_config("vit3d")
     config.model.dtype = "bfloat16"
     config.model.vit.attention = "cudnn"
     config.model.vit.attention_pad = 64
-    config.train = defaults.train_config()
     config.train.batch_size = 128
     config.train.eval_batch_size = 256
     config.train.learning_rate = 2e-4

@@ -7,16 +7,11 @@
 
 import ml_collections
 
-from her2jax.data import recipes
-from her2jax.models import factory
 from her2jax.train import defaults
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
-    config.data = recipes.data_config("fmbcmri")
-    config.model = factory.model_config("vit3d")
-    config.train = defaults.train_config()
+    config = defaults.default_config("fmbcmri", "vit3d")
     config.train.freeze = "encoder"
     config.train.optimizer = "sgd"
     config.train.learning_rate = 0.1

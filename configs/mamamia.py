@@ -9,19 +9,14 @@ Cases with a missing `her2` are kept in the dataset and listed in excluded.csv.
 
 import ml_collections
 
-from her2jax.data import recipes
-from her2jax.models import factory
 from her2jax.train import defaults
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
-    config.data = recipes.data_config("fmbcmri")
+    config = defaults.default_config("fmbcmri", "vit3d")
     config.data.columns.center = "dataset"
     config.data.columns.ihc = ""
     config.data.columns.ish = ""
     config.data.scheme = "her2_binary"
     config.data.test_centers = ("NACT",)
-    config.model = factory.model_config("vit3d")
-    config.train = defaults.train_config()
     return config

@@ -14,16 +14,11 @@ its undilated network; for that, port with --source=monai-resnet --conv1_t_strid
 
 import ml_collections
 
-from her2jax.data import recipes
-from her2jax.models import factory
 from her2jax.train import defaults
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
-    config.data = recipes.data_config("multiphase")
+    config = defaults.default_config("multiphase", "resnet3d")
     config.data.recipe.shape = (64, 64, 64)
-    config.model = factory.model_config("resnet3d")
     config.model.resnet.dilated = True
-    config.train = defaults.train_config()
     return config

@@ -8,20 +8,15 @@ transfer to an unseen centre, which configs/demo_cpu.py does.
 
 import ml_collections
 
-from her2jax.data import recipes
-from her2jax.models import factory
 from her2jax.train import defaults
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
-    config.data = recipes.data_config("fmbcmri")
+    config = defaults.default_config("fmbcmri", "vit3d")
     config.data.recipe.shape = (32, 32, 32)
     config.data.test_centers = ("CENTER_C",)
     config.data.worker_count = 0
-    config.model = factory.model_config("vit3d")
     config.model.vit.size = "tiny"
-    config.train = defaults.train_config()
     config.train.batch_size = 16
     config.train.steps = 300
     config.train.learning_rate = 1e-3

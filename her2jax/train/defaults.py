@@ -1,15 +1,32 @@
-"""The ``train`` section configs start from (fine-tuning with AdamW, the study's default)."""
+"""The config every run starts from: :func:`default_config` (data, model and train sections;
+configs/*.py each call it and change what they need), and the ``train`` section's defaults
+(fine-tuning with AdamW, the study's default). Every setting's range is checked by
+``her2jax.train.checks`` before a run builds or writes anything.
+"""
 
 from __future__ import annotations
 
 import ml_collections
 
 
+def default_config(recipe: str = "fmbcmri", encoder: str = "vit3d") -> ml_collections.ConfigDict:
+    """The full config: ``data`` (the named recipe), ``model`` (the encoder) and ``train``."""
+    from her2jax.data import recipes
+    from her2jax.models import factory
+
+    return ml_collections.ConfigDict(dict(data=recipes.data_config(recipe),
+                                          model=factory.model_config(encoder),
+                                          train=train_config()))
+
+
 def train_config() -> ml_collections.ConfigDict:
     """Every training knob, read by the loop in one place.
 
-    ``steps`` counts optimizer updates; with ``grad_accum`` = k each update consumes k global
-    batches of ``batch_size``.
+    Units: ``steps`` and ``warmup_steps`` count optimizer updates; ``eval_every``,
+    ``save_every``, ``log_every`` and ``profile_steps`` count global batches of
+    ``batch_size`` (the loop's steps, the number checkpoints and metrics.jsonl carry). They
+    are the same thing unless ``grad_accum`` = k > 1, when each update consumes k batches and
+    a run has ``steps * k`` of them.
     """
     return ml_collections.ConfigDict(dict(
         protocol="gradient",        # 'gradient' (this loop) or 'pca_lr' (frozen features -> PCA -> LR)
@@ -34,17 +51,17 @@ def train_config() -> ml_collections.ConfigDict:
         class_weighting="balanced",  # 'balanced' (n / (K n_c)) or 'none'
         augment=dict(flips=True, permute_axes=False, scale=0.1, channel_scale=0.0, shift=0.1,
                      noise=0.05),
-        eval_every=100,             # validation (loss, macro AUC) every this many steps
+        eval_every=100,             # validation (loss, macro AUC) every this many batches
         # Which evaluated step checkpoints/best keeps: 'val_loss' (lowest class-balanced
         # validation cross-entropy: every case counts, so it is far less noisy than an AUC on
         # a small split), 'val_macro_auc' (highest) or 'last' (the final step).
         select_by="val_loss",
-        save_every=100,             # latest checkpoint interval (and on SIGTERM)
+        save_every=100,             # latest checkpoint interval in batches (and on SIGTERM)
         keep_latest=2,
         early_stop_patience=0,      # evaluations without improvement of select_by (0: off)
-        log_every=10,
+        log_every=10,               # batches
         eval_batch_size=64,
         seed=0,
-        profile_steps=(),           # (first, last) step range to trace with jax.profiler
+        profile_steps=(),           # (first, last) batch range to trace with jax.profiler
         pca_components=16,          # 'pca_lr' protocol
     ))
