@@ -3,6 +3,7 @@ PCA -> LogisticRegression, on the shared phantom dataset with tiny_cpu's tiny Vi
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import jax
@@ -241,3 +242,23 @@ def test_the_study_config_describes_the_frozen_vit_b():
     model = nnx.eval_shape(lambda: factory.build_model(config))
     features = nnx.eval_shape(lambda m: m.features(jnp.zeros((2, 48, 48, 48, 1))), model)
     assert features.shape == (2, 768)
+
+
+def test_pca_lr_opens_its_run_as_the_training_loop_does(data_dir, tmp_path, monkeypatch):
+    """One opening for every mode that fits on a workdir (issue 17): pca_lr.fit goes through
+    loop.open_run (settings, mesh, dataset, splits) like loop.train, and fits on its splits."""
+    from her2jax.train import loop, pca_lr
+
+    opened = []
+    real = loop.open_run
+
+    def recording(config):
+        run = real(config)
+        opened.append(run)
+        return run
+
+    monkeypatch.setattr(loop, "open_run", recording)
+    pca_lr.fit(pca_config(data_dir), tmp_path / "run", n_boot=0)
+    assert len(opened) == 1 and set(opened[0].splits) >= {"train", "val"}
+    trained_on = json.loads((tmp_path / "run" / "trained_on.json").read_text())
+    assert trained_on["train"] == sorted(opened[0].splits["train"].patient_ids)

@@ -139,6 +139,27 @@ def build_training(config, mesh, train_labels: np.ndarray, *, model=None) -> Tra
     return Training(graphdef, state, optimizer, train_step, step_lib.make_predict(graphdef))
 
 
+@dataclasses.dataclass
+class Run:
+    """What every mode that fits on a workdir opens first (:func:`open_run`)."""
+
+    mesh: jax.sharding.Mesh
+    dataset: pipeline.Dataset
+    splits: dict[str, pipeline.Split]
+
+
+def open_run(config) -> Run:
+    """Checks every setting's range (``checks``), then the mesh, the prepared dataset and the
+    splits the config chooses: the opening the training loop and the pca_lr protocol share.
+    Nothing is written."""
+    checks.check_run_config(config)
+    mesh = step_lib.make_mesh()
+    dataset = pipeline.open_dataset(config.data.data_dir, config.data)
+    splits = pipeline.select_splits(dataset, config.data)
+    logging.info("splits: %s", pipeline.describe(splits))
+    return Run(mesh, dataset, splits)
+
+
 def _check_batch(batch_size: int, key: str) -> None:
     if batch_size % jax.device_count():
         raise Her2jaxError(f"{batch_size} is not divisible by the {jax.device_count()} devices",
@@ -197,19 +218,14 @@ def train(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
     """
     workdir = Path(workdir)
     tc = config.train
-    # 0. Every setting's range, before anything is built or written.
-    checks.check_run_config(config)
-    # 1. Mesh.
-    mesh = step_lib.make_mesh()
+    # 1-2. Every setting's range, the mesh, the data: the split is chosen now, from the
+    # config (before anything is built or written).
     _check_batch(tc.batch_size, "train.batch_size")
     _check_batch(tc.eval_batch_size, "train.eval_batch_size")
+    run = open_run(config)
+    mesh, dataset = run.mesh, run.dataset
+    train_split, val_split = run.splits["train"], run.splits["val"]
     select_by = tc.get("select_by", "val_macro_auc")   # workdirs older than the key
-
-    # 2. Data: the split is chosen now, from the config.
-    dataset = pipeline.open_dataset(config.data.data_dir, config.data)
-    splits = pipeline.select_splits(dataset, config.data)
-    train_split, val_split = splits["train"], splits["val"]
-    logging.info("splits: %s", pipeline.describe(splits))
     total = tc.steps * tc.grad_accum
 
     # 3. Model, optimizer, the initial state and the jitted steps (a bad setting fails here,

@@ -45,7 +45,7 @@ from her2jax.data import pipeline
 from her2jax.errors import Her2jaxError
 from her2jax.evaluate import metrics
 from her2jax.models import factory
-from her2jax.train import checks, inference
+from her2jax.train import checks, inference, loop
 from her2jax.train import state as state_lib
 from her2jax.train import step as step_lib
 from her2jax.train import workdir as workdir_lib
@@ -188,7 +188,7 @@ class _Weights:
 
 def _check_settings(config) -> None:
     tc = config.train
-    checks.check_run_config(config)
+    checks.check_run_config(config)   # open_run checks them again: the protocol's own below
     if tc.protocol != PROTOCOL:
         raise Her2jaxError(f"is {tc.protocol!r}; pca_lr.fit runs the {PROTOCOL!r} protocol",
                            key="train.protocol")
@@ -226,11 +226,10 @@ def fit(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
     workdir = Path(workdir).absolute()
     _check_settings(config)
 
-    # 1. Mesh and data: the splits are chosen now, from the config.
-    mesh = step_lib.make_mesh()
-    dataset = pipeline.open_dataset(config.data.data_dir, config.data)
-    splits = pipeline.select_splits(dataset, config.data)
-    logging.info("splits: %s", pipeline.describe(splits))
+    # 1. Settings, mesh and data, as the training loop opens them (the splits are chosen
+    # now, from the config).
+    run = loop.open_run(config)
+    mesh, dataset, splits = run.mesh, run.dataset, run.splits
     train_split = splits["train"]
     if len(np.unique(train_split.labels)) < 2:
         raise Her2jaxError("the training split holds fewer than two classes "
