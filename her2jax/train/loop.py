@@ -59,9 +59,6 @@ class TrainResult:
     select_by: str
 
 
-SELECT_BY = checks.SELECT_BY
-
-
 def selection_score(select_by: str, step: int, summary: dict) -> float:
     """The score ``checkpoints/best`` maximises: minus the validation loss, the validation
     macro AUC (NaN when undefined: never best), or the step (so the last step wins)."""

@@ -45,7 +45,7 @@ from her2jax.data import pipeline
 from her2jax.errors import Her2jaxError
 from her2jax.evaluate import metrics
 from her2jax.models import factory
-from her2jax.train import checks, inference, loop
+from her2jax.train import inference, loop
 from her2jax.train import state as state_lib
 from her2jax.train import step as step_lib
 from her2jax.train import workdir as workdir_lib
@@ -187,21 +187,15 @@ class _Weights:
 
 
 def _check_settings(config) -> None:
-    tc = config.train
-    checks.check_run_config(config)   # open_run checks them again: the protocol's own below
-    if tc.protocol != PROTOCOL:
-        raise Her2jaxError(f"is {tc.protocol!r}; pca_lr.fit runs the {PROTOCOL!r} protocol",
-                           key="train.protocol")
-    if int(tc.pca_components) < 1:
-        raise Her2jaxError(f"must be at least 1, got {tc.pca_components}",
-                           key="train.pca_components")
+    """The protocol's own settings; every range (pca_components, class_weighting, ...) is
+    checked by ``loop.open_run``, before anything is written."""
+    if config.train.protocol != PROTOCOL:
+        raise Her2jaxError(f"is {config.train.protocol!r}; pca_lr.fit runs the {PROTOCOL!r} "
+                           "protocol", key="train.protocol")
     if config.model.encoder == "none":
         raise Her2jaxError("the pca_lr protocol reads a frozen encoder's features; encoder "
                            "'none' has none (train it with protocol 'gradient')",
                            key="model.encoder")
-    if tc.class_weighting not in ("balanced", "none"):
-        raise Her2jaxError(f"unknown class weighting {tc.class_weighting!r} (expected "
-                           "'balanced' or 'none')", key="train.class_weighting")
 
 
 def _encoder_source(config) -> str:
