@@ -231,7 +231,7 @@ def test_bad_training_settings_fail_before_the_workdir_is_touched(data_dir, tmp_
     ("train.augment.noise", -0.1, "a number >= 0"),
     ("data.seed", -1, "an integer in [0, 2^32)"),
     ("data.val_fraction", 1.0, "a number in [0, 1)"),
-    ("data.recipe.name", "no_such_recipe", "one of the named recipes"),
+    ("data.recipe.name", "no_such_recipe", "unknown recipe 'no_such_recipe'; expected one of"),
     ("data.test_centers", "CENTER_C", "a tuple of centre names, e.g. ('CENTER_C',)"),
 ])
 def test_every_setting_out_of_range_is_refused_before_the_workdir(key, value, named, data_dir,

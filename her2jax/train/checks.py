@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import numbers
 
-from her2jax.data import recipes
+from her2jax.data import preprocess
 from her2jax.errors import Her2jaxError
 
 PROTOCOLS = ("gradient", "pca_lr")
@@ -45,10 +45,12 @@ def _section(config, name: str):
 def check_data(config) -> None:
     """The ``data`` settings a run reads (the recipe itself: ``preprocess.check_recipe``)."""
     data = _section(config, "data")
-    name = data.recipe.get("name")
-    _need(name in recipes.RECIPES, "data.recipe.name",
-          f"one of the named recipes {', '.join(recipes.RECIPES)} (override its fields, "
-          "keep its name)", name)
+    try:
+        preprocess.check_recipe(data.recipe)   # the recipe's own rules, as prepare applies them
+    except Her2jaxError as e:
+        if e.key and e.key.startswith("recipe."):
+            e.key = f"data.{e.key}"
+        raise
     seed = data.get("seed", 0)
     _need(_int(seed) and 0 <= seed < 2 ** 32, "data.seed", "an integer in [0, 2^32)", seed)
     fraction = data.get("val_fraction", 0.2)
