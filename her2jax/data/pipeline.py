@@ -29,6 +29,9 @@ from her2jax.data import preprocess, tfds_builder
 from her2jax.data.recipes import plain
 from her2jax.errors import Her2jaxError
 
+OOF = "oof"
+"""A cross-validation fold's held-out split (``data.cv_holdout``)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
@@ -156,9 +159,10 @@ def stratified_holdout(labels_: np.ndarray, fraction: float, seed: int) -> np.nd
     return held
 
 
-def select_splits(dataset: Dataset, data_config) -> dict[str, Split]:
-    """``train``, ``val`` (seeded, stratified, from the training centres) and ``test_<centre>``
-    for every held-out centre, under the config's label scheme."""
+def training_pool(dataset: Dataset, data_config) -> Split:
+    """Every labelled patient of the training centres (``data.train_centers``, default every
+    centre not in ``data.test_centers``): what train and val (or a cross-validation's folds)
+    are drawn from."""
     scheme = data_config.scheme
     if scheme not in labels.SCHEMES:
         raise Her2jaxError(f"unknown scheme {scheme!r} (expected {' or '.join(labels.SCHEMES)})",
@@ -171,10 +175,22 @@ def select_splits(dataset: Dataset, data_config) -> dict[str, Split]:
                            key="data.test_centers")
     if not train:
         raise Her2jaxError("no training centre left", key="data.train_centers")
+    return centre_split(dataset, train, scheme, name="train")
+
+
+def select_splits(dataset: Dataset, data_config) -> dict[str, Split]:
+    """``train``, ``val`` (seeded, stratified, from the training centres) and ``test_<centre>``
+    for every held-out centre, under the config's label scheme; with ``data.cv_holdout``
+    (a cross-validation fold) also ``oof``, those patients, out of train and val."""
+    pool = training_pool(dataset, data_config)
     if not 0 <= data_config.val_fraction < 1:
         raise Her2jaxError(f"must be in [0, 1), got {data_config.val_fraction}",
                            key="data.val_fraction")
-    pool = centre_split(dataset, train, scheme, name="train")
+    scheme, test = data_config.scheme, tuple(data_config.test_centers)
+    oof = None
+    holdout = tuple(data_config.get("cv_holdout", ()))
+    if holdout:
+        pool, oof = _hold_out(pool, holdout)
     held = stratified_holdout(pool.labels, data_config.val_fraction, data_config.seed)
     splits = {"train": _subset(pool, np.flatnonzero(~held), "train"),
               "val": _subset(pool, np.flatnonzero(held), "val")}
@@ -185,11 +201,26 @@ def select_splits(dataset: Dataset, data_config) -> dict[str, Split]:
         for name in ("train", "val"):
             splits[name] = dataclasses.replace(splits[name],
                                                labels=rng.permutation(splits[name].labels))
+    if oof is not None:
+        splits[OOF] = oof
     for center in test:
         name = f"test_{dataset.split_of.get(center, center)}"
         splits[name] = centre_split(dataset, [center], scheme, name=name)
     _check_no_patient_overlap(splits)
     return splits
+
+
+def _hold_out(pool: Split, holdout: Sequence[str]) -> tuple[Split, Split]:
+    """(the pool without the patients of ``holdout``, split ``oof`` of them): a
+    cross-validation fold's held-out patients (``data.cv_holdout``)."""
+    ids = set(map(str, holdout))
+    missing = sorted(ids - set(pool.patient_ids))
+    if missing:
+        raise Her2jaxError(f"holds {len(missing)} patient(s) that are not labelled cases of "
+                           f"the training centres ({', '.join(missing[:3])}"
+                           f"{' ...' if len(missing) > 3 else ''})", key="data.cv_holdout")
+    out = np.array([pid in ids for pid in pool.patient_ids], bool)
+    return _subset(pool, np.flatnonzero(~out), "train"), _subset(pool, np.flatnonzero(out), OOF)
 
 
 def named_splits(dataset: Dataset, data_config, names=()) -> dict[str, Split]:

@@ -101,6 +101,11 @@ def data_config(recipe: str = "fmbcmri") -> ml_collections.ConfigDict:
         # nor the checkpoint choice see a real label; a run that still "learns" then is
         # learning something other than the labels.
         permute_train_labels=False,
+        # Cross-validation: ``her2jax --mode=cv`` sets these in each fold's config. The
+        # patients of ``cv_holdout`` (from the training centres) leave training and
+        # validation and form split ``oof``, which the fold's model predicts out of fold.
+        cv_fold=-1,
+        cv_holdout=(),
         worker_count=2,                  # grain worker processes (0 reads in the main process)
         prefetch=2,                      # batches each worker keeps ready
         device_prefetch=2,               # batches already copied to the devices (training)

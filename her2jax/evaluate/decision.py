@@ -47,8 +47,14 @@ def _at_threshold(scores: np.ndarray, positive: np.ndarray, threshold: float | N
     return {"threshold": threshold, "sensitivity": sensitivity, "specificity": specificity}
 
 
-def fit(val_labels: np.ndarray, val_probs: np.ndarray, class_names: Sequence[str]) -> dict:
-    """What is fitted on the validation split: ``{"fitted_on", "n_val", "temperature",
+FITTED_ON_WORDS = {FITTED_ON: "the validation split",
+                   "oof": "the pooled out-of-fold predictions of the cross-validation"}
+
+
+def fit(val_labels: np.ndarray, val_probs: np.ndarray, class_names: Sequence[str], *,
+        fitted_on: str = FITTED_ON) -> dict:
+    """What is fitted on the validation split (or ``fitted_on``, e.g. a cross-validation's
+    out-of-fold predictions, ``"oof"``): ``{"fitted_on", "n_val", "temperature",
     "threshold", "statement"}`` (``threshold`` is None unless there are two classes)."""
     val_labels = np.asarray(val_labels, np.int64)
     val_probs = np.asarray(val_probs, np.float64)
@@ -64,10 +70,11 @@ def fit(val_labels: np.ndarray, val_probs: np.ndarray, class_names: Sequence[str
                  + ("and the decision thresholds (Youden; "
                     f"{100 * metrics.TARGET_SENSITIVITY:g} % sensitivity) were "
                     if threshold else "was ")
-                 + f"fitted on the validation split (n = {len(val_labels)}) and applied unchanged "
+                 + f"fitted on {FITTED_ON_WORDS.get(fitted_on, fitted_on)} "
+                 f"(n = {len(val_labels)}) and applied unchanged "
                  "to the test splits; AUCs are computed on the uncalibrated probabilities, and "
                  "temperature scaling never changes a predicted class.")
-    return {"fitted_on": FITTED_ON, "n_val": int(len(val_labels)), "temperature": temperature,
+    return {"fitted_on": fitted_on, "n_val": int(len(val_labels)), "temperature": temperature,
             "threshold": threshold, "statement": statement}
 
 

@@ -71,7 +71,7 @@ def _finite_rows(x: np.ndarray) -> np.ndarray:
 
 
 def fit_and_score(dataset: pipeline.Dataset, config, splits: Mapping[str, pipeline.Split], *,
-                  n_boot: int) -> Scored | None:
+                  n_boot: int, train: pipeline.Split | None = None) -> Scored | None:
     """Fits the baseline on the run's training split and scores ``splits``.
 
     Args:
@@ -80,6 +80,8 @@ def fit_and_score(dataset: pipeline.Dataset, config, splits: Mapping[str, pipeli
         class weights).
       splits: the evaluated splits, by name.
       n_boot: bootstrap resamples of ``metrics.summarize`` (as for the model).
+      train: the split to fit on (default: the config's ``train``; a fold ensemble's is every
+        patient of the cross-validation).
 
     Returns:
       The results, or None (logged) when the dataset has no usable ``kinetic_features.csv``
@@ -95,7 +97,9 @@ def fit_and_score(dataset: pipeline.Dataset, config, splits: Mapping[str, pipeli
                         "existed; her2jax-prepare --overwrite adds it)", dataset.path,
                         kinetic_features.FILE)
         return None
-    train = pipeline.select_splits(dataset, config.data)[FITTED_ON]
+    fitted_on = FITTED_ON if train is None else train.name
+    if train is None:
+        train = pipeline.select_splits(dataset, config.data)[FITTED_ON]
     x = kinetic_features.matrix(table, train.patient_ids)
     keep = _finite_rows(x)
     if not keep.all():
@@ -111,11 +115,16 @@ def fit_and_score(dataset: pipeline.Dataset, config, splits: Mapping[str, pipeli
     classes = np.asarray(fitted.classes_, np.int64)
 
     summary = {"model": LABEL, "features": list(kinetic_features.FEATURES),
-               "fitted_on": FITTED_ON, "n_train": int(keep.sum()),
+               "fitted_on": fitted_on, "n_train": int(keep.sum()),
                "n_train_skipped": int((~keep).sum()),
                "class_weight": "balanced" if balanced else None, "splits": {}}
     scored = {}
+    fitted_ids = set(train.patient_ids)
     for name, split in splits.items():
+        if fitted_ids & set(split.patient_ids):   # e.g. a fold ensemble's pooled oof split
+            logging.info("hand-made baseline: not scored on %s, which holds patients it was "
+                         "fitted on", name)
+            continue
         x = kinetic_features.matrix(table, split.patient_ids)
         keep = _finite_rows(x)
         if not keep.all():

@@ -63,6 +63,10 @@ def check_data(config) -> None:
         value = data.get(key, ())
         _need(not isinstance(value, str), f"data.{key}",
               f"a tuple of centre names, e.g. ('{value}',)", value)
+    holdout = data.get("cv_holdout", ())
+    _need(not isinstance(holdout, str), "data.cv_holdout", "a tuple of patient ids", holdout)
+    fold = data.get("cv_fold", -1)
+    _need(_int(fold) and fold >= -1, "data.cv_fold", "an integer >= -1 (-1: not a fold)", fold)
 
 
 def check_train(config) -> None:

@@ -40,19 +40,96 @@ def gather(x: jax.Array) -> np.ndarray:
 
 def predict_split(predict, state, dataset: pipeline.Dataset, split: pipeline.Split, mesh,
                   batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(probs [N, K], features [N, F]) for every example of ``split``, in split order."""
+    """(probs [N, K], features [N, F]) for every example of ``split``, in split order, from
+    ``predict`` (``step.make_predict``) with ``state``'s parameters."""
+    def fn(image):
+        p, f = predict(state.params, state.rest, image)
+        return gather(p), gather(f)
+
+    return predict_with(fn, dataset, split, mesh, batch_size)
+
+
+def predict_with(fn, dataset: pipeline.Dataset, split: pipeline.Split, mesh,
+                 batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(probs [N, K], features [N, F]) for every example of ``split``, in split order, from
+    ``fn(global image batch) -> (probs, features)`` as host arrays (a :class:`Predictor`'s)."""
     probs, features = [], []
     for host in pipeline.eval_batches(dataset, split, global_batch_size=batch_size,
                                       process_index=jax.process_index(),
                                       process_count=jax.process_count()):
         batch = pipeline.to_global(host, mesh)
-        p, f = predict(state.params, state.rest, batch["image"])
+        p, f = fn(batch["image"])
         valid = gather(batch["valid"])
-        probs.append(gather(p)[valid])
-        features.append(gather(f)[valid])
+        probs.append(np.asarray(p)[valid])
+        features.append(np.asarray(f)[valid])
     if not probs:
         return np.zeros((0, len(split.class_names)), np.float32), np.zeros((0, 0), np.float32)
     return np.concatenate(probs), np.concatenate(features)
+
+
+@dataclasses.dataclass
+class Predictor:
+    """A trained model as one function of a global image batch, whatever made it: a workdir's
+    network (:func:`load_predictor`), a pca_lr workdir's encoder and classifier, or a
+    cross-validation's fold ensemble (``cv.load_ensemble``).
+
+    Attributes:
+      config: the run's config (the recipe, columns and scheme predict reads).
+      mesh: the mesh ``fn``'s inputs live on.
+      fn: ``fn(image [B, D, H, W, C] global) -> (probs [B, K], features [B, F])``, host numpy
+        arrays on every process.
+      info: what metrics.json records about the model (step, checkpoint, tta, members).
+      trained_on: the patients whose labels fitted it (None: not recorded).
+    """
+
+    config: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+    fn: object
+    info: dict
+    trained_on: set[str] | None = None
+
+    def predict_split(self, dataset, split) -> tuple[np.ndarray, np.ndarray]:
+        return predict_with(self.fn, dataset, split, self.mesh, eval_batch_size(self.config))
+
+
+def load_predictor(workdir, *, which: str = "best", data_dir: str | None = None,
+                   tta: bool = False) -> Predictor:
+    """A trained workdir's model (gradient or pca_lr) as a :class:`Predictor`; with ``tta``,
+    averaged over the flips its training augmentation drew (``step.tta_views``)."""
+    from her2jax.train import pca_lr  # pca_lr imports this module
+
+    workdir = Path(workdir)
+    record = workdir_lib.trained_on(workdir)
+    seen = None if record is None else record["train"]
+    if pca_lr.is_pca_lr(workdir):
+        fitted = pca_lr.load(workdir, data_dir=data_dir)
+        views = tta_views(fitted.config, tta)
+        predict = step_lib.make_predict(fitted.graphdef, views)
+
+        def fn(image):
+            _, f = predict(fitted.weights.params, fitted.weights.rest, image)
+            f = gather(f)
+            return fitted.classifier.predict_proba(f), f
+
+        return Predictor(fitted.config, fitted.mesh, fn,
+                         {"step": 0, "checkpoint": pca_lr.MODEL_FILE, "tta_views": len(views)},
+                         seen)
+    trained = load_trained(workdir, which=which, data_dir=data_dir)
+    views = tta_views(trained.config, tta)
+    predict = step_lib.make_predict(trained.graphdef, views)
+
+    def fn(image):
+        p, f = predict(trained.state.params, trained.state.rest, image)
+        return gather(p), gather(f)
+
+    return Predictor(trained.config, trained.mesh, fn,
+                     {"step": trained.step, "checkpoint": which, "tta_views": len(views)}, seen)
+
+
+def tta_views(config, tta: bool) -> tuple[tuple[int, ...], ...]:
+    """The flips to average over: all those of ``step.tta_views`` with ``tta``, else the
+    image as it is."""
+    return step_lib.tta_views(config.train.augment) if tta else ((),)
 
 
 def evaluate_split(predict, state, dataset, split, mesh, batch_size, *, n_boot: int) -> dict:
@@ -122,27 +199,25 @@ def load_trained(workdir, *, which: str = "best", data_dir: str | None = None,
 
 
 def evaluate(workdir, *, splits=(), which: str = "best", data_dir: str | None = None,
-             n_boot: int = 2000, progress: bool = False) -> dict[str, dict]:
+             n_boot: int = 2000, progress: bool = False, tta: bool = False) -> dict[str, dict]:
     """Writes ``eval/<split>/predictions.csv`` and ``metrics.json`` for the named splits
-    (default: val and every test centre). Returns the summaries."""
+    (default: val and every test centre), with ``tta`` averaged over the training flips.
+    Returns the summaries."""
     workdir = Path(workdir)
-    trained = load_trained(workdir, which=which, data_dir=data_dir)
-    dataset = pipeline.open_dataset(trained.config.data.data_dir, trained.config.data)
-    predict = step_lib.make_predict(trained.graphdef)
-    batch_size = eval_batch_size(trained.config)
+    predictor = load_predictor(workdir, which=which, data_dir=data_dir, tta=tta)
+    dataset = pipeline.open_dataset(predictor.config.data.data_dir, predictor.config.data)
     outputs = {}
-    named = eval_splits(dataset, trained.config.data, splits)
+    named = eval_splits(dataset, predictor.config.data, splits)
     for name, split in named.items():
         workdir_lib.check_no_leak(workdir, name, split.patient_ids)
     for name, split in named.items():
-        probs, _ = predict_split(predict, trained.state, dataset, split, trained.mesh,
-                                 batch_size)
+        probs, _ = predictor.predict_split(dataset, split)
         summary = metrics.summarize(split.labels, probs, split.class_names, n_boot=n_boot,
                                     progress=name if progress else None)
-        summary.update(step=trained.step, checkpoint=which)
+        summary.update(predictor.info)
         outputs[name] = (split, probs, summary)
     with fileio.new_folders_removed_on_error(workdir / "eval"):
-        write_eval(workdir, dataset, trained.config, outputs, n_boot=n_boot)
+        write_eval(workdir, dataset, predictor.config, outputs, n_boot=n_boot)
     return {name: summary for name, (_, _, summary) in outputs.items()}
 
 
@@ -158,13 +233,19 @@ def eval_splits(dataset: pipeline.Dataset, data_config, names=()) -> dict[str, p
 
 
 def write_eval(workdir: Path, dataset: pipeline.Dataset, config,
-               outputs: dict[str, tuple], *, n_boot: int) -> None:
+               outputs: dict[str, tuple], *, n_boot: int,
+               calibrate_on: str = decision.FITTED_ON,
+               baseline_train: pipeline.Split | None = None) -> None:
     """The eval files (process 0): ``eval/<split>/{predictions.csv,metrics.json}`` for each
     (split, probs [N, K], summary) of ``outputs``, the hand-made kinetic baseline on the same
     splits (``eval/baseline.json``, ``eval/<split>/baseline_metrics.json``; see
     :mod:`her2jax.train.baseline`), the validation-fitted calibration
     (``eval/calibration.json``, ``eval/<split>/{predictions_calibrated.csv,reliability.png}``),
-    then ``eval/summary.txt`` and the pooled per-centre / subgroup tables of the test splits."""
+    then ``eval/summary.txt`` and the pooled per-centre / subgroup tables of the test splits.
+
+    ``calibrate_on`` names the output the calibration is fitted on (a fold ensemble's: the
+    pooled out-of-fold predictions); ``baseline_train`` the split the baseline is fitted on
+    (default: the config's ``train``)."""
     if jax.process_index() != 0:
         return
     eval_dir = Path(workdir) / "eval"
@@ -173,9 +254,9 @@ def write_eval(workdir: Path, dataset: pipeline.Dataset, config,
         _write_predictions(eval_dir / name / "predictions.csv", dataset, split, probs, clinical)
         files.write_metrics(eval_dir / name / "metrics.json", summary)
     scored = baseline.fit_and_score(dataset, config, {n: o[0] for n, o in outputs.items()},
-                                    n_boot=n_boot)
+                                    n_boot=n_boot, train=baseline_train)
     baseline.write(eval_dir, scored, outputs)
-    fitted = _write_calibration(eval_dir, dataset, outputs, clinical)
+    fitted = _write_calibration(eval_dir, dataset, outputs, clinical, calibrate_on)
     frames = {name: files.read_predictions(eval_dir / name / "predictions.csv")
               for name in outputs}
     tables.write_tables(eval_dir, frames, class_names(config), clinical, n_boot=n_boot)
@@ -192,14 +273,14 @@ def _write_predictions(path: Path, dataset: pipeline.Dataset, split: pipeline.Sp
 
 
 def _write_calibration(eval_dir: Path, dataset: pipeline.Dataset, outputs: dict[str, tuple],
-                       clinical) -> dict:
-    """Fits temperature (and binary thresholds) on val, applies them to every split of
-    ``outputs`` and writes ``eval/calibration.json``; returns its content."""
-    val = outputs.get(decision.FITTED_ON)
+                       clinical, fitted_on: str = decision.FITTED_ON) -> dict:
+    """Fits temperature (and binary thresholds) on ``fitted_on`` (val), applies them to every
+    split of ``outputs`` and writes ``eval/calibration.json``; returns its content."""
+    val = outputs.get(fitted_on)
     if val is None or not len(val[0]):
-        fitted = decision.not_fitted("no validation split was evaluated")
+        fitted = decision.not_fitted(f"no {fitted_on} split was evaluated")
     else:
-        fitted = decision.fit(val[0].labels, val[1], val[0].class_names)
+        fitted = decision.fit(val[0].labels, val[1], val[0].class_names, fitted_on=fitted_on)
         fitted["splits"] = {}
         for name, (split, probs, _) in outputs.items():
             entry, calibrated = decision.apply(fitted, split.labels, probs)
@@ -220,17 +301,21 @@ def summary_line(summary: dict) -> str:
 
 
 def extract_features(workdir, *, splits=(), which: str = "best",
-                     data_dir: str | None = None) -> dict[str, Path]:
+                     data_dir: str | None = None, tta: bool = False) -> dict[str, Path]:
     """Writes ``features/<split>.npz`` (features, probs, labels, patient_ids, centers)."""
     workdir = Path(workdir)
-    trained = load_trained(workdir, which=which, data_dir=data_dir)
-    dataset = pipeline.open_dataset(trained.config.data.data_dir, trained.config.data)
-    predict = step_lib.make_predict(trained.graphdef)
+    predictor = load_predictor(workdir, which=which, data_dir=data_dir, tta=tta)
+    return write_features(workdir, predictor, splits=splits)
+
+
+def write_features(workdir: Path, predictor: Predictor, *, splits=()) -> dict[str, Path]:
+    """``features/<split>.npz`` of ``predictor`` in ``workdir`` for the named splits."""
+    config = predictor.config
+    dataset = pipeline.open_dataset(config.data.data_dir, config.data)
     written = {}
     with fileio.new_folders_removed_on_error(workdir / "features"):
-        for name, split in pipeline.named_splits(dataset, trained.config.data, splits).items():
-            probs, features = predict_split(predict, trained.state, dataset, split,
-                                            trained.mesh, eval_batch_size(trained.config))
+        for name, split in pipeline.named_splits(dataset, config.data, splits).items():
+            probs, features = predictor.predict_split(dataset, split)
             path = workdir / "features" / f"{name}.npz"
             if jax.process_index() == 0:
                 atomic_savez(path, dict(features=features, probs=probs, labels=split.labels,

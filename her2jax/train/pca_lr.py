@@ -348,8 +348,8 @@ class Fitted:
     classifier: PcaLr
     mesh: jax.sharding.Mesh
 
-    def predict_fn(self):
-        return step_lib.make_predict(self.graphdef)
+    def predict_fn(self, views=((),)):
+        return step_lib.make_predict(self.graphdef, views)
 
 
 def load(workdir, *, data_dir: str | None = None) -> Fitted:
@@ -404,10 +404,11 @@ def _restore_encoder(path: Path, abstract: dict) -> dict:
 
 
 def evaluate(workdir, *, splits: Sequence[str] = (), data_dir: str | None = None,
-             n_boot: int = 2000, progress: bool = False) -> dict[str, dict]:
+             n_boot: int = 2000, progress: bool = False, tta: bool = False) -> dict[str, dict]:
     """Recomputes features with the saved encoder and writes ``eval/<split>/`` (and
     ``features/<split>.npz``) for the named splits (default: val and every test centre);
-    the results equal ``fit``'s.
+    the results equal ``fit``'s (with ``tta``: features averaged over the flips of
+    ``step.tta_views``).
 
     Returns:
       ``{split: metrics summary}`` (train, when named, gets features but no eval files).
@@ -419,7 +420,7 @@ def evaluate(workdir, *, splits: Sequence[str] = (), data_dir: str | None = None
     named = inference.eval_splits(dataset, config.data, splits)
     for name, split in named.items():
         workdir_lib.check_no_leak(workdir, name, split.patient_ids)
-    predict = fitted.predict_fn()
+    predict = fitted.predict_fn(inference.tta_views(config, tta))
     features = {name: inference.predict_split(predict, fitted.weights, dataset, split, fitted.mesh,
                                          inference.eval_batch_size(config))[1]
                 for name, split in named.items() if len(split)}

@@ -43,8 +43,6 @@ from her2jax.data.recipes import plain
 from her2jax.errors import Her2jaxError
 from her2jax.evaluate import files, metrics
 from her2jax.train import inference
-from her2jax.train import step as step_lib
-from her2jax.train import workdir as workdir_lib
 
 PREDICT_DIR = "predict"
 PREDICTIONS_FILE = "predictions.csv"
@@ -55,7 +53,8 @@ _REJECTED_COLUMNS = ("patient_id", "file", "reason")
 
 def predict_cohort(workdir, cohort_path, *, out=None, which: str = "best",
                    skip_invalid: bool = False, batch_size: int | None = None,
-                   n_boot: int = 2000) -> Path:
+                   n_boot: int = 2000, tta: bool = False,
+                   predictor: inference.Predictor | None = None) -> Path:
     """Predicts every case of a raw cohort with a trained workdir's model.
 
     Args:
@@ -71,6 +70,9 @@ def predict_cohort(workdir, cohort_path, *, out=None, which: str = "best",
       batch_size: global batch size (default: the config's ``train.eval_batch_size``);
         rounded up to a multiple of the device count.
       n_boot: bootstrap resamples for the confidence intervals in ``metrics.json``.
+      tta: average over the flips the training augmentation drew (``step.tta_views``).
+      predictor: the model (default: ``inference.load_predictor(workdir, ...)``; a
+        cross-validation workdir passes its fold ensemble, ``cv.load_ensemble``).
 
     Returns:
       The path of ``predictions.csv`` (columns ``patient_id, center, label, prob_<class>...``
@@ -85,8 +87,9 @@ def predict_cohort(workdir, cohort_path, *, out=None, which: str = "best",
     workdir = Path(workdir)
     if out is not None:
         check_out_folder(out)
-    trained = inference.load_trained(workdir, which=which)
-    data = trained.config.data
+    if predictor is None:
+        predictor = inference.load_predictor(workdir, which=which, tta=tta)
+    data = predictor.config.data
     recipe = plain(data.recipe)
     preprocess.check_recipe(recipe)
     class_names = labels_lib.CLASS_NAMES[data.scheme]
@@ -98,9 +101,8 @@ def predict_cohort(workdir, cohort_path, *, out=None, which: str = "best",
         raise _stop(cohort.rejected[0])
     out = Path(out) if out is not None else workdir / PREDICT_DIR / cohort.root.name
 
-    result = _predict_cases(trained, cohort.cases, recipe, _batch_size(trained, batch_size,
-                                                                       len(cohort.cases)),
-                            skip_invalid)
+    result = _predict_cases(predictor, cohort.cases, recipe,
+                            _batch_size(predictor, batch_size, len(cohort.cases)), skip_invalid)
     rejected = sorted(cohort.rejected + result.rejected,
                       key=lambda r: (r.patient_id, r.file, r.reason))
     if not result.cases:
@@ -111,8 +113,8 @@ def predict_cohort(workdir, cohort_path, *, out=None, which: str = "best",
     task_labels = np.array([_label(data.scheme, case) for case in result.cases], np.int64)
     # Patients the model was trained on keep their predictions but leave the metrics
     # (in-sample scores would flatter it); metrics.json names them.
-    record = workdir_lib.trained_on(workdir)
-    seen = sorted({c.patient_id for c in result.cases} & record["train"]) if record else []
+    record = predictor.trained_on
+    seen = sorted({c.patient_id for c in result.cases} & record) if record else []
     if seen:
         logging.warning("%d of the cohort's patients were in the model's training split (%s); "
                         "they are predicted but left out of metrics.json", len(seen),
@@ -121,7 +123,7 @@ def predict_cohort(workdir, cohort_path, *, out=None, which: str = "best",
         with fileio.new_folders_removed_on_error(*_new_ancestors(out)):
             _write(out, result, task_labels, class_names, _clinical_names(data.columns),
                    rejected if skip_invalid else None,
-                   summary_extra={"step": trained.step, "checkpoint": which,
+                   summary_extra={**predictor.info,
                                   "cohort": str(cohort.root), "n_trained_on": len(seen),
                                   "trained_on": seen},
                    n_boot=n_boot, left_out=set(seen))
@@ -135,24 +137,23 @@ class _Predicted:
     rejected: list[cohort_lib.Rejection]
 
 
-def _batch_size(trained: inference.Trained, requested: int | None, num_cases: int) -> int:
+def _batch_size(predictor: inference.Predictor, requested: int | None, num_cases: int) -> int:
     """A global batch: a multiple of the device count, no larger than the cohort needs.
 
     One batch shape for the whole cohort (the last batch is padded), so the model compiles
     once; a cohort smaller than a batch gets a batch just large enough for it.
     """
     n = jax.device_count()
-    size = inference.eval_batch_size(trained.config) if requested is None else int(requested)
+    size = inference.eval_batch_size(predictor.config) if requested is None else int(requested)
     if size < 1:
         raise Her2jaxError(f"must be positive, got {size}", key="batch_size")
     size = -(-size // n) * n
     return max(min(size, -(-num_cases // n) * n), n)
 
 
-def _predict_cases(trained: inference.Trained, cases, recipe: dict, batch_size: int,
+def _predict_cases(predictor: inference.Predictor, cases, recipe: dict, batch_size: int,
                    skip_invalid: bool) -> _Predicted:
     """Crops the cases one by one and predicts them a global batch at a time."""
-    predict = step_lib.make_predict(trained.graphdef)
     rows = pipeline.process_rows(batch_size, jax.process_index(), jax.process_count())
     needed = preprocess.required_phases(recipe)
     kept, probs, rejected = [], [], []
@@ -161,9 +162,9 @@ def _predict_cases(trained: inference.Trained, cases, recipe: dict, batch_size: 
     def flush():
         n = len(pending)
         images = np.stack(pending + pending[:1] * (batch_size - n))   # padding repeats row 0
-        batch = pipeline.to_global({"image": images[rows]}, trained.mesh)
-        p, _ = predict(trained.state.params, trained.state.rest, batch["image"])
-        probs.append(inference.gather(p)[:n])   # rows n.. are padding
+        batch = pipeline.to_global({"image": images[rows]}, predictor.mesh)
+        p, _ = predictor.fn(batch["image"])
+        probs.append(np.asarray(p)[:n])   # rows n.. are padding
         pending.clear()
 
     for case in cases:
@@ -181,7 +182,7 @@ def _predict_cases(trained: inference.Trained, cases, recipe: dict, batch_size: 
             flush()
     if pending:
         flush()
-    k = len(labels_lib.CLASS_NAMES[trained.config.data.scheme])
+    k = len(labels_lib.CLASS_NAMES[predictor.config.data.scheme])
     stacked = np.concatenate(probs) if probs else np.zeros((0, k), np.float32)
     return _Predicted(kept, stacked, rejected)
 

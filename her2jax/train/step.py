@@ -18,6 +18,7 @@ number of devices.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable
 
 import jax
@@ -29,6 +30,7 @@ from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from her2jax.errors import Her2jaxError
 from her2jax.train import state as state_lib
 from her2jax.train.state import TrainState
 
@@ -230,19 +232,56 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     return jax.jit(sharded, donate_argnums=0)
 
 
-def make_predict(graphdef: nnx.GraphDef) -> Callable:
+FLIP_VIEWS = tuple(tuple(a for a, bit in zip((1, 2, 3), bits, strict=True) if bit)
+                   for bits in itertools.product((0, 1), repeat=3))
+"""Test-time augmentation's views: the 8 subsets of the spatial axes (1, 2, 3) to flip, the
+identity first (the flips the training augmentation draws from)."""
+
+
+def tta_views(augment_config) -> tuple[tuple[int, ...], ...]:
+    """The flips test-time augmentation averages over for a run trained with
+    ``augment_config`` (``config.train.augment``): the 8 flips of the volume when training
+    flipped it, since the model then learnt them as the same case.
+
+    Raises:
+      Her2jaxError: the run trained without flips (a flipped view is then an input the model
+        never saw, and averaging over it measures nothing the run learnt).
+    """
+    if not augment_config.get("flips", False):
+        raise Her2jaxError("test-time augmentation averages over the flips the training "
+                           "augmentation drew; this run trained without them "
+                           "(train.augment.flips=False), so --tta has nothing to average",
+                           key="tta")
+    return FLIP_VIEWS
+
+
+def make_predict(graphdef: nnx.GraphDef, views: tuple[tuple[int, ...], ...] = ((),)) -> Callable:
     """jit ``(params, rest, image) -> (probs [B, K], features [B, F])``, float32, eval mode.
+
+    Args:
+      graphdef: the model.
+      views: test-time augmentation: each entry the spatial axes of ``image`` ([B, D, H, W, C])
+        to flip; probabilities and features are the mean over the views (default: the image
+        as it is). See :func:`tta_views`.
 
     Inputs may be global arrays sharded over ``data``; XLA partitions the computation.
     """
+    views = tuple(tuple(v) for v in views)
+    if not views:
+        raise ValueError("make_predict needs at least one view")
 
     @jax.jit
     def predict(params, rest, image):
         model = nnx.merge(graphdef, params, rest, copy=True)
         model.eval()
-        features = model.features(image.astype(jnp.float32))
-        logits = model.head(features)
-        return jax.nn.softmax(logits.astype(jnp.float32), axis=-1), features
+        image = image.astype(jnp.float32)
+        probs, features = 0.0, 0.0
+        for axes in views:
+            f = model.features(jnp.flip(image, axes) if axes else image)
+            p = jax.nn.softmax(model.head(f).astype(jnp.float32), axis=-1)
+            probs, features = probs + p, features + f
+        # The mean of the views' probabilities (a proper mixture, as for the fold ensemble).
+        return probs / len(views), features / len(views)
 
     return predict
 
