@@ -6,6 +6,14 @@
   her2jax --workdir=DIR --mode=predict --cohort=NIFTI_COHORT [--out=DIR] [--skip_invalid]
   her2jax --workdir=DIR --mode=analyze     (t-SNE / UMAP, feature- and image-space SHAP ->
                                             DIR/analysis, then DIR/report.html)
+  her2jax --config=configs/X.py --workdir=DIR --mode=cv [--folds=5] [--cv=kfold|centers]
+      [--fold=K]                            (cross-validation of the training centres: one
+                                            workdir per fold, out-of-fold predictions in
+                                            DIR/cv/, the fold ensemble on the test centres)
+
+eval, predict and features on a cross-validation workdir use the fold ensemble (the mean of
+the fold models' probabilities); ``--tta`` averages every prediction over the flips the
+training augmentation drew.
 
 With ``train.protocol='pca_lr'`` (configs/fmbcmri_pca_lr.py) train fits the study's protocol
 (frozen encoder features -> PCA -> logistic regression) instead of gradient training.
@@ -23,7 +31,7 @@ from ml_collections import config_flags
 from her2jax import cli, distributed
 from her2jax.errors import Her2jaxError
 
-MODES = ("train", "eval", "features", "predict", "analyze")
+MODES = ("train", "eval", "features", "predict", "analyze", "cv")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (train mode).",
                                           lock_config=True)
@@ -50,6 +58,16 @@ _SHAP_PATIENTS = flags.DEFINE_list("shap_patients", [], "analyze: image-space SH
 _SHAP_PER_CLASS = flags.DEFINE_integer("shap_per_class", 1, "analyze: image-space SHAP for this "
                                        "many top-confident test cases per class (0: none).",
                                        lower_bound=0)
+_FOLDS = flags.DEFINE_integer("folds", None, "cv: how many folds (default 5 for kfold, one "
+                              "per training centre for centers; a rerun keeps the first run's).",
+                              lower_bound=2)
+_CV = flags.DEFINE_enum("cv", None, ["kfold", "centers"], "cv: patient-level stratified k-fold "
+                        "(default) or whole training centres per fold.")
+_FOLD = flags.DEFINE_integer("fold", None, "cv: train only this fold (e.g. one SLURM array "
+                             "task each; a later --mode=cv without it aggregates).",
+                             lower_bound=0)
+_TTA = flags.DEFINE_bool("tta", False, "eval / predict / features / cv: average over the flips "
+                         "of the volume the training augmentation drew (8 views).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-process runs: host:port "
                                    "of process 0 (with --num_processes and --process_id; SLURM, "
                                    "Open MPI and TPU pods are detected without them).")
@@ -69,9 +87,15 @@ def _main(argv: list[str]) -> None:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                            heartbeat_timeout_s=_HEARTBEAT.value)
     # The engine loads only now (~2.5 s): a bad flag or launch is refused without it.
-    from her2jax.train import inference, loop, pca_lr, predict
+    from her2jax.train import cv, inference, loop, pca_lr, predict
 
-    if _MODE.value == "train":
+    on_cv = _MODE.value != "cv" and cv.is_cv(_WORKDIR.value)
+    if _MODE.value == "cv":
+        _cross_validate(cv)
+    elif on_cv and _MODE.value in ("train", "analyze"):
+        raise Her2jaxError(f"is a cross-validation workdir; --mode={_MODE.value} works on one "
+                           "of its fold_<k> workdirs, --mode=cv on it", file=_WORKDIR.value)
+    elif _MODE.value == "train":
         if _CONFIG.value is None:
             raise Her2jaxError("--config is required to train")
         config = _CONFIG.value
@@ -96,14 +120,19 @@ def _main(argv: list[str]) -> None:
         if result.stopped in ("preempted", "interrupted"):
             print(f"step {result.steps} is saved; run the same command to resume there")
     elif _MODE.value == "eval":
-        if pca_lr.is_pca_lr(_WORKDIR.value):
+        if on_cv:
+            results = cv.evaluate(_WORKDIR.value, splits=_SPLITS.value, which=_CHECKPOINT.value,
+                                  data_dir=_DATA_DIR.value, n_boot=_BOOTSTRAP.value,
+                                  progress=_PROGRESS.value, tta=_TTA.value)
+        elif pca_lr.is_pca_lr(_WORKDIR.value):
             results = pca_lr.evaluate(_WORKDIR.value, splits=_SPLITS.value,
                                       data_dir=_DATA_DIR.value, n_boot=_BOOTSTRAP.value,
-                                      progress=_PROGRESS.value)
+                                      progress=_PROGRESS.value, tta=_TTA.value)
         else:
             results = inference.evaluate(_WORKDIR.value, splits=_SPLITS.value,
-                                    which=_CHECKPOINT.value, data_dir=_DATA_DIR.value,
-                                    n_boot=_BOOTSTRAP.value, progress=_PROGRESS.value)
+                                         which=_CHECKPOINT.value, data_dir=_DATA_DIR.value,
+                                         n_boot=_BOOTSTRAP.value, progress=_PROGRESS.value,
+                                         tta=_TTA.value)
         for name, summary in results.items():
             _print_summary(name, summary)
         print(f"predictions and metrics in {_WORKDIR.value}/eval/")
@@ -129,18 +158,58 @@ def _main(argv: list[str]) -> None:
     elif _MODE.value == "predict":
         if not _COHORT.value:
             raise Her2jaxError("--cohort is required to predict")
-        if pca_lr.is_pca_lr(_WORKDIR.value):
-            raise Her2jaxError("predict on a pca_lr workdir is not supported yet; use "
-                               "--mode=eval on a prepared dataset", file=_WORKDIR.value)
+        if _OUT.value is not None:
+            predict.check_out_folder(_OUT.value)   # before any model loads
+        ensemble = (cv.load_ensemble(_WORKDIR.value, which=_CHECKPOINT.value, tta=_TTA.value)[0]
+                    if on_cv else None)
         path = predict.predict_cohort(_WORKDIR.value, _COHORT.value, out=_OUT.value,
                                       which=_CHECKPOINT.value, skip_invalid=_SKIP_INVALID.value,
-                                      n_boot=_BOOTSTRAP.value)
+                                      n_boot=_BOOTSTRAP.value, tta=_TTA.value,
+                                      predictor=ensemble)
         print(f"wrote {path}")
     elif _MODE.value == "features":
-        for name, path in inference.extract_features(_WORKDIR.value, splits=_SPLITS.value,
-                                                which=_CHECKPOINT.value,
-                                                data_dir=_DATA_DIR.value).items():
+        extract = cv.extract_features if on_cv else inference.extract_features
+        for name, path in extract(_WORKDIR.value, splits=_SPLITS.value, which=_CHECKPOINT.value,
+                                  data_dir=_DATA_DIR.value, tta=_TTA.value).items():
             print(f"{name}: {path}")
+
+
+def _cross_validate(cv) -> None:
+    """--mode=cv: the folds not yet done (or --fold), then the out-of-fold files and the
+    ensemble's evaluation once every fold is done."""
+    from her2jax.train import inference
+
+    if _CONFIG.value is None:
+        raise Her2jaxError("--config is required for --mode=cv (the same config on a rerun)")
+    config = _CONFIG.value
+    if _DATA_DIR.value:
+        with config.unlocked():
+            config.data.data_dir = _DATA_DIR.value
+    result = cv.run(config, _WORKDIR.value, folds=_FOLDS.value, scheme=_CV.value,
+                    only_fold=_FOLD.value, force=_FORCE.value, n_boot=_BOOTSTRAP.value,
+                    progress=_PROGRESS.value, tta=_TTA.value)
+    if result["stopped"]:
+        at = result["at"]
+        print(f"{result['stopped']} in fold {at['fold']} at step {at['step']}; it is saved; run "
+              "the same command to resume there")
+        return
+    remaining = sorted(set(range(result["folds"])) - set(result["done"]))
+    if remaining:
+        print(f"folds done: {', '.join(map(str, result['done'])) or 'none'} of "
+              f"{result['folds']}; still to train: {', '.join(map(str, remaining))} (run "
+              "--mode=cv without --fold to train them and aggregate)")
+        return
+    oof = result["oof"]
+    sd = oof["over_folds"]["macro_auc"]
+    spread = ("" if sd["mean"] is None else f"; over folds {sd['mean']:.3f} ± "
+              + ("n/a" if sd["sd"] is None else f"{sd['sd']:.3f}"))
+    print(f"out of fold (n={oof['n']}, {result['folds']} folds): "
+          f"{inference.summary_line(oof)}{spread}")
+    for name, summary in result["ensemble"].items():
+        print(f"ensemble {name} (n={summary['n']}): {inference.summary_line(summary)}")
+    print(f"per fold: {_WORKDIR.value}/cv/per_fold.md; out-of-fold predictions and metrics in "
+          f"{_WORKDIR.value}/cv/" + (f"; ensemble in {_WORKDIR.value}/eval/"
+                                      if result["ensemble"] else ""))
 
 
 def _print_summary(name: str, summary: dict) -> None:
