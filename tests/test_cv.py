@@ -422,3 +422,24 @@ def test_tta_averages_the_model_over_the_eight_flips():
     config.train.augment.flips = False
     with pytest.raises(Her2jaxError, match="train.augment.flips=False"):
         step_lib.tta_views(config.train.augment)
+
+
+def test_the_report_of_a_cv_workdir_shows_its_folds_and_ensemble(cv_run, tmp_path):
+    from her2jax.analysis import report
+
+    workdir, _ = cv_run
+    run = tmp_path / "run"
+    shutil.copytree(workdir, run)
+    page = report.write_report(run).read_text()
+    per_fold = json.loads((run / "cv" / "per_fold.json").read_text())
+    assert '<section id="cross-validation"><h2>Cross-validation</h2>' in page
+    assert "patient-level stratified k-fold" in page and "mean ± SD" in page
+    for row in per_fold["rows"]:
+        done = json.loads((cv.fold_dir(run, row["fold"]) / cv.DONE_FILE).read_text())
+        assert f"step {done['best_step']} of 40" in page
+    assert "<figcaption>fold 0: training loss" in page
+    assert "fold ensemble of 3 models (mean of the fold models&#x27; probabilities)" in page
+    assert "The fold models alone: macro AUC" in page
+    assert "out of fold: each fold&#x27;s model on the patients it did not see" in page
+    assert "pooled out-of-fold predictions of the cross-validation" in page   # calibration
+    assert "fold 2 (held out)" in page and "Training and checkpoint selection" not in page

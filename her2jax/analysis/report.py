@@ -241,12 +241,29 @@ def _training_log(workdir: Path) -> list[tuple[str, str]]:
     return rows or [("training log", "empty")]
 
 
+def _checkpoint_text(summary: dict) -> str:
+    """What made a split's predictions: the checkpoint and step, or the fold ensemble; and
+    test-time augmentation when used."""
+    ensemble = summary.get("ensemble")
+    if ensemble:
+        steps = ", ".join(str(x) for x in ensemble.get("steps") or []) or "?"
+        text = (f"fold ensemble of {ensemble.get('members', '?')} models "
+                f"({ensemble.get('combine', '?')}), {summary.get('checkpoint', '?')} "
+                f"checkpoints at steps {steps}")
+    elif "folds" in summary:
+        text = (f"out of fold: each fold's model on the patients it did not see "
+                f"({summary.get('folds')} folds, {summary.get('scheme', '?')})")
+    else:
+        text = f"{summary.get('checkpoint', '?')} checkpoint, step {summary.get('step', '?')}"
+    views = summary.get("tta_views") or 1
+    return text + (f"; test-time augmentation over {views} flips" if views > 1 else "")
+
+
 def _summary_section(workdir: Path, record: dict, evaluated: dict[str, dict]) -> str:
     config, provenance = record.get("config", {}), record.get("provenance", {})
     data = config.get("data", {})
     dataset = provenance.get("dataset") or {}
-    checkpoints = sorted({f"{m.get('checkpoint', '?')} checkpoint, step {m.get('step', '?')}"
-                          for m in evaluated.values()})
+    checkpoints = sorted({_checkpoint_text(m) for m in evaluated.values()})
     rows = [
         ("workdir", str(workdir.resolve())),
         ("model", _model_text(config)),
@@ -415,6 +432,74 @@ def _training_section(workdir: Path, record: dict, evaluated: dict[str, dict],
     return "".join(parts)
 
 
+CV_WORDS = {"kfold": "patient-level stratified k-fold of the training centres",
+            "centers": "whole training centres per fold",
+            "file": "the folds of a user-written splits.json"}
+
+
+def _cv_section(workdir: Path, record: dict, images: _Images) -> str:
+    """A cross-validation workdir's folds: how they were made and chosen, each fold's
+    out-of-fold metrics with the mean ± SD and the pooled row, and each fold's curves."""
+    from her2jax.labels import CLASS_NAMES
+
+    settings, error = _optional_json(workdir / "cv.json")
+    per_fold, error2 = _optional_json(workdir / "cv" / "per_fold.json")
+    if settings is None or per_fold is None:
+        return _not_run(error or error2 or "no cv/per_fold.json", "run --mode=cv to finish it")
+    config = record.get("config") or {}
+    train = config.get("train") or {}
+    data = config.get("data") or {}
+    criterion = SELECTION_CRITERIA.get(train.get("select_by", LEGACY_SELECT_BY), "?")
+    parts = [f'<p class="statement">{esc(settings.get("folds"))} folds: '
+             f'{esc(CV_WORDS.get(settings.get("scheme"), settings.get("scheme")))}'
+             + (f" (seed {esc(settings.get('seed'))})" if settings.get("seed") is not None
+                else "")
+             + ", listed in splits.json. Each fold is a workdir (fold_&lt;k&gt;/) trained on the "
+             "other folds' patients; "
+             + (esc("the pca_lr protocol fits each fold's PCA and regression on them. ")
+                if train.get("protocol") == PCA_LR else
+                esc(f"its checkpoint is the {criterion} over evaluations every "
+                    f"{train.get('eval_every', '?')} steps on a stratified "
+                    f"{data.get('val_fraction', '?')} of them. "))
+             + "Below, each fold's model on the patients it held out (out of fold), the mean "
+             "± SD over folds, and all folds' held-out patients pooled.</p>"]
+    over = per_fold.get("over_folds") or {}
+    body = []
+    for row in per_fold.get("rows") or []:
+        done, _ = _optional_json(workdir / f"fold_{row['fold']}" / "cv_done.json")
+        chosen = "" if not done else (f"step {done.get('best_step', '?')} of "
+                                      f"{done.get('steps', '?')}" if "steps" in done
+                                      else done.get("protocol", ""))
+        body.append((row["fold"], row["n"], chosen, _auc(row.get("macro_auc")),
+                     _auc(row.get("micro_auc")), _number(row.get("accuracy")),
+                     _number(row.get("loss"))))
+    body.append(("mean ± SD", sum(r["n"] for r in per_fold.get("rows") or []), "",
+                 *(f"{_number((over.get(k) or {}).get('mean'))} ± "
+                   f"{_number((over.get(k) or {}).get('sd'))}"
+                   for k in ("macro_auc", "micro_auc", "accuracy", "loss"))))
+    pooled, _ = _optional_json(workdir / "cv" / "metrics.json")
+    if pooled:
+        body.append(("pooled", pooled.get("n", "?"), "", _auc(pooled.get("macro_auc")),
+                     _auc(pooled.get("micro_auc")), _number(pooled.get("accuracy")),
+                     _number(pooled.get("loss"))))
+    parts.append(_table(["fold", "held out", "checkpoint", "macro AUC (95% CI)",
+                         "micro AUC (95% CI)", "accuracy", "loss"], body,
+                        numeric=range(1, 2)))
+    k = max(len(CLASS_NAMES.get(data.get("scheme"), ())), 2)
+    shown = []
+    for row in per_fold.get("rows") or []:
+        curves = read_curves(workdir / f"fold_{row['fold']}" / "metrics.jsonl")
+        if not curves:
+            continue
+        path = workdir / FIGURES_DIR / f"fold_{row['fold']}_{CURVES_FILE}"
+        figures.plot_training_curves(path, curves, num_classes=k)
+        shown.append(images.figure(path, f"fold {row['fold']}: training loss and validation "
+                                         "macro AUC by step"))
+    if shown:
+        parts.append(_gallery(shown))
+    return "".join(parts)
+
+
 def _cohort_from_dataset(config: dict, data_dir: str | None) -> tuple[list[tuple], str]:
     """(rows (split, centre, {class: n}), source text) from the prepared dataset."""
     import ml_collections
@@ -464,6 +549,10 @@ def _cohort_section(record: dict, data_dir: str | None, frames: dict,
         source = (f"The prepared dataset is not reachable ({e}); counts of the labelled cases "
                   "in the evaluated splits' predictions.csv (the training split is not shown). "
                   "Pass --data_dir to count from the dataset.")
+    return _note(source) + _cohort_table(rows, class_names)
+
+
+def _cohort_table(rows: list[tuple], class_names: Sequence[str]) -> str:
     body = []
     for split in dict.fromkeys(row[0] for row in rows):   # splits in order of appearance
         mine = [(centre, counts) for name, centre, counts in rows if name == split]
@@ -472,8 +561,7 @@ def _cohort_section(record: dict, data_dir: str | None, frames: dict,
         if len(mine) > 1:
             total = {cls: sum(counts[cls] for _, counts in mine) for cls in mine[0][1]}
             body.append((split, "all centres", *total.values(), sum(total.values())))
-    table = _table(["split", "centre", *class_names, "total"], body, numeric=range(2, 99))
-    return _note(source) + table
+    return _table(["split", "centre", *class_names, "total"], body, numeric=range(2, 99))
 
 
 def _auc_table(summary: dict) -> str:
@@ -542,8 +630,13 @@ def _split_section(workdir: Path, name: str, summary: dict, frame, images: _Imag
              _baseline_line(workdir, name, summary.get("n")),
              _note(f"n = {summary.get('n', '?')} labelled cases ("
                    + ", ".join(f"{k} {v}" for k, v in counts.items())
-                   + f"); {summary.get('checkpoint', '?')} checkpoint, step "
-                     f"{summary.get('step', '?')}.")]
+                   + f"); {_checkpoint_text(summary)}.")]
+    members = [m.get("macro_auc") for m in summary.get("members") or []]
+    if members:
+        alone = [m for m in members if m is not None]
+        parts.append(_note("The fold models alone: macro AUC " + ", ".join(
+            _number(m) for m in members) + (f" (mean {_number(float(np.mean(alone)))})"
+                                            if alone else "") + "."))
     boot = summary.get("bootstrap") or {}
     ci_text = (f"95% CIs: {boot.get('method', 'stratified')} bootstrap, "
                f"{boot.get('n_boot', '?')} resamples, seed {boot.get('seed', '?')}"
@@ -849,11 +942,27 @@ def _write_report(workdir: Path, *, data_dir: str | None, out) -> Path:
     clinical = ((record.get("config") or {}).get("data") or {}).get("columns", {}).get(
         "clinical") or []
 
+    is_cv = (workdir / "cv.json").is_file()
+    if is_cv:
+        training = ("cross-validation", "Cross-validation", _cv_section(workdir, record, images))
+        oof = workdir / "cv" / "oof_predictions.csv"
+        counted = dict(frames)
+        if oof.exists():
+            folds = files.read_predictions(oof)
+            counted = {**{f"fold {k} (held out)": part for k, part in
+                          folds.groupby(folds["fold"].astype(str), sort=True)},
+                       **{n: f for n, f in frames.items() if n.startswith("test")}}
+        cohort = _note("Patients per fold (each held out by one fold, trained on by the "
+                       "others) and per test centre, from the evaluation's predictions.") + \
+            _cohort_table(_cohort_from_predictions(counted, class_names), class_names)
+    else:
+        training = ("training", "Training and checkpoint selection",
+                    _training_section(workdir, record, evaluated, images))
+        cohort = _cohort_section(record, data_dir, frames, class_names)
     sections = [
         ("summary", "Run summary", _summary_section(workdir, record, evaluated)),
-        ("training", "Training and checkpoint selection",
-         _training_section(workdir, record, evaluated, images)),
-        ("cohort", "Cohort", _cohort_section(record, data_dir, frames, class_names)),
+        training,
+        ("cohort", "Cohort", cohort),
         ("results", "Results per split",
          "".join(_split_section(workdir, n, evaluated[n], frames.get(n), images)
                  for n in names)),

@@ -523,10 +523,14 @@ def evaluate(workdir, *, splits=(), which: str = "best", data_dir: str | None = 
     if not named:
         raise Her2jaxError("has no test centre to evaluate the ensemble on (data.test_centers "
                            "is empty); name centres with --splits", file=str(workdir))
+    # The calibration is fitted on cv/'s out-of-fold predictions, as --mode=cv made them
+    # (with its --tta or without).
     oof_split, oof_probs = read_oof(workdir, dataset, config)
-    outputs = {pipeline.OOF: (oof_split, oof_probs,
-                              metrics.summarize(oof_split.labels, oof_probs, oof_split.class_names,
-                                                n_boot=n_boot))}
+    oof_summary = metrics.summarize(oof_split.labels, oof_probs, oof_split.class_names,
+                                    n_boot=n_boot)
+    made = files.read_metrics(Path(workdir) / CV_DIR / "metrics.json")
+    oof_summary.update({k: made.get(k) for k in ("scheme", "folds", "tta_views")})
+    outputs = {pipeline.OOF: (oof_split, oof_probs, oof_summary)}
     for name, split in named.items():
         member_probs = [m.predict_split(dataset, split)[0] for m in members]
         probs = np.mean(member_probs, axis=0)
