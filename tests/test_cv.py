@@ -378,7 +378,7 @@ def test_one_fold_at_a_time_then_aggregate(cv_run, data_dir, tmp_path):
     assert (workdir / "cv" / cv.OOF_FILE).exists()
 
 
-def test_pca_lr_cross_validates_the_same_way(data_dir, tmp_path):
+def test_pca_lr_cross_validates_the_same_way(data_dir, phantom_cohort, tmp_path):
     workdir = tmp_path / "cv"
     args = ("--config=configs/fmbcmri_pca_lr.py", "--config.data.recipe.shape=24,24,24",
             "--config.model.vit.size=tiny", "--config.model.pretrained=",
@@ -394,6 +394,18 @@ def test_pca_lr_cross_validates_the_same_way(data_dir, tmp_path):
     for k in range(2):
         assert pca_lr.is_pca_lr(cv.fold_dir(workdir, k))
         assert (cv.fold_dir(workdir, k) / pca_lr.MODEL_FILE).exists()
+    # predict works on pca_lr models (here their ensemble), as eval does.
+    result = subprocess.run([sys.executable, "-m", "her2jax.main", "--mode=predict",
+                             f"--workdir={workdir}", f"--cohort={phantom_cohort}",
+                             f"--out={tmp_path / 'pred'}", "--bootstrap=0"], cwd=REPO,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    predicted = files.read_predictions(tmp_path / "pred" / "predictions.csv").set_index(
+        "patient_id")
+    ensemble = files.read_predictions(workdir / "eval" / "test_CENTER_C" / "predictions.csv")
+    cols = [c for c in ensemble.columns if c.startswith("prob_")]
+    np.testing.assert_allclose(predicted.loc[ensemble["patient_id"], cols].to_numpy(),
+                               ensemble[cols].to_numpy(), atol=1e-5)
 
 
 # ---------------------------------------------------------------- test-time augmentation

@@ -264,6 +264,18 @@ def test_slurm_sbatch_eval_mode_reads_the_workdir_config(fake_slurm):
     assert any(a.startswith("--data_dir=") for a in args)
 
 
+def test_slurm_sbatch_runs_one_cv_fold_per_array_task(fake_slurm, tmp_path):
+    result, log = fake_slurm(MODE="cv", SLURM_ARRAY_TASK_ID="3", EXTRA="--folds=5")
+    assert result.returncode == 0, result.stderr
+    args = (log / "srun_args").read_text().splitlines()[3:]
+    assert args == ["--workdir=/shared/runs/x", "--mode=cv", "--config=configs/h100.py",
+                    f"--config.data.data_dir={tmp_path / 'data'}", "--fold=3", "--folds=5"]
+    # The aggregating job (no array) runs --mode=cv without --fold.
+    result, log = fake_slurm(MODE="cv", EXTRA="--folds=5")
+    args = (log / "srun_args").read_text().splitlines()[3:]
+    assert "--mode=cv" in args and not any(a.startswith("--fold=") for a in args)
+
+
 @pytest.mark.parametrize(("env", "expected"), [
     ({}, "unset"),                                # her2jax.distributed reads SLURM's layout
     ({"SLURM_NTASKS_PER_NODE": "8", "SLURM_GPUS_PER_TASK": "1"}, "unset"),
