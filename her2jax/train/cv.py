@@ -290,6 +290,7 @@ def run(config, workdir, *, folds: int | None = None, scheme: str | None = None,
 
     workdir = Path(workdir)
     splits, settings = prepare(config, workdir, folds=folds, scheme=scheme, force=force)
+    _sync("her2jax_cv_prepared")   # splits.json and cv.json written (process 0) before use
     todo = range(len(splits)) if only_fold is None else [only_fold]
     if only_fold is not None and not 0 <= only_fold < len(splits):
         raise Her2jaxError(f"--fold={only_fold}: this cross-validation has folds 0 to "
@@ -314,13 +315,23 @@ def run(config, workdir, *, folds: int | None = None, scheme: str | None = None,
                     "best_step": trained.best_step, "select_by": trained.select_by}
         if jax.process_index() == 0:
             fileio.write_json(fold_dir(workdir, k) / DONE_FILE, done)
+        _sync(f"her2jax_cv_fold_{k}_done")   # every process sees the marker before reading it
     result["done"] = [k for k in range(len(splits)) if is_done(workdir, k)]
     if len(result["done"]) < len(splits):
         return result
     result["oof"] = write_oof(workdir, n_boot=n_boot, tta=tta)
-    if any(name.startswith("test") for name in _test_splits(workdir)):
+    _sync("her2jax_cv_oof_written")
+    if config.data.test_centers:
         result["ensemble"] = evaluate(workdir, n_boot=n_boot, tta=tta)
     return result
+
+
+def _sync(name: str) -> None:
+    """A barrier across processes (nothing with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 # ---------------------------------------------------------------- out of fold
@@ -493,11 +504,6 @@ def load_ensemble(workdir, *, which: str = "best", data_dir: str | None = None,
             "ensemble": {"members": len(members), "combine": COMBINE,
                          "steps": [m.info["step"] for m in members]}}
     return inference.Predictor(config, members[0].mesh, fn, info, seen), members
-
-
-def _test_splits(workdir) -> list[str]:
-    config = ml_collections.ConfigDict(workdir_lib.read(Path(workdir))["config"])
-    return [f"test_{c}" for c in config.data.test_centers]
 
 
 def evaluate(workdir, *, splits=(), which: str = "best", data_dir: str | None = None,
