@@ -96,12 +96,7 @@ def _main(argv: list[str]) -> None:
         raise Her2jaxError(f"is a cross-validation workdir; --mode={_MODE.value} works on one "
                            "of its fold_<k> workdirs, --mode=cv on it", file=_WORKDIR.value)
     elif _MODE.value == "train":
-        if _CONFIG.value is None:
-            raise Her2jaxError("--config is required to train")
-        config = _CONFIG.value
-        if _DATA_DIR.value:
-            with config.unlocked():
-                config.data.data_dir = _DATA_DIR.value
+        config = _config_from_flags("to train")
         if config.train.protocol == "pca_lr":
             for name, summary in pca_lr.fit(config, _WORKDIR.value, force=_FORCE.value,
                                             n_boot=_BOOTSTRAP.value,
@@ -174,17 +169,23 @@ def _main(argv: list[str]) -> None:
             print(f"{name}: {path}")
 
 
+def _config_from_flags(purpose: str):
+    """--config, with --data_dir as its data.data_dir when given."""
+    if _CONFIG.value is None:
+        raise Her2jaxError(f"--config is required {purpose}")
+    config = _CONFIG.value
+    if _DATA_DIR.value:
+        with config.unlocked():
+            config.data.data_dir = _DATA_DIR.value
+    return config
+
+
 def _cross_validate(cv) -> None:
     """--mode=cv: the folds not yet done (or --fold), then the out-of-fold files and the
     ensemble's evaluation once every fold is done."""
     from her2jax.train import inference
 
-    if _CONFIG.value is None:
-        raise Her2jaxError("--config is required for --mode=cv (the same config on a rerun)")
-    config = _CONFIG.value
-    if _DATA_DIR.value:
-        with config.unlocked():
-            config.data.data_dir = _DATA_DIR.value
+    config = _config_from_flags("for --mode=cv (the same config on a rerun)")
     result = cv.run(config, _WORKDIR.value, folds=_FOLDS.value, scheme=_CV.value,
                     only_fold=_FOLD.value, force=_FORCE.value, n_boot=_BOOTSTRAP.value,
                     progress=_PROGRESS.value, tta=_TTA.value)

@@ -256,16 +256,7 @@ def test_eval_predict_and_features_on_a_cv_workdir_use_the_ensemble(cv_run, phan
     shutil.copytree(workdir, run)
     base = [sys.executable, "-m", "her2jax.main", f"--workdir={run}", "--bootstrap=20",
             "--noprogress"]
-    result = subprocess.run([*base, "--mode=predict", f"--cohort={phantom_cohort}",
-                             f"--out={tmp_path / 'pred'}"], cwd=REPO, capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-    predicted = files.read_predictions(tmp_path / "pred" / "predictions.csv").set_index(
-        "patient_id")
-    ensemble = files.read_predictions(workdir / "eval" / "test_CENTER_C" / "predictions.csv")
-    cols = [c for c in predicted.columns if c.startswith("prob_")]
-    np.testing.assert_allclose(predicted.loc[ensemble["patient_id"], cols].to_numpy(),
-                               ensemble[cols].to_numpy(), atol=1e-5)
+    ensemble, cols = _predict_equals_the_ensembles_eval(run, phantom_cohort, tmp_path / "pred")
     metrics_json = json.loads((tmp_path / "pred" / "metrics.json").read_text())
     # Every patient of the training centres fitted some fold: out of the metrics.
     assert metrics_json["n_trained_on"] == len(_pool_of(run))
@@ -286,6 +277,22 @@ def test_eval_predict_and_features_on_a_cv_workdir_use_the_ensemble(cv_run, phan
     result = subprocess.run([*base, "--mode=train"], cwd=REPO, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 2 and "is a cross-validation workdir" in result.stderr
+
+
+def _predict_equals_the_ensembles_eval(workdir: Path, cohort: Path, out: Path):
+    """--mode=predict of the raw NIfTI cohort with a CV workdir: its probabilities equal the
+    ensemble's eval of the same (test-centre) patients. Returns (that eval, prob columns)."""
+    result = subprocess.run([sys.executable, "-m", "her2jax.main", "--mode=predict",
+                             f"--workdir={workdir}", f"--cohort={cohort}", f"--out={out}",
+                             "--bootstrap=20"], cwd=REPO, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    predicted = files.read_predictions(out / "predictions.csv").set_index("patient_id")
+    ensemble = files.read_predictions(workdir / "eval" / "test_CENTER_C" / "predictions.csv")
+    cols = [c for c in ensemble.columns if c.startswith("prob_")]
+    np.testing.assert_allclose(predicted.loc[ensemble["patient_id"], cols].to_numpy(),
+                               ensemble[cols].to_numpy(), atol=1e-5)
+    return ensemble, cols
 
 
 def _pool_of(run: Path) -> list[str]:
@@ -395,17 +402,7 @@ def test_pca_lr_cross_validates_the_same_way(data_dir, phantom_cohort, tmp_path)
         assert pca_lr.is_pca_lr(cv.fold_dir(workdir, k))
         assert (cv.fold_dir(workdir, k) / pca_lr.MODEL_FILE).exists()
     # predict works on pca_lr models (here their ensemble), as eval does.
-    result = subprocess.run([sys.executable, "-m", "her2jax.main", "--mode=predict",
-                             f"--workdir={workdir}", f"--cohort={phantom_cohort}",
-                             f"--out={tmp_path / 'pred'}", "--bootstrap=0"], cwd=REPO,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-    predicted = files.read_predictions(tmp_path / "pred" / "predictions.csv").set_index(
-        "patient_id")
-    ensemble = files.read_predictions(workdir / "eval" / "test_CENTER_C" / "predictions.csv")
-    cols = [c for c in ensemble.columns if c.startswith("prob_")]
-    np.testing.assert_allclose(predicted.loc[ensemble["patient_id"], cols].to_numpy(),
-                               ensemble[cols].to_numpy(), atol=1e-5)
+    _predict_equals_the_ensembles_eval(workdir, phantom_cohort, tmp_path / "pred")
 
 
 # ---------------------------------------------------------------- test-time augmentation
