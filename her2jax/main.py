@@ -11,6 +11,11 @@
                                             workdir per fold, out-of-fold predictions in
                                             DIR/cv/, the fold ensemble on the test centres)
 
+  her2jax --config=configs/pretrain_*.py --workdir=DIR --mode=pretrain
+                                           (MoCo v3 self-supervised pretraining of the
+                                            encoder on any prepared dataset -> DIR/encoder,
+                                            for --config.model.pretrained=)
+
 eval, predict and features on a cross-validation workdir use the fold ensemble (the mean of
 the fold models' probabilities); ``--tta`` averages every prediction over the flips the
 training augmentation drew.
@@ -31,7 +36,7 @@ from ml_collections import config_flags
 from her2jax import cli, distributed
 from her2jax.errors import Her2jaxError
 
-MODES = ("train", "eval", "features", "predict", "analyze", "cv")
+MODES = ("train", "eval", "features", "predict", "analyze", "cv", "pretrain")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (train mode).",
                                           lock_config=True)
@@ -92,6 +97,8 @@ def _main(argv: list[str]) -> None:
     on_cv = _MODE.value != "cv" and cv.is_cv(_WORKDIR.value)
     if _MODE.value == "cv":
         _cross_validate(cv)
+    elif _MODE.value == "pretrain":
+        _pretrain()
     elif on_cv and _MODE.value in ("train", "analyze"):
         raise Her2jaxError(f"is a cross-validation workdir; --mode={_MODE.value} works on one "
                            "of its fold_<k> workdirs, --mode=cv on it", file=_WORKDIR.value)
@@ -178,6 +185,23 @@ def _config_from_flags(purpose: str):
         with config.unlocked():
             config.data.data_dir = _DATA_DIR.value
     return config
+
+
+def _pretrain() -> None:
+    """--mode=pretrain: MoCo v3 on the config's dataset, then DIR/encoder."""
+    from her2jax.train import pretrain
+
+    result = pretrain.run(_config_from_flags("to pretrain"), _WORKDIR.value,
+                          force=_FORCE.value, progress=_PROGRESS.value)
+    if result["stopped"] != "done":
+        print(f"{result['stopped']} at step {result['steps']}; it is saved; run the same "
+              "command to resume there")
+        return
+    knn = result["knn_macro_auc"]
+    print(f"pretrained {result['steps']} steps; contrastive loss {result['loss']:.3f}"
+          + ("" if knn is None else f"; kNN macro AUC {knn:.3f}")
+          + f"; encoder in {result['encoder']} (use --config.model.pretrained="
+            f"{result['encoder']})")
 
 
 def _cross_validate(cv) -> None:

@@ -539,7 +539,7 @@ def port(source: str, checkpoint, out, *, in_channels: int | None = None,
                                                     file=str(checkpoint))
     report = PortReport(spec.name, str(checkpoint), torch_checkpoint.sha256(checkpoint),
                         architecture, facts, mapped, dropped, computed, inflation)
-    _write(out, pure, report)
+    write_port(out, pure, report)
     return report
 
 
@@ -552,7 +552,9 @@ def _concrete_pos(model: nnx.Module, architecture: Mapping) -> nnx.Module:
     return model
 
 
-def _write(out: Path, pure: dict, report: PortReport) -> None:
+def write_port(out: Path, pure: dict, report: PortReport) -> None:
+    """Writes a port directory atomically: ``state/`` (orbax, the encoder's arrays) and
+    ``port.json`` (``report``), replacing ``out`` if it exists."""
     import orbax.checkpoint as ocp
 
     from her2jax.fileio import current_umask

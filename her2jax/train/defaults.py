@@ -65,3 +65,30 @@ def train_config() -> ml_collections.ConfigDict:
         profile_steps=(),           # (first, last) batch range to trace with jax.profiler
         pca_components=16,          # 'pca_lr' protocol
     ))
+
+
+def pretrain_config() -> ml_collections.ConfigDict:
+    """The ``pretrain`` section of ``--mode=pretrain`` (``her2jax.train.pretrain``): MoCo v3's
+    ViT recipe where it applies to 3D volumes."""
+    return ml_collections.ConfigDict(dict(
+        dim=256,                    # projector / predictor output
+        mlp_dim=4096,               # their hidden width
+        temperature=0.2,            # T of the contrastive loss
+        momentum=0.99,              # m0 of the cosine momentum schedule (to 1 at the end)
+        freeze_patch_embed=True,    # ViT: keep the random patch projection (MoCo v3)
+        # Views: crop a box of this share of the volume (aspect ratios per axis in
+        # crop_ratio), resample it to the full grid (trilinear); flip each axis with p 1/2;
+        # intensity x (1 + U(+-scale)) + U(+-shift); Gaussian blur (sigma in voxels) and noise
+        # with their probabilities. Mask channels (the recipe's MASK) move with the crop and
+        # flips only.
+        crop_scale=(0.3, 1.0),
+        crop_ratio=(0.75, 1.333),
+        flips=True,
+        scale=0.2,
+        shift=0.2,
+        blur_sigma=(0.1, 1.5),
+        blur_prob=0.5,
+        noise=0.1,
+        noise_prob=0.5,
+        knn_k=20,                   # the kNN monitor's neighbours
+    ))

@@ -364,6 +364,13 @@ def make_optimizer(train_config, params: nnx.State, *,
         scales = _map_paths(lambda p, _: layer_decay ** (num_layers - layer_id(p)), params)
         trained = _base_optimizer(train_config, schedule, decay_mask, lr_scales=scales)
 
+    return _clipped_accumulated_partitioned(train_config, trained, groups)
+
+
+def _clipped_accumulated_partitioned(train_config, trained: optax.GradientTransformation,
+                                     groups) -> optax.GradientTransformation:
+    """``trained`` after global-norm clipping, over ``grad_accum`` batches, for the TRAIN
+    group; FROZEN parameters get no update (and no optimizer state)."""
     clip = float(_get(train_config, "grad_clip"))
     if clip > 0:
         trained = optax.chain(optax.clip_by_global_norm(clip), trained)
@@ -371,3 +378,19 @@ def make_optimizer(train_config, params: nnx.State, *,
     if accum > 1:
         trained = optax.MultiSteps(trained, every_k_schedule=accum).gradient_transformation()
     return optax.partition({TRAIN: trained, FROZEN: optax.set_to_zero()}, groups)
+
+
+def make_plain_optimizer(train_config, params, *, total_steps: int,
+                         frozen: Callable[[tuple], bool] | None = None
+                         ) -> optax.GradientTransformation:
+    """The optimizer of ``train_config`` for any network's parameters (e.g. MoCo's query
+    network): the schedule, weight decay on kernels, clipping and accumulation of
+    :func:`make_optimizer`, without its Classifier-specific layer-wise decay and freeze
+    modes (``train.layer_decay`` and ``train.freeze`` are not read). ``frozen(path keys)``
+    marks parameters that get no update."""
+    _check_optimizer(train_config)
+    schedule = learning_rate_schedule(train_config, total_steps)
+    trained = _base_optimizer(train_config, schedule, weight_decay_mask(params))
+    groups = _map_paths(lambda p, _: FROZEN if frozen is not None and frozen(p) else TRAIN,
+                        params)
+    return _clipped_accumulated_partitioned(train_config, trained, groups)

@@ -30,6 +30,8 @@ class TrainState:
       ema: an exponential moving average of ``params`` (``train.ema_decay`` > 0), the
         parameters every evaluation uses; None when off (and then absent from checkpoints,
         so runs without it keep their checkpoint layout).
+      momentum: MoCo pretraining's key (momentum) network parameters (``pretrain.py``);
+        None (absent from checkpoints) in every other run.
     """
 
     step: jax.Array
@@ -38,6 +40,7 @@ class TrainState:
     opt_state: Any
     rng: jax.Array
     ema: Any = None
+    momentum: Any = None
 
 
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:

@@ -1,0 +1,542 @@
+"""Self-supervised pretraining of the encoder with MoCo v3: ``her2jax --mode=pretrain``.
+
+The same engine as training (jit + shard_map over the ``data`` mesh, the input order a pure
+function of (seed, step), orbax checkpoints, SIGTERM / Ctrl-C saves, a NaN guard, several
+processes), with MoCo v3's step (Chen, Xie and He, 2021):
+
+1. two views of every volume, augmented on the device (:func:`two_views`: a 3D random resized
+   crop, flips, intensity scale and shift, Gaussian noise and blur, each drawn per example from
+   ``fold_in(fold_in(rng, step), example index)``, so any device count sees the same views);
+2. the momentum (key) network moves first, ``key <- m key + (1 - m) query`` with
+   ``m = 1 - 0.5 (1 + cos(pi t / T)) (1 - m0)`` (:func:`moco.momentum_at`), then embeds both
+   views; its outputs are gathered over the ``data`` axis (every device's keys);
+3. the query network's loss is MoCo v3's symmetric contrastive loss
+   ``ctr(q1, k2) + ctr(q2, k1)``, ``ctr(q, k) = CE(q k^T / T, positives) * 2T`` over the
+   L2-normalised outputs, where each query's positive is its own example's key among all
+   keys of the global batch (:func:`contrastive_loss`); the loss is the global mean, so its
+   gradient is the global one (shard_map's transpose sums it; no further averaging);
+4. AdamW on the query network; with ``pretrain.freeze_patch_embed`` (ViT) the patch
+   projection stays at its random initialisation (MoCo v3's stop-gradient on it).
+
+Every BatchNorm of the heads averages its statistics over the ``data`` axis (SyncBatchNorm).
+
+Data: every case of the training centres of any prepared dataset, labelled or not. The run's
+monitor: the contrastive loss per logged step, and every ``train.eval_every`` steps a kNN
+macro AUC (cosine, k = ``pretrain.knn_k``, temperature 0.07) of the query encoder's features
+of the dataset's labelled validation cases against its labelled training cases (skipped
+when the dataset holds fewer than two classes there).
+
+Output: ``WORKDIR/encoder/``, a directory ``--config.model.pretrained=`` accepts exactly like
+a ``her2jax-port`` output (``port.json`` + ``state/``): the query encoder of the last step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
+
+from her2jax import treepaths
+from her2jax.data import pipeline
+from her2jax.errors import Her2jaxError
+from her2jax.models import factory, moco, port
+from her2jax.train import checkpoint, checks, inference, optim
+from her2jax.train import state as state_lib
+from her2jax.train import step as step_lib
+from her2jax.train import workdir as workdir_lib
+from her2jax.train.state import TrainState
+
+AXIS = step_lib.AXIS
+ENCODER_DIR = "encoder"
+SOURCE = "her2jax-pretrain"
+KNN_TEMPERATURE = 0.07
+
+
+# ---------------------------------------------------------------- the views
+
+
+@dataclasses.dataclass(frozen=True)
+class Views:
+    """What :func:`two_views` draws (``pretrain`` settings)."""
+
+    crop_scale: tuple[float, float] = (0.3, 1.0)
+    crop_ratio: tuple[float, float] = (0.75, 1.333)
+    flips: bool = True
+    scale: float = 0.2
+    shift: float = 0.2
+    blur_sigma: tuple[float, float] = (0.1, 1.5)
+    blur_prob: float = 0.5
+    noise: float = 0.1
+    noise_prob: float = 0.5
+    mask_channels: tuple[int, ...] = ()
+
+    @classmethod
+    def from_config(cls, pretrain, channels=()) -> Views:
+        return cls(crop_scale=tuple(map(float, pretrain.crop_scale)),
+                   crop_ratio=tuple(map(float, pretrain.crop_ratio)),
+                   flips=bool(pretrain.flips), scale=float(pretrain.scale),
+                   shift=float(pretrain.shift),
+                   blur_sigma=tuple(map(float, pretrain.blur_sigma)),
+                   blur_prob=float(pretrain.blur_prob), noise=float(pretrain.noise),
+                   noise_prob=float(pretrain.noise_prob),
+                   mask_channels=tuple(i for i, c in enumerate(channels)
+                                       if str(c).strip().upper() == "MASK"))
+
+
+def _random_crop(x: jax.Array, key: jax.Array, views: Views) -> jax.Array:
+    """A box of ``crop_scale`` of the volume (per-axis aspect ratios in ``crop_ratio``) at a
+    random place, resampled trilinearly to the full grid ([D, H, W, C])."""
+    shape = jnp.asarray(x.shape[:3], jnp.float32)
+    k_scale, k_ratio, k_place = jax.random.split(key, 3)
+    scale = jax.random.uniform(k_scale, (), minval=views.crop_scale[0],
+                               maxval=views.crop_scale[1])
+    log_ratio = jax.random.uniform(k_ratio, (3,), minval=math.log(views.crop_ratio[0]),
+                                   maxval=math.log(views.crop_ratio[1]))
+    log_ratio = log_ratio - log_ratio.mean()          # the box keeps its volume
+    side = jnp.clip(scale ** (1 / 3) * jnp.exp(log_ratio), 0.0, 1.0)   # share of each axis
+    start = jax.random.uniform(k_place, (3,)) * (1.0 - side)
+    # Voxel centres of the output grid mapped into the box (align-corners-free sampling).
+    axes = [start[a] * shape[a] + (jnp.arange(x.shape[a]) + 0.5) * side[a] - 0.5
+            for a in range(3)]
+    grid = jnp.meshgrid(*axes, indexing="ij")
+
+    def channel(c):
+        return jax.scipy.ndimage.map_coordinates(c, grid, order=1, mode="nearest")
+
+    return jax.vmap(channel, in_axes=-1, out_axes=-1)(x)
+
+
+def _blur(x: jax.Array, sigma: jax.Array) -> jax.Array:
+    """Separable Gaussian blur (5 taps, edges repeated) of a [D, H, W, C] volume."""
+    taps = jnp.arange(-2, 3, dtype=jnp.float32)
+    w = jnp.exp(-0.5 * (taps / sigma) ** 2)
+    w = w / w.sum()
+    for axis in range(3):
+        pad = [(0, 0)] * 4
+        pad[axis] = (2, 2)
+        padded = jnp.pad(x, pad, mode="edge")
+        n = x.shape[axis]
+        x = sum(w[i] * lax.slice_in_dim(padded, i, i + n, axis=axis) for i in range(5))
+    return x
+
+
+def one_view(x: jax.Array, key: jax.Array, views: Views) -> jax.Array:
+    """One augmented view of one [D, H, W, C] volume."""
+    k_crop, k_flip, k_scale, k_shift, k_blur, k_noise = jax.random.split(key, 6)
+    x = _random_crop(x, k_crop, views)
+    if views.flips:
+        flips = jax.random.bernoulli(k_flip, 0.5, (3,))
+        for axis in range(3):
+            x = jnp.where(flips[axis], jnp.flip(x, axis), x)
+    moved = x
+    if views.scale:
+        x = x * (1 + jax.random.uniform(k_scale, (), minval=-views.scale, maxval=views.scale))
+    if views.shift:
+        x = x + jax.random.uniform(k_shift, (), minval=-views.shift, maxval=views.shift)
+    if views.blur_prob:
+        k_on, k_sigma = jax.random.split(k_blur)
+        sigma = jax.random.uniform(k_sigma, (), minval=views.blur_sigma[0],
+                                   maxval=views.blur_sigma[1])
+        x = jnp.where(jax.random.bernoulli(k_on, views.blur_prob), _blur(x, sigma), x)
+    if views.noise and views.noise_prob:
+        k_on, k_n = jax.random.split(k_noise)
+        x = x + jnp.where(jax.random.bernoulli(k_on, views.noise_prob), views.noise, 0.0) \
+            * jax.random.normal(k_n, x.shape)
+    if views.mask_channels:
+        is_mask = np.isin(np.arange(x.shape[-1]), views.mask_channels)
+        x = jnp.where(is_mask, moved, x)
+    return x
+
+
+def two_views(image: jax.Array, keys: jax.Array, views: Views) -> tuple[jax.Array, jax.Array]:
+    """([B, D, H, W, C], [B, D, H, W, C]): two independent views of every volume; example
+    b's draws come from ``keys[b]`` (streams 0 and 1)."""
+    image = image.astype(jnp.float32)
+    k1 = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)
+    k2 = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+    make = jax.vmap(lambda x, k: one_view(x, k, views))
+    return make(image, k1), make(image, k2)
+
+
+# ---------------------------------------------------------------- the loss
+
+
+def contrastive_loss(q: jax.Array, k_all: jax.Array, offset, temperature: float) -> jax.Array:
+    """MoCo v3's ``ctr`` summed over the local queries: ``sum_i CE(q_i . k / T, offset + i) *
+    2T`` with q and k L2-normalised.
+
+    Args:
+      q: [n, d] this device's queries.
+      k_all: [N, d] the keys of the whole global batch (gathered over devices, in device
+        order), so query i's positive is key ``offset + i``.
+      offset: this device's first example's position in the global batch.
+      temperature: T.
+    """
+    q = q / jnp.maximum(jnp.linalg.norm(q, axis=-1, keepdims=True), 1e-12)
+    k = k_all / jnp.maximum(jnp.linalg.norm(k_all, axis=-1, keepdims=True), 1e-12)
+    logits = (q @ k.T) / temperature
+    positives = offset + jnp.arange(q.shape[0])
+    log_p = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.sum(jnp.take_along_axis(log_p, positives[:, None], axis=-1)) * 2 * temperature
+
+
+# ---------------------------------------------------------------- networks, state, step
+
+
+def build_query(config, *, rngs: nnx.Rngs | None = None,
+                bn_axis_name: str | None = None) -> moco.Query:
+    """The query network: the encoder of ``config.model`` (loading ``model.pretrained`` as
+    training does), a projector and a predictor (``config.pretrain``)."""
+    model_config = config.model
+    if model_config.encoder not in ("vit3d", "resnet3d"):
+        raise Her2jaxError(f"pretraining needs an encoder (vit3d or resnet3d), got "
+                           f"{model_config.encoder!r}", key="model.encoder")
+    rngs = rngs or nnx.Rngs(model_config.seed)
+    classifier = factory.build_model(config, rngs=rngs, bn_axis_name=bn_axis_name)
+    encoder = classifier.encoder
+    p = config.pretrain
+    projector = moco.MLP(moco.projector_dims(model_config.encoder, encoder.features_dim,
+                                             p.mlp_dim, p.dim),
+                         rngs=rngs, bn_axis_name=bn_axis_name)
+    predictor = moco.MLP((p.dim, p.mlp_dim, p.dim), rngs=rngs, bn_axis_name=bn_axis_name)
+    query = moco.Query(encoder, projector, predictor)
+    return query
+
+
+def key_view(query: moco.Query) -> moco.Key:
+    """The key network's structure (the query's encoder and projector)."""
+    return moco.Key(query.encoder, query.projector)
+
+
+def _frozen(path: tuple) -> bool:
+    return len(path) > 1 and path[0] == "encoder" and path[1] == "patch_embed"
+
+
+def make_optimizer(config, params, *, total_steps: int) -> optax.GradientTransformation:
+    """AdamW (``train`` settings: lr with warmup + cosine, weight decay on kernels, clipping)
+    of the query network; with ``pretrain.freeze_patch_embed`` the ViT's patch projection
+    gets no update (and no decay)."""
+    return optim.make_plain_optimizer(
+        config.train, params, total_steps=total_steps,
+        frozen=_frozen if config.pretrain.freeze_patch_embed else None)
+
+
+def create_state(query: moco.Query, optimizer, seed: int) -> tuple[nnx.GraphDef, TrainState]:
+    """The initial state; ``momentum`` holds the key network's parameters (the query's
+    encoder and projector, copied)."""
+    graphdef, state = state_lib.create(query, optimizer, seed)
+    momentum = nnx.State({name: jax.tree.map(jnp.copy, state.params[name])
+                          for name in ("encoder", "projector")})
+    return graphdef, state.replace(momentum=momentum)
+
+
+def make_pretrain_step(graphdef: nnx.GraphDef, optimizer, mesh, *, views: Views,
+                       temperature: float, base_momentum: float, total_steps: int):
+    """``jit(shard_map(step))``: ``(state, batch) -> (state, metrics)``, state donated.
+
+    The batch: image [B, D, H, W, C] and index [B] (global example index), sharded over
+    ``data``; every row is a real example (training batches are full).
+    """
+
+    def per_device(state: TrainState, batch: dict):
+        keys = step_lib.example_keys(state.rng, state.step, batch["index"])
+        x1, x2 = two_views(batch["image"], keys, views)
+        n_local = x1.shape[0]
+        n_global = lax.psum(1, AXIS) * n_local
+        offset = lax.axis_index(AXIS) * n_local
+
+        # 1-2. The momentum network moves, then embeds both views (no gradient).
+        m = moco.momentum_at(state.step, total_steps, base_momentum)
+        momentum = moco.momentum_update(state.momentum, state.params, m)
+        key_net = nnx.merge(graphdef, nnx.State({**state.params, **momentum}), state.rest,
+                            copy=True)
+        key_net.train()
+        key_model = key_view(key_net)
+        k1 = lax.stop_gradient(lax.all_gather(key_model(x1), AXIS, tiled=True))
+        k2 = lax.stop_gradient(lax.all_gather(key_model(x2), AXIS, tiled=True))
+
+        # 3. The query network's global loss.
+        def global_loss(params):
+            model = nnx.merge(graphdef, params, state.rest, copy=True)
+            model.train()
+            q1, q2 = model(x1), model(x2)
+            local = (contrastive_loss(q1, k2, offset, temperature)
+                     + contrastive_loss(q2, k1, offset, temperature))
+            _, _, rest = nnx.split(model, nnx.Param, ...)
+            return lax.psum(local, AXIS) / n_global, rest
+
+        (loss, rest), grads = jax.value_and_grad(global_loss, has_aux=True)(state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "momentum": m, "grad_norm": optax.tree.norm(grads)}
+        return state.replace(step=state.step + 1, params=params, rest=rest,
+                             opt_state=opt_state, momentum=momentum), metrics
+
+    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS)),
+                            out_specs=(P(), P()), check_vma=True)
+    return jax.jit(sharded, donate_argnums=0)
+
+
+# ---------------------------------------------------------------- monitor and export
+
+
+def knn_probs(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray, *, k: int,
+              num_classes: int, temperature: float = KNN_TEMPERATURE) -> np.ndarray:
+    """[Q, K] class probabilities of a weighted kNN on cosine similarity (each of the k
+    nearest bank features votes for its label with weight exp(similarity / temperature))."""
+    def unit(x):
+        x = np.asarray(x, np.float64)
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+    similarity = unit(queries) @ unit(bank).T
+    k = min(int(k), similarity.shape[1])
+    nearest = np.argsort(-similarity, axis=1)[:, :k]
+    votes = np.exp(np.take_along_axis(similarity, nearest, axis=1) / temperature)
+    scores = np.zeros((len(queries), num_classes))
+    for c in range(num_classes):
+        scores[:, c] = np.sum(votes * (np.asarray(bank_labels)[nearest] == c), axis=1)
+    return scores / np.maximum(scores.sum(axis=1, keepdims=True), 1e-300)
+
+
+class _Monitor:
+    """The kNN macro AUC of the query encoder's features: the labelled validation cases
+    against the labelled training cases of the dataset (None when it cannot be measured)."""
+
+    def __init__(self, dataset: pipeline.Dataset, config, mesh, graphdef: nnx.GraphDef):
+        from her2jax.evaluate import metrics
+
+        self._metrics = metrics
+        self.dataset, self.mesh = dataset, mesh
+        self.k = int(config.pretrain.knn_k)
+        self.batch_size = inference.eval_batch_size(config)
+        splits = pipeline.select_splits(dataset, config.data)
+        self.bank, self.queries = splits["train"], splits["val"]
+        self.usable = (len(self.queries) > 0 and len(set(self.bank.labels.tolist())) >= 2
+                       and len(set(self.queries.labels.tolist())) >= 2)
+        if not self.usable:
+            logging.info("no kNN monitor: the dataset's training centres hold fewer than two "
+                         "labelled classes in train or val")
+
+        @jax.jit
+        def features(params, rest, image):
+            model = nnx.merge(graphdef, params, rest, copy=True)
+            model.eval()
+            f = model.features(image.astype(jnp.float32))
+            return jnp.zeros((f.shape[0], 1), jnp.float32), f
+
+        self._features = features
+
+    def __call__(self, state: TrainState) -> float | None:
+        if not self.usable:
+            return None
+
+        def fn(image):
+            p, f = self._features(state.params, state.rest, image)
+            return inference.gather(p), inference.gather(f)
+
+        bank = inference.predict_with(fn, self.dataset, self.bank, self.mesh, self.batch_size)[1]
+        queries = inference.predict_with(fn, self.dataset, self.queries, self.mesh,
+                                         self.batch_size)[1]
+        names = self.queries.class_names
+        probs = knn_probs(bank, self.bank.labels, queries, k=self.k, num_classes=len(names))
+        return self._metrics.summarize(self.queries.labels, probs, names,
+                                       n_boot=0)["macro_auc"]["value"]
+
+
+def architecture_of(config) -> dict:
+    """The encoder's constructor arguments, as ``port.json`` records them."""
+    m, recipe = config.model, config.data.recipe
+    if m.encoder == "vit3d":
+        from her2jax.models import vit3d
+
+        size = vit3d.VIT_SIZES[m.vit.size]
+        return dict(kind="vit3d", in_channels=len(recipe.channels),
+                    input_shape=[int(s) for s in recipe.shape], patch_size=int(m.vit.patch_size),
+                    embed_dim=size["embed_dim"], depth=size["depth"], mlp_ratio=4.0,
+                    num_heads=int(m.vit.get("num_heads", 0) or size["num_heads"]))
+    r = m.resnet
+    return dict(kind="resnet3d", depth=int(r.depth), in_channels=len(recipe.channels),
+                shortcut=r.shortcut, bias_downsample=bool(r.bias_downsample),
+                conv1_t_size=int(r.conv1_t_size), widen_factor=float(r.widen_factor),
+                conv1_t_stride=int(r.conv1_t_stride), dilated=bool(r.get("dilated", False)))
+
+
+def export_encoder(out: Path, config, graphdef: nnx.GraphDef, state: TrainState, *,
+                   origin: str) -> port.PortReport:
+    """Writes the query encoder of ``state`` as a port directory (``port.json`` + state)."""
+    model = nnx.merge(graphdef, state.params, state.rest, copy=True)
+    local = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if hasattr(
+        x, "addressable_data") else np.asarray(x), nnx.to_pure_dict(nnx.state(model.encoder)))
+    architecture = architecture_of(config)
+    names = sorted(treepaths.dotted(p) for p, _ in
+                   jax.tree_util.tree_flatten_with_path(local)[0])
+    report = port.PortReport(
+        SOURCE, origin, "", architecture,
+        {k: {"value": v, "from": "config (her2jax pretraining)"}
+         for k, v in architecture.items()},
+        names, ["projector", "predictor", "momentum network"], [], None)
+    if jax.process_index() == 0:
+        port.write_port(out, local, report)
+    return report
+
+
+# ---------------------------------------------------------------- the run
+
+
+def check_pretrain_config(config) -> None:
+    """The ``pretrain`` section's ranges, and the ``train`` settings pretraining cannot use."""
+    p = config.get("pretrain")
+    if p is None:
+        raise Her2jaxError("the config has no pretrain section (start from "
+                           "configs/pretrain_*.py)", key="pretrain")
+
+    def need(ok: bool, key: str, what: str, value) -> None:
+        if not ok:
+            raise Her2jaxError(f"must be {what}, got {value!r}", key=f"pretrain.{key}")
+
+    for key in ("dim", "mlp_dim", "knn_k"):
+        need(isinstance(p[key], int) and p[key] >= 1, key, "a positive integer", p[key])
+    need(p.temperature > 0, "temperature", "> 0", p.temperature)
+    need(0 <= p.momentum < 1, "momentum", "in [0, 1)", p.momentum)
+    lo, hi = p.crop_scale
+    need(0 < lo <= hi <= 1, "crop_scale", "(low, high) with 0 < low <= high <= 1", p.crop_scale)
+    lo, hi = p.crop_ratio
+    need(0 < lo <= hi, "crop_ratio", "(low, high) with 0 < low <= high", p.crop_ratio)
+    lo, hi = p.blur_sigma
+    need(0 < lo <= hi, "blur_sigma", "(low, high) voxels with 0 < low <= high", p.blur_sigma)
+    for key in ("blur_prob", "noise_prob"):
+        need(0 <= p[key] <= 1, key, "a probability in [0, 1]", p[key])
+    for key in ("scale", "shift", "noise"):
+        need(p[key] >= 0, key, ">= 0", p[key])
+    if config.train.grad_accum != 1:
+        raise Her2jaxError("pretraining moves the momentum network every batch; gradient "
+                           "accumulation is not supported (use a larger batch)",
+                           key="train.grad_accum")
+    if config.train.get("ema_decay", 0.0):
+        raise Her2jaxError("pretraining keeps its own average (the momentum network); "
+                           "ema_decay must be 0", key="train.ema_decay")
+
+
+def pretraining_split(dataset: pipeline.Dataset, data_config) -> pipeline.Split:
+    """Every case of the training centres, labelled or not (labels -1 where unknown)."""
+    test = tuple(data_config.test_centers)
+    centers = tuple(data_config.train_centers) or tuple(c for c in dataset.centers
+                                                        if c not in test)
+    if not centers:
+        raise Her2jaxError("no centre left to pretrain on", key="data.train_centers")
+    return pipeline.centre_split(dataset, centers, data_config.scheme, name="pretrain",
+                                 labelled_only=False)
+
+
+def run(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
+        progress: bool = True) -> dict:
+    """Pretrains (or resumes) in ``workdir``; at the end writes ``workdir/encoder/``.
+
+    Returns:
+      ``{"steps", "stopped": 'done' | 'preempted' | 'interrupted', "encoder": path or None,
+      "loss": the last logged loss, "knn_macro_auc": the last monitor value}``.
+    """
+    from her2jax.train import loop
+
+    workdir = Path(workdir)
+    tc = config.train
+    checks.check_run_config(config)
+    check_pretrain_config(config)
+    loop._check_batch(tc.batch_size, "train.batch_size")
+    loop._check_batch(tc.eval_batch_size, "train.eval_batch_size")
+    mesh = step_lib.make_mesh()
+    dataset = pipeline.open_dataset(config.data.data_dir, config.data)
+    split = pretraining_split(dataset, config.data)
+    logging.info("pretraining on %d cases (%d labelled) of %s", len(split),
+                 int((split.labels >= 0).sum()), ", ".join(sorted(set(split.centers))))
+    total = tc.steps
+
+    query = build_query(config, bn_axis_name=AXIS)
+    optimizer = make_optimizer(config, nnx.state(query, nnx.Param), total_steps=total)
+    graphdef, state = create_state(query, optimizer, tc.seed)
+    del query
+    state = jax.device_put(state, NamedSharding(mesh, P()))
+    p = config.pretrain
+    step_fn = make_pretrain_step(
+        graphdef, optimizer, mesh, views=Views.from_config(p, config.data.recipe.channels),
+        temperature=float(p.temperature), base_momentum=float(p.momentum), total_steps=total)
+    monitor = _Monitor(dataset, config, mesh, graphdef)
+
+    result = {"steps": 0, "stopped": "done", "encoder": None, "loss": None,
+              "knn_macro_auc": None}
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(workdir_lib.locked(workdir))
+        except OSError as e:
+            raise loop._cannot_write(workdir, f"its lock {workdir_lib.LOCK_FILE}", e) from e
+        try:
+            run_config = workdir_lib.claim(workdir, config, dataset.meta, force=force)["config"]
+        except OSError as e:
+            raise loop._cannot_write(workdir, workdir_lib.CONFIG_FILE, e) from e
+        checkpoints = stack.enter_context(checkpoint.Checkpoints(
+            workdir, save_every=tc.save_every, keep_latest=tc.keep_latest))
+        restored = checkpoints.restore_latest(checkpoint.abstract_like(state))
+        if restored is not None:
+            state = restored
+        start = int(jax.device_get(state.step))
+        if start:
+            logging.info("resuming at step %d", start)
+        log = stack.enter_context(loop._RunLog(workdir, resume_step=start))
+        batches = pipeline.device_batches(pipeline.train_batches(
+            dataset, split, global_batch_size=tc.batch_size, seed=tc.seed, start_step=start,
+            stop_step=total, process_index=jax.process_index(),
+            process_count=jax.process_count(), worker_count=config.data.worker_count,
+            prefetch=config.data.prefetch), mesh, ahead=config.data.get("device_prefetch", 2))
+        bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
+                   disable=not progress or jax.process_index() != 0)
+        stack.callback(bar.close)
+        preemption = stack.enter_context(loop._Preemption())
+        window = (time.perf_counter(), start)
+        for step in range(start, total):
+            state, step_metrics = step_fn(state, next(batches))
+            done = step + 1
+            if done % tc.log_every == 0 or done == total:
+                values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                if not np.isfinite(values["loss"]):
+                    raise Her2jaxError(f"pretraining diverged: loss is {values['loss']} at step "
+                                       f"{done}; the last good checkpoint is intact",
+                                       key="train")
+                now = time.perf_counter()
+                values["volumes_per_s"] = ((done - window[1]) * tc.batch_size
+                                           / max(now - window[0], 1e-9))
+                window = (now, done)
+                log.write(done, "train", values)
+                result["loss"] = values["loss"]
+                bar.set_postfix(loss=f"{values['loss']:.3f}")
+            bar.update()
+            if done % tc.eval_every == 0 or done == total:
+                knn = monitor(state)
+                if knn is not None:
+                    log.write(done, "val", {"knn_macro_auc": knn})
+                    result["knn_macro_auc"] = knn
+            checkpoints.save_latest(done, state, config=run_config,
+                                    force=done == total or preemption.requested)
+            if preemption.requested or checkpoints.preempted:
+                result["stopped"] = "interrupted" if preemption.interrupted else "preempted"
+                break
+        checkpoints.wait_until_finished()
+        result["steps"] = int(jax.device_get(state.step))
+    if result["stopped"] == "done":
+        export_encoder(workdir / ENCODER_DIR, config, graphdef, state,
+                       origin=str(workdir / "checkpoints" / "latest" / str(result["steps"])))
+        result["encoder"] = str(workdir / ENCODER_DIR)
+    return result
