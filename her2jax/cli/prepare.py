@@ -31,6 +31,9 @@ _OVERWRITE = flags.DEFINE_bool(
 _WORKERS = flags.DEFINE_integer("workers", 0, "Preprocessing processes (0: one per core).",
                                 lower_bound=0)
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
+_REQUIRE_LABELS = flags.DEFINE_bool(
+    "require_labels", True, "Refuse a table without a label column (--norequire_labels "
+    "prepares an unlabelled cohort, e.g. for --mode=pretrain).")
 
 
 def _main(argv: list[str]) -> None:
@@ -42,7 +45,8 @@ def _main(argv: list[str]) -> None:
     result = prepare.prepare(_COHORT.value, _DATA_DIR.value, data_config,
                              skip_invalid=_SKIP_INVALID.value,
                              validate_only=_VALIDATE_ONLY.value, overwrite=_OVERWRITE.value,
-                             workers=_WORKERS.value, progress=_PROGRESS.value)
+                             workers=_WORKERS.value, progress=_PROGRESS.value,
+                             require_labels=_REQUIRE_LABELS.value)
     print(result.summary(), flush=True)
 
 

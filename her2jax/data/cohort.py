@@ -306,7 +306,8 @@ def _resolve_columns(table: _Table, columns, require_labels: bool = True) -> _Co
     if ihc is None and her2 is None and require_labels:
         wanted = [f"'{_setting(columns, k)}'" for k in ("ihc", "her2") if _setting(columns, k)]
         missing.append("a label column: " + (" or ".join(wanted) if wanted else
-                                             "none configured (columns.ihc / columns.her2)"))
+                                             "none configured (columns.ihc / columns.her2)")
+                       + "; her2jax-prepare --norequire_labels prepares an unlabelled cohort")
     if missing:
         raise Her2jaxError(f"missing required column(s): {'; '.join(missing)} "
                            f"(columns found: {', '.join(table.header)})", file=str(table.path))

@@ -101,7 +101,7 @@ def dataset_hash(listing_hash: str, recipe) -> str:
 
 def prepare(cohort_path, data_dir, data_config, *, skip_invalid: bool = False,
             validate_only: bool = False, overwrite: bool = False, workers: int = 0,
-            progress: bool = True) -> Prepared:
+            progress: bool = True, require_labels: bool = True) -> Prepared:
     """Validates and preprocesses a cohort and writes the ``her2_dce_mri`` dataset.
 
     Args:
@@ -115,6 +115,8 @@ def prepare(cohort_path, data_dir, data_config, *, skip_invalid: bool = False,
       overwrite: replace an existing dataset made from another cohort listing or recipe.
       workers: processes for preprocessing (0: one per core).
       progress: show a progress bar.
+      require_labels: refuse a table without a label column (False: every case of such a
+        table is unlabelled, for self-supervised pretraining and prediction).
 
     Returns:
       What was done; see :class:`Prepared`.
@@ -123,7 +125,8 @@ def prepare(cohort_path, data_dir, data_config, *, skip_invalid: bool = False,
     preprocess.check_recipe(recipe)
     cohort = cohort_lib.read_cohort(cohort_path, data_config.columns,
                                     clinical_sheet=data_config.clinical_sheet,
-                                    allow_outside_root=data_config.allow_outside_root)
+                                    allow_outside_root=data_config.allow_outside_root,
+                                    require_labels=require_labels)
     splits_of = {c.center: tfds_builder.split_name(c.center) for c in cohort.cases}
     _check_split_names(splits_of)
 

@@ -1,0 +1,328 @@
+"""MoCo v3 pretraining (``--mode=pretrain``): the loss against a NumPy reference, the gathered
+keys on 1 and 8 devices, the momentum update, the views, exact resume after SIGKILL, the
+encoder exported as a port, unlabelled cohorts."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from her2jax.data import pipeline
+from her2jax.errors import Her2jaxError
+from her2jax.models import moco
+from her2jax.train import checkpoint, defaults, pretrain
+from her2jax.train import step as step_lib
+
+from .test_factory import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+PRETRAIN_ARGS = ("--config=configs/pretrain_tiny.py", "--config.train.steps=30",
+                 "--config.train.warmup_steps=3", "--config.train.save_every=10",
+                 "--config.train.eval_every=15", "--config.train.log_every=5",
+                 "--config.data.test_centers=('CENTER_C',)", "--noprogress")
+
+
+def _config(shape=(16, 16, 16)):
+    config = load_config("pretrain_tiny")
+    config.data.recipe.shape = shape
+    config.pretrain.update(dim=16, mlp_dim=32)
+    config.train.update(steps=10, warmup_steps=2)
+    return config
+
+
+def _mesh(n: int) -> Mesh:
+    return Mesh(np.array(jax.devices()[:n]), (step_lib.AXIS,),
+                axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def _setup(config, mesh):
+    query = pretrain.build_query(config, bn_axis_name=step_lib.AXIS)
+    optimizer = pretrain.make_optimizer(config, nnx.state(query, nnx.Param),
+                                        total_steps=config.train.steps)
+    graphdef, state = pretrain.create_state(query, optimizer, 0)
+    step = pretrain.make_pretrain_step(
+        graphdef, optimizer, mesh, views=pretrain.Views(), temperature=0.2,
+        base_momentum=0.99, total_steps=config.train.steps)
+    return graphdef, state, step
+
+
+def _batch(mesh, n=16, shape=(16, 16, 16)):
+    image = np.random.default_rng(0).normal(size=(n, *shape, 1)).astype(np.float32)
+    sharding = NamedSharding(mesh, P(step_lib.AXIS))
+    return {"image": jax.device_put(image, sharding),
+            "index": jax.device_put(np.arange(n, dtype=np.int32), sharding)}
+
+
+# ---------------------------------------------------------------- the loss
+
+
+def _numpy_ctr(q: np.ndarray, k: np.ndarray, temperature: float) -> float:
+    """MoCo v3's ``contrastive_loss`` (moco/builder.py) in NumPy on the whole batch:
+    normalise, logits q k^T / T, cross-entropy against the diagonal (mean), times 2T."""
+    q = q / np.linalg.norm(q, axis=1, keepdims=True)
+    k = k / np.linalg.norm(k, axis=1, keepdims=True)
+    logits = q @ k.T / temperature
+    log_p = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)) \
+        - logits.max(1, keepdims=True)
+    return float(-np.mean(np.diag(log_p)) * 2 * temperature)
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+def test_the_loss_is_moco_v3s_with_keys_gathered_over_the_devices(devices):
+    rng = np.random.default_rng(1)
+    q1, q2, k1, k2 = (rng.normal(size=(16, 8)).astype(np.float32) for _ in range(4))
+    mesh = _mesh(devices)
+
+    def per_device(q1, q2, k1, k2):
+        n = q1.shape[0]
+        offset = jax.lax.axis_index(step_lib.AXIS) * n
+        k1_all = jax.lax.all_gather(k1, step_lib.AXIS, tiled=True)
+        k2_all = jax.lax.all_gather(k2, step_lib.AXIS, tiled=True)
+        local = (pretrain.contrastive_loss(q1, k2_all, offset, 0.2)
+                 + pretrain.contrastive_loss(q2, k1_all, offset, 0.2))
+        return jax.lax.psum(local, step_lib.AXIS) / (jax.lax.psum(1, step_lib.AXIS) * n)
+
+    loss = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(step_lib.AXIS),) * 4,
+                                 out_specs=P()))(q1, q2, k1, k2)
+    expected = _numpy_ctr(q1, k2, 0.2) + _numpy_ctr(q2, k1, 0.2)
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+
+
+def test_one_step_is_the_same_on_1_and_8_devices():
+    config = _config()
+    results = []
+    for n in (1, 8):
+        mesh = _mesh(n)
+        _, state, step = _setup(config, mesh)
+        state = jax.device_put(state, NamedSharding(mesh, P()))
+        state, metrics = step(state, _batch(mesh))
+        results.append((jax.device_get(metrics), jax.device_get(state)))
+    (m1, s1), (m8, s8) = results
+    np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
+    np.testing.assert_allclose(m1["grad_norm"], m8["grad_norm"], rtol=1e-4)
+    # The momentum network moved with the parameters before the step: identical.
+    for a, b in zip(jax.tree.leaves(s1.momentum), jax.tree.leaves(s8.momentum), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # BatchNorm statistics of the heads: synchronised over the 8 devices = the global batch's.
+    for a, b in zip(jax.tree.leaves(s1.rest["projector"]), jax.tree.leaves(s8.rest["projector"]),
+                    strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_the_momentum_update_and_its_schedule():
+    assert float(moco.momentum_at(0, 100, 0.99)) == pytest.approx(0.99)
+    assert float(moco.momentum_at(50, 100, 0.99)) == pytest.approx(0.995)
+    assert float(moco.momentum_at(100, 100, 0.99)) == pytest.approx(1.0)
+    config = _config()
+    mesh = _mesh(8)
+    _, state, step = _setup(config, mesh)
+    noise = jax.tree.map(lambda x: 0.01 * np.ones_like(x), state.momentum)
+    state = state.replace(momentum=jax.tree.map(lambda m, e: m + e, state.momentum, noise))
+    state = jax.device_put(state, NamedSharding(mesh, P()))
+    before = jax.device_get(state)
+    after, metrics = step(state, _batch(mesh))
+    m = np.float32(metrics["momentum"])
+    assert m == np.float32(0.99)
+    after = jax.device_get(after)
+    for name in ("encoder", "projector"):
+        for k0, q0, k1 in zip(jax.tree.leaves(before.momentum[name]),
+                              jax.tree.leaves(before.params[name]),
+                              jax.tree.leaves(after.momentum[name]), strict=True):
+            np.testing.assert_allclose(k1, m * k0 + (np.float32(1) - m) * q0, rtol=1e-6,
+                                       atol=1e-7)
+    assert set(after.momentum) == {"encoder", "projector"}    # no predictor in the key net
+    # The ViT's patch projection is frozen (MoCo v3); the rest of the query moves (from the
+    # second step: the warmup's learning rate is 0 at the first).
+    later, _ = step(jax.device_put(after, NamedSharding(mesh, P())), _batch(mesh))
+    later = jax.device_get(later)
+    np.testing.assert_array_equal(later.params["encoder"]["patch_embed"]["proj"]["kernel"],
+                                  before.params["encoder"]["patch_embed"]["proj"]["kernel"])
+    for name in ("predictor", "projector"):
+        assert not np.array_equal(later.params[name]["linears"][0]["kernel"],
+                                  before.params[name]["linears"][0]["kernel"])
+    assert not np.array_equal(later.params["encoder"]["blocks"][0]["attn"]["qkv"]["kernel"],
+                              before.params["encoder"]["blocks"][0]["attn"]["qkv"]["kernel"])
+
+
+# ---------------------------------------------------------------- the views
+
+
+def test_views_are_seeded_and_a_full_crop_without_changes_is_the_identity():
+    image = jax.random.normal(jax.random.key(0), (2, 12, 12, 12, 2))
+    keys = jax.random.split(jax.random.key(3), 2)
+    plain = pretrain.Views(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flips=False, scale=0,
+                           shift=0, blur_prob=0, noise=0)
+    a, b = pretrain.two_views(image, keys, plain)
+    np.testing.assert_allclose(a, image, atol=1e-5)
+    np.testing.assert_allclose(b, image, atol=1e-5)
+    views = pretrain.Views(mask_channels=(1,))
+    a, b = pretrain.two_views(image, keys, views)
+    again = pretrain.two_views(image, keys, views)
+    np.testing.assert_array_equal(a, again[0])
+    assert a.shape == image.shape and np.isfinite(np.asarray(a)).all()
+    assert not np.allclose(a, b)                       # two different views
+    # The mask channel is moved (cropped, flipped) but never rescaled, shifted or noised.
+    mask = (jax.random.uniform(jax.random.key(5), (2, 12, 12, 12)) > 0.5).astype(jnp.float32)
+    image = image.at[..., 1].set(mask)
+    a, _ = pretrain.two_views(image, keys, views)
+    assert float(a[..., 1].min()) >= 0 and float(a[..., 1].max()) <= 1
+
+
+# ---------------------------------------------------------------- the run
+
+
+def _her2jax(workdir: Path, data_dir: Path, *extra: str, wait: bool = True):
+    command = [sys.executable, "-m", "her2jax.main", "--mode=pretrain", f"--workdir={workdir}",
+               *PRETRAIN_ARGS, f"--config.data.data_dir={data_dir}", *extra]
+    if not wait:
+        return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def pretrained(data_dir, tmp_path_factory):
+    """A 30-step tiny pretraining through the CLI, uninterrupted (read-only for tests)."""
+    workdir = tmp_path_factory.mktemp("pretrain") / "run"
+    result = _her2jax(workdir, data_dir)
+    return workdir, result.stdout
+
+
+def _latest_state(workdir: Path, config):
+    query = pretrain.build_query(config, bn_axis_name=step_lib.AXIS)
+    optimizer = pretrain.make_optimizer(config, nnx.state(query, nnx.Param),
+                                        total_steps=config.train.steps)
+    graphdef, state = pretrain.create_state(query, optimizer, 0)
+    with checkpoint.Checkpoints(workdir, save_every=1) as checkpoints:
+        return graphdef, checkpoints.restore_latest(checkpoint.abstract_like(state))
+
+
+def _run_config(workdir: Path):
+    import ml_collections
+
+    return ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text())["config"])
+
+
+def test_pretraining_logs_its_loss_and_monitor_and_exports_a_port(pretrained, data_dir):
+    workdir, stdout = pretrained
+    assert "pretrained 30 steps; contrastive loss" in stdout and "kNN macro AUC" in stdout
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "train"] == [5, 10, 15, 20, 25, 30]
+    assert [r["step"] for r in records if r["split"] == "val"] == [15, 30]
+    assert all(0 <= r["knn_macro_auc"] <= 1 for r in records if r["split"] == "val")
+    meta = json.loads((workdir / "encoder" / "port.json").read_text())
+    assert meta["source"] == pretrain.SOURCE and meta["architecture"]["kind"] == "vit3d"
+    # A classifier built with model.pretrained=<the export> has the pretrained query encoder:
+    # its features are those of the last checkpoint's encoder.
+    from her2jax.models import factory
+
+    config = _run_config(workdir)
+    graphdef, state = _latest_state(workdir, config)
+    query = nnx.merge(graphdef, state.params, state.rest)
+    query.eval()
+    classifier_config = load_config("tiny_cpu")
+    classifier_config.data.recipe.shape = (24, 24, 24)
+    classifier_config.model.pretrained = str(workdir / "encoder")
+    classifier = factory.build_model(classifier_config)
+    classifier.eval()
+    x = jax.random.normal(jax.random.key(2), (2, 24, 24, 24, 1))
+    np.testing.assert_allclose(classifier.features(x), query.features(x), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_pretraining_resumes_bitwise_after_sigkill(pretrained, data_dir, tmp_path):
+    reference, _ = pretrained
+    workdir = tmp_path / "run"
+    process = _her2jax(workdir, data_dir, wait=False)
+    latest = workdir / "checkpoints" / "latest"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if latest.exists() and any(p.name.isdigit() for p in latest.iterdir()):
+            break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL, "the run ended before it was killed"
+    assert max(int(p.name) for p in latest.iterdir() if p.name.isdigit()) < 30
+    _her2jax(workdir, data_dir)
+    config = _run_config(reference)
+    _, a = _latest_state(reference, config)
+    _, b = _latest_state(workdir, config)
+    assert int(a.step) == int(b.step) == 30
+    for x, y in zip(jax.tree.leaves((a.params, a.momentum, a.rest, a.opt_state)),
+                    jax.tree.leaves((b.params, b.momentum, b.rest, b.opt_state)), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_an_unlabelled_cohort_prepares_and_pretrains(phantom_cohort, tmp_path):
+    from her2jax.data import prepare
+
+    cohort = tmp_path / "cohort"
+    shutil.copytree(phantom_cohort, cohort)
+    rows = list(csv.DictReader(open(cohort / "clinical.csv")))
+    keep = ["patient_id", "center", "manufacturer", "field_strength", "acquisition_times"]
+    with open(cohort / "clinical.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keep)
+        writer.writeheader()
+        writer.writerows({k: r[k] for k in keep} for r in rows)
+    config = load_config("pretrain_tiny")
+    result = subprocess.run([sys.executable, "-m", "her2jax.cli.prepare", f"--cohort={cohort}",
+                             f"--data_dir={tmp_path / 'refused'}", "--noprogress"], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "--norequire_labels" in result.stderr
+    prepared = prepare.prepare(cohort, tmp_path / "data", config.data, workers=1,
+                               progress=False, require_labels=False)
+    dataset = pipeline.open_dataset(prepared.dataset_dir.parents[2], config.data)
+    split = pretrain.pretraining_split(dataset, config.data)
+    assert len(split) == len(rows) and (split.labels == -1).all()
+    config.data.data_dir = str(prepared.dataset_dir.parents[2])
+    config.train.update(steps=4, warmup_steps=1, eval_every=4, save_every=4, log_every=2)
+    result = pretrain.run(config, tmp_path / "run", progress=False)
+    assert result["stopped"] == "done" and result["knn_macro_auc"] is None   # nothing labelled
+    assert (tmp_path / "run" / "encoder" / "port.json").exists()
+
+
+@pytest.mark.parametrize(("key", "value", "named"), [
+    ("pretrain.temperature", 0.0, "pretrain.temperature"),
+    ("pretrain.momentum", 1.0, "pretrain.momentum"),
+    ("pretrain.crop_scale", (0.5, 1.5), "pretrain.crop_scale"),
+    ("pretrain.blur_prob", 2.0, "pretrain.blur_prob"),
+    ("pretrain.dim", 0, "pretrain.dim"),
+    ("train.grad_accum", 2, "train.grad_accum"),
+])
+def test_bad_pretraining_settings_are_one_line_errors(key, value, named):
+    config = load_config("pretrain_tiny")
+    section, name = key.split(".")
+    config[section][name] = value
+    with pytest.raises(Her2jaxError, match=named.replace(".", r"\.")) as error:
+        pretrain.check_pretrain_config(config)
+    assert "\n" not in str(error.value)
+    del config.pretrain
+    with pytest.raises(Her2jaxError, match="no pretrain section"):
+        pretrain.check_pretrain_config(config)
+
+
+def test_the_default_section_is_moco_v3s_recipe():
+    p = defaults.pretrain_config()
+    assert (p.dim, p.mlp_dim, p.temperature, p.momentum) == (256, 4096, 0.2, 0.99)
+    vit = load_config("pretrain_vit")
+    assert vit.train.weight_decay == 0.1 and vit.train.learning_rate == pytest.approx(
+        1.5e-4 * vit.train.batch_size / 256)
+    assert moco.projector_dims("vit3d", 768, 4096, 256) == (768, 4096, 4096, 256)
+    assert moco.projector_dims("resnet3d", 512, 4096, 256) == (512, 4096, 256)
