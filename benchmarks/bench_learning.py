@@ -120,13 +120,15 @@ CANDIDATES = {
 }
 
 
-def prepared_dir(cohort: Path, config, root: Path) -> str:
-    """A dataset of ``config``'s recipe (prepared once per recipe fingerprint)."""
+def prepared_dir(cohort: Path, config, root: Path, *, require_labels: bool = True) -> str:
+    """A dataset of ``config``'s recipe (prepared once per recipe fingerprint; a cohort
+    without label columns needs ``require_labels=False``)."""
     from her2jax.data import prepare, preprocess
 
     data_dir = root / f"data_{preprocess.recipe_fingerprint(config.data.recipe)}"
     if not data_dir.is_dir():
-        prepare.prepare(cohort, data_dir, config.data, workers=0, progress=False)
+        prepare.prepare(cohort, data_dir, config.data, workers=0, progress=False,
+                        require_labels=require_labels)
     return str(data_dir)
 
 
@@ -208,7 +210,7 @@ def run_one(name: str, cohort: Path, root: Path, center: str, *, permute: bool,
         val_macro_auc=round(summaries["val"]["macro_auc"]["value"], 4),
         best_step=result.best_step, select_by=result.select_by, steps=result.steps,
         final_train_loss=round(final_loss, 4), train_s=round(train_s, 1),
-        total_s=round(time.perf_counter() - t0, 1))
+        total_s=round(time.perf_counter() - t0, 1), workdir=str(workdir))
 
 
 def _mean(values) -> float:
