@@ -157,13 +157,13 @@ def open_run(config) -> Run:
     return Run(mesh, dataset, splits)
 
 
-def _check_batch(batch_size: int, key: str) -> None:
+def check_batch(batch_size: int, key: str) -> None:
     if batch_size % jax.device_count():
         raise Her2jaxError(f"{batch_size} is not divisible by the {jax.device_count()} devices",
                            key=key)
 
 
-class _Preemption:
+class Preemption:
     """SIGTERM (preemption) or a first Ctrl-C (SIGINT) sets a flag; the loop saves at the next
     step and stops, so either can be resumed exactly. A second Ctrl-C interrupts at once
     (KeyboardInterrupt: the checkpoint in progress is finished on the way out).
@@ -217,8 +217,8 @@ def train(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
     tc = config.train
     # 1-2. Every setting's range, the mesh, the data: the split is chosen now, from the
     # config (before anything is built or written).
-    _check_batch(tc.batch_size, "train.batch_size")
-    _check_batch(tc.eval_batch_size, "train.eval_batch_size")
+    check_batch(tc.batch_size, "train.batch_size")
+    check_batch(tc.eval_batch_size, "train.eval_batch_size")
     run = open_run(config)
     mesh, dataset = run.mesh, run.dataset
     train_split, val_split = run.splits["train"], run.splits["val"]
@@ -236,30 +236,18 @@ def train(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
     with contextlib.ExitStack() as stack:
         # 4. The workdir belongs to this run (no second training into it) and to this config
         # and dataset.
+        run_config = hold_workdir(stack, workdir, config, dataset.meta, force=force)
         try:
-            stack.enter_context(workdir_lib.locked(workdir))
-        except OSError as e:
-            raise _cannot_write(workdir, f"its lock {workdir_lib.LOCK_FILE}", e) from e
-        try:
-            run_config = workdir_lib.claim(workdir, config, dataset.meta,
-                                           force=force)["config"]
             workdir_lib.record_trained_on(workdir, train_split.patient_ids,
                                           val_split.patient_ids)
         except OSError as e:
-            raise _cannot_write(workdir, workdir_lib.CONFIG_FILE, e) from e
+            raise cannot_write(workdir, workdir_lib.TRAINED_ON_FILE, e) from e
 
         # 5. Restore the latest checkpoint; its step is the data position.
-        checkpoints = stack.enter_context(checkpoint.Checkpoints(
-            workdir, save_every=tc.save_every, keep_latest=tc.keep_latest))
-        restored = checkpoints.restore_latest(checkpoint.abstract_like(state))
-        if restored is not None:
-            state = restored
-        start = int(jax.device_get(state.step))
-        if start:
-            logging.info("resuming at step %d", start)
+        checkpoints, state, start = open_checkpoints(stack, workdir, tc, state)
 
         # 6. The loop.
-        log = stack.enter_context(_RunLog(workdir, resume_step=start))
+        log = stack.enter_context(RunLog(workdir, resume_step=start))
         batches = pipeline.device_batches(pipeline.train_batches(
             dataset, train_split, global_batch_size=tc.batch_size, seed=tc.seed,
             start_step=start, stop_step=total, process_index=jax.process_index(),
@@ -270,7 +258,7 @@ def train(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
         stack.callback(bar.close)
         stopped, since_best, window = "done", 0, (time.perf_counter(), start)
         profile = tuple(tc.profile_steps)
-        preemption = stack.enter_context(_Preemption())
+        preemption = stack.enter_context(Preemption())
         for step in range(start, total):
             if profile and step == profile[0] and jax.process_index() == 0:
                 jax.profiler.start_trace(str(workdir / "profile"))
@@ -327,13 +315,42 @@ def train(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
                            checkpoints.best_step(), stopped, select_by)
 
 
-def _cannot_write(workdir: Path, what: str, error: OSError) -> Her2jaxError:
+def hold_workdir(stack: contextlib.ExitStack, workdir: Path, config, dataset_meta: dict, *,
+                 force: bool) -> dict:
+    """Locks ``workdir`` for this run until ``stack`` closes (no second run into it) and
+    claims it for ``config`` and the dataset (``workdir.claim``). Returns the config.json
+    config in force."""
+    try:
+        stack.enter_context(workdir_lib.locked(workdir))
+    except OSError as e:
+        raise cannot_write(workdir, f"its lock {workdir_lib.LOCK_FILE}", e) from e
+    try:
+        return workdir_lib.claim(workdir, config, dataset_meta, force=force)["config"]
+    except OSError as e:
+        raise cannot_write(workdir, workdir_lib.CONFIG_FILE, e) from e
+
+
+def open_checkpoints(stack: contextlib.ExitStack, workdir: Path, train_config, state):
+    """(the run's ``Checkpoints``, closed with ``stack``; the state restored from
+    ``checkpoints/latest``, or ``state`` itself on a fresh run; its step)."""
+    checkpoints = stack.enter_context(checkpoint.Checkpoints(
+        workdir, save_every=train_config.save_every, keep_latest=train_config.keep_latest))
+    restored = checkpoints.restore_latest(checkpoint.abstract_like(state))
+    if restored is not None:
+        state = restored
+    start = int(jax.device_get(state.step))
+    if start:
+        logging.info("resuming at step %d", start)
+    return checkpoints, state, start
+
+
+def cannot_write(workdir: Path, what: str, error: OSError) -> Her2jaxError:
     """A full disk or read-only workdir as a one-line error naming the folder and reason."""
     reason = orbax_quirks.os_reason(error) or str(error)
     return Her2jaxError(f"cannot write {what}: {reason}", file=str(workdir))
 
 
-class _RunLog:
+class RunLog:
     """The run's ``MetricsLogger`` (metrics.jsonl, tensorboard/) as a context manager, with a
     full disk or read-only workdir raised as ``Her2jaxError`` instead of an ``OSError``."""
 
@@ -344,15 +361,15 @@ class _RunLog:
         try:
             self._log = logger_lib.MetricsLogger(workdir, resume_step=resume_step)
         except OSError as e:
-            raise _cannot_write(workdir, self._WHAT, e) from e
+            raise cannot_write(workdir, self._WHAT, e) from e
 
     def write(self, step: int, split: str, values: dict) -> None:
         try:
             self._log.write(step, split, values)
         except OSError as e:
-            raise _cannot_write(self._workdir, self._WHAT, e) from e
+            raise cannot_write(self._workdir, self._WHAT, e) from e
 
-    def __enter__(self) -> _RunLog:
+    def __enter__(self) -> RunLog:
         return self
 
     def __exit__(self, kind, error, traceback) -> None:
@@ -360,6 +377,6 @@ class _RunLog:
             self._log.close()
         except OSError as e:
             if error is None:
-                raise _cannot_write(self._workdir, self._WHAT, e) from e
+                raise cannot_write(self._workdir, self._WHAT, e) from e
             # Most likely the first error's cause again (a full disk): not worth a second line.
             logging.info("while stopping after an error, closing the logs: %s", e)

@@ -54,10 +54,9 @@ from her2jax import treepaths
 from her2jax.data import pipeline
 from her2jax.errors import Her2jaxError
 from her2jax.models import factory, moco, port
-from her2jax.train import checkpoint, checks, inference, optim
+from her2jax.train import checks, inference, optim
 from her2jax.train import state as state_lib
 from her2jax.train import step as step_lib
-from her2jax.train import workdir as workdir_lib
 from her2jax.train.state import TrainState
 
 AXIS = step_lib.AXIS
@@ -456,8 +455,8 @@ def run(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
     tc = config.train
     checks.check_run_config(config)
     check_pretrain_config(config)
-    loop._check_batch(tc.batch_size, "train.batch_size")
-    loop._check_batch(tc.eval_batch_size, "train.eval_batch_size")
+    loop.check_batch(tc.batch_size, "train.batch_size")
+    loop.check_batch(tc.eval_batch_size, "train.eval_batch_size")
     mesh = step_lib.make_mesh()
     dataset = pipeline.open_dataset(config.data.data_dir, config.data)
     split = pretraining_split(dataset, config.data)
@@ -479,23 +478,9 @@ def run(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
     result = {"steps": 0, "stopped": "done", "encoder": None, "loss": None,
               "knn_macro_auc": None}
     with contextlib.ExitStack() as stack:
-        try:
-            stack.enter_context(workdir_lib.locked(workdir))
-        except OSError as e:
-            raise loop._cannot_write(workdir, f"its lock {workdir_lib.LOCK_FILE}", e) from e
-        try:
-            run_config = workdir_lib.claim(workdir, config, dataset.meta, force=force)["config"]
-        except OSError as e:
-            raise loop._cannot_write(workdir, workdir_lib.CONFIG_FILE, e) from e
-        checkpoints = stack.enter_context(checkpoint.Checkpoints(
-            workdir, save_every=tc.save_every, keep_latest=tc.keep_latest))
-        restored = checkpoints.restore_latest(checkpoint.abstract_like(state))
-        if restored is not None:
-            state = restored
-        start = int(jax.device_get(state.step))
-        if start:
-            logging.info("resuming at step %d", start)
-        log = stack.enter_context(loop._RunLog(workdir, resume_step=start))
+        run_config = loop.hold_workdir(stack, workdir, config, dataset.meta, force=force)
+        checkpoints, state, start = loop.open_checkpoints(stack, workdir, tc, state)
+        log = stack.enter_context(loop.RunLog(workdir, resume_step=start))
         batches = pipeline.device_batches(pipeline.train_batches(
             dataset, split, global_batch_size=tc.batch_size, seed=tc.seed, start_step=start,
             stop_step=total, process_index=jax.process_index(),
@@ -504,7 +489,7 @@ def run(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
         bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
                    disable=not progress or jax.process_index() != 0)
         stack.callback(bar.close)
-        preemption = stack.enter_context(loop._Preemption())
+        preemption = stack.enter_context(loop.Preemption())
         window = (time.perf_counter(), start)
         for step in range(start, total):
             state, step_metrics = step_fn(state, next(batches))
