@@ -270,6 +270,12 @@ def test_eval_predict_and_features_on_a_cv_workdir_use_the_ensemble(cv_run, phan
     with np.load(run / "features" / "test_CENTER_C.npz") as z:
         assert z["features"].shape == (len(split), 3 * width)   # the members', side by side
         np.testing.assert_allclose(z["probs"], ensemble[cols].to_numpy(), atol=1e-5)
+    # --tta: the ensemble averaged over the 8 flips too, and metrics.json says so.
+    result = subprocess.run([*base, "--mode=eval", "--tta"], cwd=REPO, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((run / "eval" / "test_CENTER_C" / "metrics.json").read_text())
+    assert summary["tta_views"] == 8 and summary["ensemble"]["members"] == 3
     # A split holding cross-validation patients is in-sample for the ensemble.
     result = subprocess.run([*base, "--mode=eval", "--splits=val"], cwd=REPO,
                             capture_output=True, text=True, timeout=600)
