@@ -139,7 +139,8 @@ def centre_split(dataset: Dataset, centers: Sequence[str], scheme: str, *, name:
                  class_names=labels.CLASS_NAMES[scheme])
 
 
-def _subset(split: Split, rows: np.ndarray, name: str) -> Split:
+def subset(split: Split, rows: np.ndarray, name: str) -> Split:
+    """The examples ``rows`` ([M] int positions) of ``split``, in that order, named ``name``."""
     return dataclasses.replace(split, name=name, keys=split.keys[rows], labels=split.labels[rows],
                                patient_ids=tuple(split.patient_ids[i] for i in rows),
                                centers=tuple(split.centers[i] for i in rows))
@@ -192,8 +193,8 @@ def select_splits(dataset: Dataset, data_config) -> dict[str, Split]:
     if holdout:
         pool, oof = _hold_out(pool, holdout)
     held = stratified_holdout(pool.labels, data_config.val_fraction, data_config.seed)
-    splits = {"train": _subset(pool, np.flatnonzero(~held), "train"),
-              "val": _subset(pool, np.flatnonzero(held), "val")}
+    splits = {"train": subset(pool, np.flatnonzero(~held), "train"),
+              "val": subset(pool, np.flatnonzero(held), "val")}
     if data_config.get("permute_train_labels", False):
         # The negative control: the validation labels too, or the checkpoint chosen on them
         # would carry real-label information into a run that must have none.
@@ -220,7 +221,7 @@ def _hold_out(pool: Split, holdout: Sequence[str]) -> tuple[Split, Split]:
                            f"the training centres ({', '.join(missing[:3])}"
                            f"{' ...' if len(missing) > 3 else ''})", key="data.cv_holdout")
     out = np.array([pid in ids for pid in pool.patient_ids], bool)
-    return _subset(pool, np.flatnonzero(~out), "train"), _subset(pool, np.flatnonzero(out), OOF)
+    return subset(pool, np.flatnonzero(~out), "train"), subset(pool, np.flatnonzero(out), OOF)
 
 
 def named_splits(dataset: Dataset, data_config, names=()) -> dict[str, Split]:

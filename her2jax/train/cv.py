@@ -469,7 +469,7 @@ def read_oof(workdir, dataset: pipeline.Dataset, config) -> tuple[pipeline.Split
         raise Her2jaxError("does not match the training centres' patients of the dataset "
                            "(run --mode=cv again to rewrite it)", file=str(path))
     rows = np.array([row_of[p] for p in ids], np.int64)
-    split = pipeline._subset(pool, rows, pipeline.OOF)
+    split = pipeline.subset(pool, rows, pipeline.OOF)
     _, probs, _ = files.prediction_arrays(frame)
     return split, np.asarray(probs, np.float64)
 
