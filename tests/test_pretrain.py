@@ -326,3 +326,45 @@ def test_the_default_section_is_moco_v3s_recipe():
         1.5e-4 * vit.train.batch_size / 256)
     assert moco.projector_dims("vit3d", 768, 4096, 256) == (768, 4096, 4096, 256)
     assert moco.projector_dims("resnet3d", 512, 4096, 256) == (512, 4096, 256)
+
+
+def test_pretraining_continues_from_fm_bcmris_momentum_encoder(tmp_path):
+    """A MoCo v3 file's key encoder is kept by the port and becomes the key network's."""
+    torch = pytest.importorskip("torch")
+    from her2jax.models import factory, port
+
+    from .test_port import VIT_CONFIGS, TorchViT3D
+
+    cfg = VIT_CONFIGS["tiny"]
+    torch.manual_seed(0)
+    base = TorchViT3D(**cfg).eval()
+    torch.manual_seed(1)
+    key = TorchViT3D(**cfg).eval()   # a momentum encoder that differs from the base one
+    state = {"base_encoder." + k: v for k, v in base.timm_state_dict().items()}
+    state |= {"momentum_encoder." + k: v for k, v in key.timm_state_dict().items()}
+    torch.save({"epoch": 300, "state_dict": state}, tmp_path / "moco.pth.tar")
+    report = port.port("fmbcmri", tmp_path / "moco.pth.tar", tmp_path / "port",
+                       num_heads=cfg["heads"])
+    assert report.momentum_encoder and port.has_momentum_encoder(tmp_path / "port")
+    assert json.loads((tmp_path / "port" / "port.json").read_text())["momentum_encoder"]
+
+    config = _config()
+    config.model.pretrained = str(tmp_path / "port")
+    query = pretrain.build_query(config)
+    optimizer = pretrain.make_optimizer(config, nnx.state(query, nnx.Param), total_steps=10)
+    _, state = pretrain.create_state(query, optimizer, 0,
+                                     key_encoder=pretrain.port_key_encoder(config))
+    reference = nnx.eval_shape(lambda: factory.build_encoder(config, rngs=nnx.Rngs(0)))
+    port.load_pretrained(reference, tmp_path / "port", state_dir=port.MOMENTUM_DIR)
+    expected = nnx.state(reference, nnx.Param)
+    for a, b in zip(jax.tree.leaves(state.momentum["encoder"]), jax.tree.leaves(expected),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    qkv = ("blocks", 0, "attn", "qkv", "kernel")
+    query_kernel, key_kernel = state.params["encoder"], state.momentum["encoder"]
+    for part in qkv:
+        query_kernel, key_kernel = query_kernel[part], key_kernel[part]
+    assert not np.allclose(query_kernel[...], key_kernel[...])   # the base encoder's vs the key's
+    # A port without one (another source) starts the key network as a copy of the query's.
+    config.model.pretrained = ""
+    assert pretrain.port_key_encoder(config) is None

@@ -60,6 +60,7 @@ from her2jax.models import resnet3d, torch_checkpoint, vit3d
 
 PORT_FILE = "port.json"
 STATE_DIR = "encoder"
+MOMENTUM_DIR = "momentum_encoder"   # a MoCo source's key encoder, when the file holds one
 
 # What every checkpoint may carry besides the encoder: BatchNorm's batch counters.
 _ALWAYS_DROPPED = r"\.num_batches_tracked$"
@@ -82,6 +83,9 @@ class Source:
       facts: architecture facts the source fixes (``conv1_t_stride``, ``dilated``).
       heads_by_width: ViT attention heads by embedding width (``num_heads`` is not in the
         weights); a width not listed needs ``--num_heads``.
+      momentum_prefix: the key prefix of a MoCo momentum (key) encoder the files hold; a
+        port writes it beside the encoder (``MOMENTUM_DIR``), for ``--mode=pretrain`` to
+        continue from.
     """
 
     name: str
@@ -92,6 +96,7 @@ class Source:
     dropped: str = r"^(head|fc)\."
     facts: Mapping = dataclasses.field(default_factory=dict)
     heads_by_width: Mapping = dataclasses.field(default_factory=dict)
+    momentum_prefix: str = ""
 
 
 _SOURCE_LIST = (
@@ -99,7 +104,7 @@ _SOURCE_LIST = (
            prefixes=("module.", "base_encoder."),
            dropped=r"^(momentum_encoder|predictor|projector|head)\.",
            # FM-BCMRI's vit_3d_base and vit_3d_small both use 12 heads (64 and 32 wide).
-           heads_by_width={768: 12, 384: 12}),
+           heads_by_width={768: 12, 384: 12}, momentum_prefix="momentum_encoder."),
     Source("breastmrfm", "resnet3d", "BreastMR-FM (MONAI resnet10, SimCLR, Lightning .ckpt)",
            prefixes=("module.", "encoder."), dropped=r"^(projection|fc)\.",
            # monai.networks.nets.resnet10(spatial_dims=3, n_input_channels=1,
@@ -155,6 +160,8 @@ class PortReport:
       dropped: checkpoint keys dropped on purpose (momentum encoder, heads, counters).
       computed: encoder state computed rather than loaded (a missing fixed pos_embed).
       inflation: ``{"key", "from_channels", "to_channels"}`` when the first layer was inflated.
+      momentum_encoder: the port also holds the file's MoCo momentum encoder
+        (``MOMENTUM_DIR``).
     """
 
     source: str
@@ -166,6 +173,7 @@ class PortReport:
     dropped: list[str]
     computed: list[str]
     inflation: dict | None
+    momentum_encoder: bool = False
 
     def summary(self) -> str:
         """Multi-line report for the terminal."""
@@ -180,6 +188,9 @@ class PortReport:
                      f"({_describe_dropped(self.dropped)}), missing 0, unexpected 0")
         if self.computed:
             lines.append(f"  computed (not in the checkpoint): {', '.join(self.computed)}")
+        if self.momentum_encoder:
+            lines.append(f"  momentum encoder kept in {MOMENTUM_DIR}/ (--mode=pretrain "
+                         "continues with it as the key encoder)")
         if self.inflation:
             lines.append("  inflated {key}: {from_channels} -> {to_channels} input channels "
                          "(kernel repeated over channels / {to_channels})".format(
@@ -193,6 +204,7 @@ class PortReport:
             "num_mapped": len(self.mapped), "num_dropped": len(self.dropped),
             "num_missing": 0, "num_unexpected": 0,
             "computed": self.computed, "inflation": self.inflation,
+            "momentum_encoder": self.momentum_encoder,
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         }
 
@@ -537,9 +549,19 @@ def port(source: str, checkpoint, out, *, in_channels: int | None = None,
     pure, mapped, computed, inflation = map_tensors(tensors, _concrete_pos(model, architecture),
                                                     kind=architecture["kind"],
                                                     file=str(checkpoint))
+    momentum = None
+    if spec.momentum_prefix:
+        # The key encoder: the same network under another prefix (its head dropped).
+        key_source = dataclasses.replace(spec, prefixes=("module.", spec.momentum_prefix),
+                                         dropped=r"^(base_encoder|predictor|projector|head)\.")
+        key_tensors, _ = encoder_tensors(raw, key_source, file=str(checkpoint))
+        if key_tensors:
+            momentum, *_ = map_tensors(key_tensors, _concrete_pos(model, architecture),
+                                       kind=architecture["kind"], file=str(checkpoint))
     report = PortReport(spec.name, str(checkpoint), torch_checkpoint.sha256(checkpoint),
-                        architecture, facts, mapped, dropped, computed, inflation)
-    write_port(out, pure, report)
+                        architecture, facts, mapped, dropped, computed, inflation,
+                        momentum_encoder=momentum is not None)
+    write_port(out, pure, report, momentum=momentum)
     return report
 
 
@@ -552,9 +574,11 @@ def _concrete_pos(model: nnx.Module, architecture: Mapping) -> nnx.Module:
     return model
 
 
-def write_port(out: Path, pure: dict, report: PortReport) -> None:
-    """Writes a port directory atomically: ``state/`` (orbax, the encoder's arrays) and
-    ``port.json`` (``report``), replacing ``out`` if it exists."""
+def write_port(out: Path, pure: dict, report: PortReport, *,
+               momentum: dict | None = None) -> None:
+    """Writes a port directory atomically: ``STATE_DIR`` (orbax, the encoder's arrays), the
+    momentum encoder's in ``MOMENTUM_DIR`` when given, and ``port.json`` (``report``),
+    replacing ``out`` if it exists."""
     import orbax.checkpoint as ocp
 
     from her2jax.fileio import current_umask
@@ -568,6 +592,9 @@ def write_port(out: Path, pure: dict, report: PortReport) -> None:
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(tmp / STATE_DIR, jax.tree.map(np.asarray, pure))
         checkpointer.wait_until_finished()
+        if momentum is not None:
+            checkpointer.save(tmp / MOMENTUM_DIR, jax.tree.map(np.asarray, momentum))
+            checkpointer.wait_until_finished()
         (tmp / PORT_FILE).write_text(json.dumps(report.to_json(), indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)
@@ -627,9 +654,15 @@ def check_fits(directory, kind: str, wanted: Mapping[str, tuple[object, str]]) -
     return meta
 
 
-def load_pretrained(model: nnx.Module, directory) -> dict:
-    """Loads a port's encoder state into ``model`` in place (the model's own shapes and
-    shardings are the restore target). Returns port.json.
+def has_momentum_encoder(directory) -> bool:
+    """Whether a port holds a MoCo momentum encoder beside its encoder."""
+    return bool(directory) and (Path(directory) / MOMENTUM_DIR).is_dir()
+
+
+def load_pretrained(model: nnx.Module, directory, *, state_dir: str = STATE_DIR) -> dict:
+    """Loads a port's encoder state (or, with ``state_dir=MOMENTUM_DIR``, its momentum
+    encoder's) into ``model`` in place (the model's own shapes and shardings are the restore
+    target). Returns port.json.
 
     Raises:
       Her2jaxError: the port does not fit the model (names the first tensor that differs).
@@ -642,7 +675,7 @@ def load_pretrained(model: nnx.Module, directory) -> dict:
     if ported_kind != kind:
         raise Her2jaxError(f"port holds a {ported_kind} encoder ({meta.get('source')}), the "
                            f"config builds a {kind}", file=str(directory), key="model.encoder")
-    path = Path(directory).absolute() / STATE_DIR
+    path = Path(directory).absolute() / state_dir
     state = nnx.state(model)
     pure = nnx.to_pure_dict(state)
     checkpointer = ocp.StandardCheckpointer()

@@ -234,13 +234,30 @@ def make_optimizer(config, params, *, total_steps: int) -> optax.GradientTransfo
         frozen=_frozen if config.pretrain.freeze_patch_embed else None)
 
 
-def create_state(query: moco.Query, optimizer, seed: int) -> tuple[nnx.GraphDef, TrainState]:
-    """The initial state; ``momentum`` holds the key network's parameters (the query's
-    encoder and projector, copied)."""
+def create_state(query: moco.Query, optimizer, seed: int, *,
+                 key_encoder: nnx.State | None = None) -> tuple[nnx.GraphDef, TrainState]:
+    """The initial state; ``momentum`` holds the key network's parameters: the query's
+    encoder and projector, copied, or ``key_encoder`` (a port's momentum encoder,
+    :func:`port_key_encoder`) for the encoder."""
     graphdef, state = state_lib.create(query, optimizer, seed)
     momentum = nnx.State({name: jax.tree.map(jnp.copy, state.params[name])
                           for name in ("encoder", "projector")})
+    if key_encoder is not None:
+        momentum["encoder"] = key_encoder
     return graphdef, state.replace(momentum=momentum)
+
+
+def port_key_encoder(config) -> nnx.State | None:
+    """The parameters of ``model.pretrained``'s MoCo momentum encoder (FM-BCMRI's files hold
+    one), to continue pretraining with it as the key encoder; None when the port has none
+    (the key encoder then starts as a copy of the query's)."""
+    if not port.has_momentum_encoder(config.model.pretrained):
+        return None
+    encoder = nnx.eval_shape(lambda: factory.build_encoder(config, rngs=nnx.Rngs(0),
+                                                           bn_axis_name=AXIS))
+    port.load_pretrained(encoder, config.model.pretrained, state_dir=port.MOMENTUM_DIR)
+    logging.info("the key encoder starts from the port's momentum encoder")
+    return nnx.state(encoder, nnx.Param)
 
 
 def make_pretrain_step(graphdef: nnx.GraphDef, optimizer, mesh, *, views: Views,
@@ -466,7 +483,8 @@ def run(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
 
     query = build_query(config, bn_axis_name=AXIS)
     optimizer = make_optimizer(config, nnx.state(query, nnx.Param), total_steps=total)
-    graphdef, state = create_state(query, optimizer, tc.seed)
+    graphdef, state = create_state(query, optimizer, tc.seed,
+                                   key_encoder=port_key_encoder(config))
     del query
     state = jax.device_put(state, NamedSharding(mesh, P()))
     p = config.pretrain
