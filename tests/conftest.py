@@ -183,3 +183,20 @@ def tensorflow_stub(root):
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(stub.parent), str(repo)])}
     return env, marker
+
+
+def kill_at_first_checkpoint(process, latest: Path, *, timeout: float = 600) -> int:
+    """SIGKILLs a running ``her2jax`` process as soon as ``latest`` (a checkpoints/latest
+    folder) holds a complete step, and returns that step. Fails if the process ended first."""
+    import signal
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        if latest.exists() and any(p.name.isdigit() for p in latest.iterdir()):
+            break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=120)
+    assert process.returncode == -signal.SIGKILL, "the run ended before it was killed"
+    return max(int(p.name) for p in latest.iterdir() if p.name.isdigit())

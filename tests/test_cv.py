@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -27,6 +25,7 @@ from her2jax.models import factory
 from her2jax.train import cv, inference, logger
 from her2jax.train import step as step_lib
 
+from .conftest import kill_at_first_checkpoint
 from .test_factory import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -344,17 +343,9 @@ def test_a_killed_cross_validation_resumes_at_its_fold_and_step(cv_run, data_dir
     reference, _ = cv_run
     workdir = tmp_path / "cv"
     process = _her2jax(workdir, data_dir, wait=False)
-    latest = cv.fold_dir(workdir, 1) / "checkpoints" / "latest"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and process.poll() is None:
-        if latest.exists() and any(p.name.isdigit() for p in latest.iterdir()):
-            break
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=120)
-    assert process.returncode == -signal.SIGKILL, "the cross-validation ended before the kill"
+    killed_at = kill_at_first_checkpoint(
+        process, cv.fold_dir(workdir, 1) / "checkpoints" / "latest")
     assert cv.is_done(workdir, 0) and not cv.is_done(workdir, 1)
-    killed_at = max(int(p.name) for p in latest.iterdir() if p.name.isdigit())
     assert killed_at < 40
     fold0 = (cv.fold_dir(workdir, 0) / "metrics.jsonl").read_text()
 

@@ -7,10 +7,8 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -27,6 +25,7 @@ from her2jax.models import moco
 from her2jax.train import checkpoint, defaults, pretrain
 from her2jax.train import step as step_lib
 
+from .conftest import kill_at_first_checkpoint
 from .test_factory import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -250,16 +249,7 @@ def test_pretraining_resumes_bitwise_after_sigkill(pretrained, data_dir, tmp_pat
     reference, _ = pretrained
     workdir = tmp_path / "run"
     process = _her2jax(workdir, data_dir, wait=False)
-    latest = workdir / "checkpoints" / "latest"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and process.poll() is None:
-        if latest.exists() and any(p.name.isdigit() for p in latest.iterdir()):
-            break
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=60)
-    assert process.returncode == -signal.SIGKILL, "the run ended before it was killed"
-    assert max(int(p.name) for p in latest.iterdir() if p.name.isdigit()) < 30
+    assert kill_at_first_checkpoint(process, workdir / "checkpoints" / "latest") < 30
     _her2jax(workdir, data_dir)
     config = _run_config(reference)
     _, a = _latest_state(reference, config)

@@ -270,16 +270,7 @@ def train(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
             done = step + 1
 
             if done % tc.log_every == 0 or done == total:
-                values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-                if not np.isfinite(values["loss"]):
-                    raise Her2jaxError(f"training diverged: loss is {values['loss']} at step "
-                                       f"{done}; the last good checkpoint is intact",
-                                       key="train")
-                now = time.perf_counter()
-                values["volumes_per_s"] = ((done - window[1]) * tc.batch_size
-                                           / max(now - window[0], 1e-9))
-                window = (now, done)
-                log.write(done, "train", values)
+                values, window = log_step(log, done, step_metrics, window, tc.batch_size)
                 bar.set_postfix(loss=f"{values['loss']:.3f}",
                                 vol_s=f"{values['volumes_per_s']:.0f}")
             bar.update()
@@ -313,6 +304,22 @@ def train(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
         return TrainResult(int(jax.device_get(state.step)),
                            _selected_value(select_by, checkpoints.best_metric()),
                            checkpoints.best_step(), stopped, select_by)
+
+
+def log_step(log: RunLog, done: int, step_metrics, window: tuple[float, int],
+             batch_size: int, *, what: str = "training") -> tuple[dict, tuple[float, int]]:
+    """A logged step: its metrics on the host, the NaN guard (a non-finite loss stops the run;
+    the last checkpoint is intact), the volumes per second since the last logged step
+    (``window`` = (time, step) then), written to the run's logs. Returns (values, the new
+    window)."""
+    values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+    if not np.isfinite(values["loss"]):
+        raise Her2jaxError(f"{what} diverged: loss is {values['loss']} at step {done}; the "
+                           "last good checkpoint is intact", key="train")
+    now = time.perf_counter()
+    values["volumes_per_s"] = (done - window[1]) * batch_size / max(now - window[0], 1e-9)
+    log.write(done, "train", values)
+    return values, (now, done)
 
 
 def hold_workdir(stack: contextlib.ExitStack, workdir: Path, config, dataset_meta: dict, *,

@@ -92,8 +92,7 @@ class Views:
                    blur_sigma=tuple(map(float, pretrain.blur_sigma)),
                    blur_prob=float(pretrain.blur_prob), noise=float(pretrain.noise),
                    noise_prob=float(pretrain.noise_prob),
-                   mask_channels=tuple(i for i, c in enumerate(channels)
-                                       if str(c).strip().upper() == "MASK"))
+                   mask_channels=step_lib.mask_channels(channels))
 
 
 def _random_crop(x: jax.Array, key: jax.Array, views: Views) -> jax.Array:
@@ -513,16 +512,8 @@ def run(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
             state, step_metrics = step_fn(state, next(batches))
             done = step + 1
             if done % tc.log_every == 0 or done == total:
-                values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-                if not np.isfinite(values["loss"]):
-                    raise Her2jaxError(f"pretraining diverged: loss is {values['loss']} at step "
-                                       f"{done}; the last good checkpoint is intact",
-                                       key="train")
-                now = time.perf_counter()
-                values["volumes_per_s"] = ((done - window[1]) * tc.batch_size
-                                           / max(now - window[0], 1e-9))
-                window = (now, done)
-                log.write(done, "train", values)
+                values, window = loop.log_step(log, done, step_metrics, window, tc.batch_size,
+                                               what="pretraining")
                 result["loss"] = values["loss"]
                 bar.set_postfix(loss=f"{values['loss']:.3f}")
             bar.update()

@@ -76,8 +76,13 @@ class Augment:
                    channel_scale=float(config.get("channel_scale", 0.0)),
                    shift=float(config.shift),
                    noise=float(config.noise),
-                   mask_channels=tuple(i for i, c in enumerate(channels)
-                                       if str(c).strip().upper() == "MASK"))
+                   mask_channels=mask_channels(channels))
+
+
+def mask_channels(channels) -> tuple[int, ...]:
+    """The positions of a recipe's ``MASK`` channels among ``channels`` (tokens such as 'PE',
+    'MASK'): what intensity augmentations leave alone."""
+    return tuple(i for i, c in enumerate(channels) if str(c).strip().upper() == "MASK")
 
 
 def example_keys(rng: jax.Array, step: jax.Array, index: jax.Array) -> jax.Array:
