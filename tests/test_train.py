@@ -137,8 +137,9 @@ def test_eval_writes_the_hand_made_baseline_of_the_same_training_patients(traine
     lines = summary.held_out_lines(workdir)
     for name in ("val", "test_CENTER_C"):
         written = files.read_metrics(workdir / "eval" / name / "baseline_metrics.json")
+        # metrics.json's format (less what it says about the model: checkpoint, step, TTA).
         assert set(written) == set(files.read_metrics(workdir / "eval" / name / "metrics.json")) - {
-            "step", "checkpoint"}                       # metrics.json's format
+            "step", "checkpoint", "tta_views"}
         assert written["n"] == model[name]["n"]
         assert written["bootstrap"]["n_boot"] == 50
         assert written["macro_auc"]["value"] == pytest.approx(by_hand_macro_auc(
