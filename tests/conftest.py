@@ -200,3 +200,29 @@ def kill_at_first_checkpoint(process, latest: Path, *, timeout: float = 600) -> 
     process.wait(timeout=120)
     assert process.returncode == -signal.SIGKILL, "the run ended before it was killed"
     return max(int(p.name) for p in latest.iterdir() if p.name.isdigit())
+
+
+def run_her2jax(mode: str, workdir: Path, data_dir: Path, args, *extra: str, wait: bool = True,
+                check: bool = True, devices: int | None = None, timeout: float = 900):
+    """``python -m her2jax.main --mode=MODE --workdir=WORKDIR ARGS --config.data.data_dir=...
+    EXTRA`` from the repository root: the finished process (asserted to exit 0 with
+    ``check``), or the running ``Popen`` without ``wait``; ``devices`` sets the fake CPU device
+    count of the child."""
+    import os
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "her2jax.main", f"--mode={mode}", f"--workdir={workdir}",
+               *args, f"--config.data.data_dir={data_dir}", *extra]
+    env = None
+    if devices:
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    repo = Path(__file__).resolve().parents[1]
+    if not wait:
+        return subprocess.Popen(command, cwd=repo, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env)
+    result = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=timeout,
+                            env=env)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result

@@ -4,7 +4,6 @@ the fold ensemble, test-time augmentation, resume after SIGKILL mid-fold, pca_lr
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from her2jax.models import factory
 from her2jax.train import cv, inference, logger
 from her2jax.train import step as step_lib
 
-from .conftest import kill_at_first_checkpoint
+from .conftest import kill_at_first_checkpoint, run_her2jax
 from .test_factory import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,21 +36,8 @@ CV_ARGS = ("--config=configs/tiny_cpu.py", "--config.data.recipe.shape=24,24,24"
            "--config.train.eval_batch_size=8", "--folds=3", "--bootstrap=50", "--noprogress")
 
 
-def _her2jax(workdir: Path, data_dir: Path, *extra: str, wait: bool = True, check: bool = True,
-             args=CV_ARGS, devices: int | None = None):
-    command = [sys.executable, "-m", "her2jax.main", "--mode=cv", f"--workdir={workdir}",
-               *args, f"--config.data.data_dir={data_dir}", *extra]
-    env = None
-    if devices:
-        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-    if not wait:
-        return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=env)
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900,
-                            env=env)
-    if check:
-        assert result.returncode == 0, result.stderr[-3000:]
-    return result
+def _her2jax(workdir: Path, data_dir: Path, *extra: str, args=CV_ARGS, **kwargs):
+    return run_her2jax("cv", workdir, data_dir, args, *extra, **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from her2jax.models import moco
 from her2jax.train import checkpoint, defaults, pretrain
 from her2jax.train import step as step_lib
 
-from .conftest import kill_at_first_checkpoint
+from .conftest import kill_at_first_checkpoint, run_her2jax
 from .test_factory import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -185,14 +185,8 @@ def test_views_are_seeded_and_a_full_crop_without_changes_is_the_identity():
 
 
 def _her2jax(workdir: Path, data_dir: Path, *extra: str, wait: bool = True):
-    command = [sys.executable, "-m", "her2jax.main", "--mode=pretrain", f"--workdir={workdir}",
-               *PRETRAIN_ARGS, f"--config.data.data_dir={data_dir}", *extra]
-    if not wait:
-        return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+    return run_her2jax("pretrain", workdir, data_dir, PRETRAIN_ARGS, *extra, wait=wait,
+                       timeout=600)
 
 
 @pytest.fixture(scope="module")

@@ -337,11 +337,12 @@ def _sync(name: str) -> None:
 # ---------------------------------------------------------------- out of fold
 
 
-def _base(workdir, data_dir: str | None) -> tuple[ml_collections.ConfigDict, pipeline.Dataset]:
+def _base_config(workdir, data_dir: str | None) -> ml_collections.ConfigDict:
+    """The CV workdir's base config (``data_dir``: where the dataset is now)."""
     config = ml_collections.ConfigDict(workdir_lib.read(Path(workdir))["config"])
     if data_dir:
         config.data.data_dir = data_dir
-    return config, pipeline.open_dataset(config.data.data_dir, config.data)
+    return config
 
 
 def _folds_done(workdir) -> list[dict]:
@@ -365,7 +366,8 @@ def write_oof(workdir, *, data_dir: str | None = None, n_boot: int = 2000,
     """
     workdir = Path(workdir)
     settings = _folds_done(workdir)
-    config, dataset = _base(workdir, data_dir)
+    config = _base_config(workdir, data_dir)
+    dataset = pipeline.open_dataset(config.data.data_dir, config.data)
     class_names = inference.class_names(config)
     clinical_names = list(config.data.columns.clinical)
     parts, rows = [], []
@@ -484,9 +486,7 @@ def load_ensemble(workdir, *, which: str = "best", data_dir: str | None = None,
     any of them used, to train or to choose a checkpoint), and the members themselves."""
     workdir = Path(workdir)
     settings = _folds_done(workdir)
-    config, _ = _base(workdir, None)
-    if data_dir:
-        config.data.data_dir = data_dir
+    config = _base_config(workdir, data_dir)
     members = [inference.load_predictor(fold_dir(workdir, k), which=which, data_dir=data_dir,
                                         tta=tta) for k in range(settings["folds"])]
 
