@@ -327,3 +327,72 @@ def test_a_half_given_launch_is_a_one_line_error(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0
     assert "--num_processes given without --coordinator_address --process_id" in result.stderr
+
+
+# ---------------------------------------------------------------- MoCo v3 pretraining
+
+PRETRAIN_STEPS = 6
+PRETRAIN_ARGS = [
+    "--mode=pretrain", "--config=configs/pretrain_tiny.py",
+    f"--config.train.steps={PRETRAIN_STEPS}", "--config.train.warmup_steps=2",
+    "--config.train.batch_size=8", "--config.train.eval_batch_size=8",
+    "--config.train.log_every=1", f"--config.train.eval_every={PRETRAIN_STEPS}",
+    "--config.train.save_every=3", "--config.data.test_centers=('CENTER_C',)", "--noprogress"]
+
+
+def _pretrain(workdir: Path, data_dir: Path, *, processes: int, devices: int) -> str:
+    out, _ = _run([f"--workdir={workdir}", *PRETRAIN_ARGS, f"--config.data.data_dir={data_dir}"],
+                  processes=processes, devices=devices)
+    return out
+
+
+def _exported_encoder(workdir: Path) -> dict:
+    """The exported encoder's arrays (its orbax state, restored as stored)."""
+    import orbax.checkpoint as ocp
+
+    from her2jax.models import port
+
+    assert port.read_port(workdir / "encoder")["source"] == "her2jax-pretrain"
+    return ocp.StandardCheckpointer().restore((workdir / "encoder" / port.STATE_DIR).absolute())
+
+
+def _with_a_gradient(encoder: dict) -> dict:
+    """The ViT's parameters less those whose gradient is zero in exact arithmetic: the key
+    bias of every attention (it adds q.b to all of a query's logits, which the softmax
+    ignores) and the final norm's bias (a shift of every feature, which the projector's
+    BatchNorm removes). Their gradients are rounding noise, which Adam scales to full-size
+    steps of either sign, so they differ between any two reduction orders."""
+    width = encoder["norm"]["bias"].shape[0]
+    encoder = {**encoder, "norm": {"scale": encoder["norm"]["scale"]}}
+    blocks = {}
+    for name, block in encoder["blocks"].items():
+        bias = np.asarray(block["attn"]["qkv"]["bias"])
+        query_value = np.concatenate([bias[:width], bias[2 * width:]])
+        qkv = {**block["attn"]["qkv"], "bias": query_value}
+        blocks[name] = {**block, "attn": {**block["attn"], "qkv": qkv}}
+    return {**encoder, "blocks": blocks}
+
+
+def test_two_processes_pretrain_like_one_process_with_as_many_devices(data_dir, tmp_path):
+    """Keys gathered over the devices of both processes, the heads' BatchNorm synchronised
+    across them, the views drawn per global example: the same run as one process with four
+    devices, and one encoder written, by process 0."""
+    multi, single = tmp_path / "two", tmp_path / "one"
+    out = _pretrain(multi, data_dir, processes=2, devices=2)
+    _pretrain(single, data_dir, processes=1, devices=4)
+    assert out.count(f"pretrained {PRETRAIN_STEPS} steps") == 2, out[-3000:]
+    a, b = _train_records(multi), _train_records(single)
+    assert sorted(a) == list(range(1, PRETRAIN_STEPS + 1))
+    for key in ("loss", "grad_norm", "momentum"):
+        assert a[1][key] == pytest.approx(b[1][key], rel=1e-5), key
+    for step in range(1, PRETRAIN_STEPS + 1):
+        assert a[step]["loss"] == pytest.approx(b[step]["loss"], rel=1e-4), step
+    knn = [[r["knn_macro_auc"] for r in logger.read_metrics(w) if r["split"] == "val"]
+           for w in (multi, single)]
+    assert len(knn[0]) == 1 and knn[0] == pytest.approx(knn[1], abs=1e-6)
+    # The exported encoder: written once, complete, equal to the one-process export.
+    _assert_close(_with_a_gradient(_exported_encoder(multi)),
+                  _with_a_gradient(_exported_encoder(single)), rtol=1e-3, atol=1e-5)
+    assert not list(multi.rglob("*.tmp")), "a temporary file was left behind"
+    events = list((multi / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1, events

@@ -578,7 +578,8 @@ def write_port(out: Path, pure: dict, report: PortReport, *,
                momentum: dict | None = None) -> None:
     """Writes a port directory atomically: ``STATE_DIR`` (orbax, the encoder's arrays), the
     momentum encoder's in ``MOMENTUM_DIR`` when given, and ``port.json`` (``report``),
-    replacing ``out`` if it exists."""
+    replacing ``out`` if it exists. Called by one process of a multi-process run (the others
+    do not wait for it)."""
     import orbax.checkpoint as ocp
 
     from her2jax.fileio import current_umask
@@ -589,7 +590,12 @@ def write_port(out: Path, pure: dict, report: PortReport, *,
         # mkdtemp makes its folder 0700 whatever the umask; the output gets the mode a plain
         # mkdir would give it, like everything else the console scripts write.
         os.chmod(tmp, 0o777 & ~current_umask())
-        checkpointer = ocp.StandardCheckpointer()
+        # The arrays are this host's copies and only the calling process writes: orbax's
+        # default would wait at a barrier for every process of a multi-process run.
+        me = jax.process_index()
+        checkpointer = ocp.StandardCheckpointer(
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                primary_host=me, active_processes={me}))
         checkpointer.save(tmp / STATE_DIR, jax.tree.map(np.asarray, pure))
         checkpointer.wait_until_finished()
         if momentum is not None:
