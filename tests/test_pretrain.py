@@ -310,6 +310,14 @@ def test_the_default_section_is_moco_v3s_recipe():
         1.5e-4 * vit.train.batch_size / 256)
     assert moco.projector_dims("vit3d", 768, 4096, 256) == (768, 4096, 4096, 256)
     assert moco.projector_dims("resnet3d", 512, 4096, 256) == (512, 4096, 256)
+    # MoCo_ViT's predictor ends with BatchNorm1d(affine=False), MoCo_ResNet's with its Linear.
+    for kind, last_norm in (("vit3d", True), ("resnet3d", False)):
+        config = _config()
+        config.model.encoder = kind
+        config.model.resnet.update(depth=10, widen_factor=0.125)
+        query = nnx.eval_shape(lambda config=config: pretrain.build_query(config))
+        assert len(query.predictor.norms) == (2 if last_norm else 1), kind
+        assert len(query.projector.norms) == (3 if kind == "vit3d" else 2), kind
 
 
 def test_pretraining_continues_from_fm_bcmris_momentum_encoder(tmp_path):

@@ -6,7 +6,8 @@ Following MoCo v3 (Chen, Xie and He, 2021; ``moco/builder.py`` of facebookresear
 * an MLP layer is ``Linear(bias=False) -> BatchNorm -> ReLU``; the last layer is
   ``Linear(bias=False) -> BatchNorm(no scale, no offset)``;
 * the projector has 3 layers for a ViT and 2 for a ResNet, the predictor 2; hidden width
-  ``mlp_dim`` (4096), output ``dim`` (256);
+  ``mlp_dim`` (4096), output ``dim`` (256); the ResNet's predictor ends with its Linear
+  (``_build_mlp(..., last_bn=False)`` in ``MoCo_ResNet``), the ViT's with the BatchNorm;
 * the query network is encoder -> projector -> predictor, the key (momentum) network encoder
   -> projector, its parameters an exponential moving average of the query's, never
   differentiated;
@@ -62,6 +63,11 @@ class MLP(nnx.Module):
 def projector_dims(kind: str, features: int, mlp_dim: int, dim: int) -> tuple[int, ...]:
     """The projector's widths: 3 layers after a ViT, 2 after a ResNet (MoCo v3)."""
     return (features, mlp_dim, mlp_dim, dim) if kind == "vit3d" else (features, mlp_dim, dim)
+
+
+def predictor_last_bn(kind: str) -> bool:
+    """Whether the predictor ends with a BatchNorm: after a ViT, not after a ResNet (MoCo v3)."""
+    return kind == "vit3d"
 
 
 class Key(nnx.Module):

@@ -210,7 +210,9 @@ def build_query(config, *, rngs: nnx.Rngs | None = None,
     projector = moco.MLP(moco.projector_dims(model_config.encoder, encoder.features_dim,
                                              p.mlp_dim, p.dim),
                          rngs=rngs, bn_axis_name=bn_axis_name)
-    predictor = moco.MLP((p.dim, p.mlp_dim, p.dim), rngs=rngs, bn_axis_name=bn_axis_name)
+    predictor = moco.MLP((p.dim, p.mlp_dim, p.dim),
+                         last_bn=moco.predictor_last_bn(model_config.encoder), rngs=rngs,
+                         bn_axis_name=bn_axis_name)
     query = moco.Query(encoder, projector, predictor)
     return query
 
