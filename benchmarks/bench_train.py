@@ -22,9 +22,12 @@ Configurations (``--configs``; ``--smoke`` selects the ``smoke_*`` ones):
                               configs/resnet18.py at that shape
   vit_b8_features_b128        forward only (feature extraction): ``step.make_predict``
                               against a PyTorch ``inference_mode`` forward
-  smoke_vit_b4, smoke_resnet_b4, smoke_vit_features_b4
+  vit_b8_pretrain_b64         MoCo v3 pretraining (``--mode=pretrain``) of the ViT-B/8,
+                              configs/pretrain_vit.py's heads (4096 -> 256) and optimizer,
+                              against a PyTorch MoCo v3 of the same networks
+  smoke_vit_b4, smoke_resnet_b4, smoke_vit_features_b4, smoke_vit_pretrain_b4
                               the same code paths at CI size: ViT-tiny/8 on 1x16^3, ResNet-10
-                              at widen 0.125 on 1x16^3, batch 4
+                              at widen 0.125 on 1x16^3, batch 4 (pretraining heads 64 -> 32)
 
 What runs:
 
@@ -57,6 +60,13 @@ What runs:
   ``torch.compile(model)`` (default mode; the optimizer step stays eager). It is skipped in
   ``--smoke`` on a CPU (``--compile=auto``): one tiny model took ~40 s to compile on the
   2-core CI machine.
+- Pretraining (``vit_b8_pretrain_b64``): her2jax's ``pretrain.make_pretrain_step`` (two views
+  drawn on the device, the momentum update, keys all-gathered over ``data``, SyncBatchNorm
+  heads, the symmetric contrastive loss, AdamW with the frozen patch projection) against
+  ``torch_reference.MoCoV3`` + ``PretrainStep``: the same encoder, projector (3 layers),
+  predictor (2), momentum copy, views (random resized crop by ``F.grid_sample``, flips,
+  intensity, a 5-tap separable blur, noise), loss and AdamW (kernels decayed, the patch
+  projection frozen), on one device; ``pytorch-compile`` compiles the query network.
 
 Timing: ``--warmup`` steps (compilation included, reported as ``warmup_s``), then
 ``--repeat`` windows of ``--steps`` steps each. Inside a window nothing waits on the device;
@@ -70,7 +80,9 @@ forward pass (eval mode, batch 1, float32, XLA attention, compiled for the CPU b
 the count is the same on every machine and dtype; it counts every HLO op, so it is ~1.6 %
 above the matmul-only estimate for the ViT). A training step costs 3 x forward x batch
 (backward = 2 x forward; optimizer, augmentation and the ResNet's unneeded input gradient
-are ignored), a feature-extraction step forward x batch. Both frameworks' lines use the
+are ignored), a feature-extraction step forward x batch, a MoCo v3 step 8 x forward x batch
+(two views through the query network, forward and backward, and through the key network,
+forward; the heads' MLPs are < 0.1 % of the ViT-B's FLOPs and not counted). Both frameworks' lines use the
 same count: ``tflops_per_s`` = ``flops_per_step`` / step time / 1e12, and
 ``mfu`` = ``tflops_per_s`` / (``peak_tflops`` x ``device_count``). The default peak is
 989 TFLOP/s per device (H100 SXM / H200 dense bfloat16) on those GPUs with bfloat16, else
@@ -82,10 +94,10 @@ learning-rate scales, cuBLAS-only matmuls, no device prefetch) runs as one more 
 measurement per configuration and input it applies to, named
 ``config/her2jax+variant[/pipeline]``, after
 the unchanged ones; ``ratio_vs_base`` is its volumes/s over the unchanged step's with the same
-input. ``--profile_dir`` traces 3 more steps of every her2jax training or feature measurement
-after its timing (``jax.profiler``, Perfetto JSON and XPlane; ``trace_summary.py`` reads
-them) and ``--hlo_dir`` saves each her2jax training step's optimised HLO (the executable that
-is then timed). ``--jsonl`` appends each line to a file as soon as its measurement ends, so a
+input. ``--profile_dir`` traces 3 more steps of every her2jax measurement after its timing
+(``jax.profiler``, Perfetto JSON and XPlane; ``trace_summary.py`` reads them) and
+``--hlo_dir`` saves each her2jax training or pretraining step's optimised HLO (the
+executable that is then timed). ``--jsonl`` appends each line to a file as soon as its measurement ends, so a
 run cut short keeps what it measured; ``--budget_s`` skips what cannot start in time.
 
 ``--batch=N`` overrides every selected configuration's global batch (names become
@@ -130,7 +142,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 FRAMEWORKS = ("her2jax", "pytorch", "pytorch-compile")
-FLOP_CONVENTION = ("training step = 3 x forward x batch, feature step = forward x batch; "
+FLOP_CONVENTION = ("training step = 3 x forward x batch, feature step = forward x batch, "
+                   "MoCo v3 pretraining step = 8 x forward x batch; "
                    "forward = XLA cost analysis of the her2jax forward (batch 1, float32, "
                    "XLA attention, CPU backend)")
 REFERENCE = ("PyTorch: same model (ViT: nn.Conv3d patch embedding, nn.Linear/nn.LayerNorm, "
@@ -140,7 +153,9 @@ REFERENCE = ("PyTorch: same model (ViT: nn.Conv3d patch embedding, nn.Linear/nn.
              "torch.optim.AdamW(fused=True where supported, else foreach) in layer-decay and "
              "weight-decay groups, clip_grad_norm_, LambdaLR warmup-cosine; "
              "pytorch-compile = torch.compile(model), default mode; features: eval mode "
-             "under torch.inference_mode")
+             "under torch.inference_mode; pretraining: torch_reference.MoCoV3 (same encoder, "
+             "heads, momentum copy, views by F.grid_sample, loss, AdamW with the patch "
+             "projection frozen), one device")
 # Dense bfloat16 datasheet peaks, TFLOP/s per device.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
 PROFILE_STEPS = 3
@@ -152,7 +167,7 @@ class Bench:
 
     encoder: str          # 'vit3d' | 'resnet3d'
     batch: int
-    mode: str = "train"   # 'train' | 'features'
+    mode: str = "train"   # 'train' | 'features' | 'pretrain'
     smoke: bool = False
 
 
@@ -162,9 +177,11 @@ BENCHES = {
     "resnet18_b32": Bench("resnet3d", 32),
     "resnet18_b64": Bench("resnet3d", 64),
     "vit_b8_features_b128": Bench("vit3d", 128, "features"),
+    "vit_b8_pretrain_b64": Bench("vit3d", 64, "pretrain"),
     "smoke_vit_b4": Bench("vit3d", 4, smoke=True),
     "smoke_resnet_b4": Bench("resnet3d", 4, smoke=True),
     "smoke_vit_features_b4": Bench("vit3d", 4, "features", smoke=True),
+    "smoke_vit_pretrain_b4": Bench("vit3d", 4, "pretrain", smoke=True),
 }
 
 
@@ -213,8 +230,9 @@ VARIANTS = {
 }
 
 DEFAULT_CONFIGS = ("vit_b8_b64", "vit_b8_b128", "resnet18_b32", "resnet18_b64",
-                   "vit_b8_features_b128")
-SMOKE_CONFIGS = ("smoke_vit_b4", "smoke_resnet_b4", "smoke_vit_features_b4")
+                   "vit_b8_features_b128", "vit_b8_pretrain_b64")
+SMOKE_CONFIGS = ("smoke_vit_b4", "smoke_resnet_b4", "smoke_vit_features_b4",
+                 "smoke_vit_pretrain_b4")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -264,6 +282,15 @@ def make_config(name: str, *, accelerator: bool, dtype: str, batch: int | None =
             config.data.recipe.shape = (16, 16, 16)
             config.model.resnet.depth = 10
             config.model.resnet.widen_factor = 0.125
+    if bench.mode == "pretrain":
+        # configs/pretrain_vit.py's MoCo v3 heads and optimizer on the benchmark's network.
+        pretraining = _load_config("pretrain_vit.py")
+        config.pretrain = pretraining.pretrain
+        for key in ("learning_rate", "weight_decay", "grad_clip", "layer_decay",
+                    "warmup_steps", "steps"):
+            config.train[key] = pretraining.train[key]
+        if bench.smoke:
+            config.pretrain.update(dim=32, mlp_dim=64)
     config.model.dtype = dtype
     config.train.batch_size = batch or bench.batch
     # Every labelled case trains (the pipeline's epochs repeat; nothing is evaluated).
@@ -308,6 +335,8 @@ def model_spec(config) -> dict:
                                         "layer_decay", "warmup_steps", "steps", "grad_clip",
                                         "label_smoothing")}
     spec["train"]["augment"] = t.augment.to_dict()
+    if "pretrain" in config:
+        spec["pretrain"] = config.pretrain.to_dict()
     return spec
 
 
@@ -317,10 +346,11 @@ def resolve_dtype(flag: str, accelerator: bool) -> str:
     return flag
 
 
-def host_initialised_model(config, *, bn_axis_name: str | None = None):
-    """``factory.build_model(config)`` with its parameters drawn on the host.
+def host_initialised_model(config, *, bn_axis_name: str | None = None, pretrain: bool = False):
+    """``factory.build_model(config)`` (with ``pretrain``: MoCo v3's query network,
+    ``pretrain.build_query``) with its parameters drawn on the host.
 
-    The module comes from ``build_model`` under ``nnx.eval_shape``; kernels are then filled
+    The module comes from the builder under ``nnx.eval_shape``; kernels are then filled
     with N(0, 1 / fan_in), biases and BatchNorm means with 0, scales and variances with 1, the
     CLS token with 1e-6 N(0, 1) and the ViT's fixed position embedding with its sin-cos table.
     Eager random initialisation compiles one XLA program per parameter shape (14 s for the
@@ -330,8 +360,10 @@ def host_initialised_model(config, *, bn_axis_name: str | None = None):
     from flax import nnx
 
     from her2jax.models import factory, vit3d
+    from her2jax.train import pretrain as pretrain_lib
 
-    model = nnx.eval_shape(lambda: factory.build_model(config, bn_axis_name=bn_axis_name))
+    build = pretrain_lib.build_query if pretrain else factory.build_model
+    model = nnx.eval_shape(lambda: build(config, bn_axis_name=bn_axis_name))
     rng = np.random.default_rng(config.model.seed)
 
     def name_of(path) -> str:
@@ -445,10 +477,39 @@ def child_her2jax(spec: dict) -> dict:
     class_names = labels.CLASS_NAMES[config.data.scheme]
     image_shape = [*config.data.recipe.shape, len(config.data.recipe.channels)]
 
-    model = host_initialised_model(config, bn_axis_name=step_lib.AXIS)
+    model = host_initialised_model(config, bn_axis_name=step_lib.AXIS,
+                                   pretrain=bench.mode == "pretrain")
     replicated = NamedSharding(mesh, P())
     result = {}
-    if bench.mode == "features":
+    if bench.mode == "pretrain":
+        # The engine's MoCo v3 setup (her2jax.train.pretrain.run without the data loop).
+        from flax import nnx
+
+        from her2jax.train import pretrain
+
+        total, p = config.train.steps, config.pretrain
+        optimizer = pretrain.make_optimizer(config, nnx.state(model, nnx.Param),
+                                            total_steps=total)
+        graphdef, state = pretrain.create_state(model, optimizer, config.train.seed)
+        train_step = pretrain.make_pretrain_step(
+            graphdef, optimizer, mesh,
+            views=pretrain.Views.from_config(p, config.data.recipe.channels),
+            temperature=float(p.temperature), base_momentum=float(p.momentum),
+            total_steps=total)
+        device_batch = pipeline.to_global(synthetic_batch(batch_size, image_shape,
+                                                          len(class_names)), mesh)
+        carry = {"state": jax.device_put(state, replicated), "metrics": None}
+        if spec.get("hlo_dir"):
+            train_step = train_step.lower(carry["state"], device_batch).compile()
+            _write_hlo(spec, train_step.as_text())
+
+        def run_steps(n):
+            for _ in range(n):
+                carry["state"], carry["metrics"] = train_step(carry["state"], device_batch)
+
+        def block():
+            jax.block_until_ready((carry["state"], carry["metrics"]))
+    elif bench.mode == "features":
         graphdef, params, rest = state_lib.split_model(model)
         params, rest = jax.device_put((params, rest), replicated)
         predict = step_lib.make_predict(graphdef)
@@ -527,7 +588,7 @@ def child_her2jax(spec: dict) -> dict:
         block()
         jax.profiler.stop_trace()
         result["profile"] = str(where)
-    if bench.mode == "train":
+    if bench.mode in ("train", "pretrain"):
         result["final_loss"] = float(jax.device_get(carry["metrics"]["loss"]))
     device = jax.devices()[0]
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
@@ -607,7 +668,28 @@ def child_torch(spec: dict, compiled: bool) -> dict:
     image = image.contiguous(memory_format=memory_format)
     label = torch.from_numpy(host["label"]).long().to(device)
     result = {}
-    if bench.mode == "features":
+    if bench.mode == "pretrain":
+        train, views = spec["model"]["train"], spec["model"]["pretrain"]
+        moco = ref.MoCoV3(model, features=model_info["embed_dim"], dim=views["dim"],
+                          mlp_dim=views["mlp_dim"],
+                          freeze_patch_embed=views["freeze_patch_embed"]).to(device).train()
+        try:
+            optimizer, scheduler = ref.make_pretrain_optimizer(moco, train, fused=True)
+            result["torch_optimizer"] = "AdamW(fused=True)"
+        except (RuntimeError, ValueError) as error:
+            optimizer, scheduler = ref.make_pretrain_optimizer(moco, train, fused=False)
+            result["torch_optimizer"] = f"AdamW(foreach=True): fused unsupported here ({error})"
+        step = ref.PretrainStep(
+            moco, optimizer, scheduler, views=views, temperature=views["temperature"],
+            base_momentum=views["momentum"], total_steps=int(train["steps"]),
+            autocast_dtype=autocast, grad_clip=train["grad_clip"],
+            query=torch.compile(moco.query) if compiled else None)
+        losses = []
+
+        def run_steps(n):
+            for _ in range(n):
+                losses[:] = [step(image)]
+    elif bench.mode == "features":
         model.eval()
         features = torch.compile(model.features) if compiled else model.features
         step = ref.FeatureStep(features, model.head, autocast_dtype=autocast)
@@ -652,7 +734,7 @@ def child_torch(spec: dict, compiled: bool) -> dict:
         torch.cuda.reset_peak_memory_stats()
     warmup_s, windows = _timed_windows(run_steps, block, warmup=spec["warmup"],
                                        steps=spec["steps"], repeat=spec["repeat"])
-    if bench.mode == "train":
+    if bench.mode in ("train", "pretrain"):
         result["final_loss"] = float(losses[0])
     versions = _versions("torch", "numpy", *([] if vit else ["monai"]))
     if cuda:
@@ -800,7 +882,7 @@ def finish(line: dict, flops: float | None, peak_flag: float | None) -> dict:
     if flops is None:
         line.update(flops_per_step=None, tflops_per_s=None, mfu=None, peak_tflops=None)
         return line
-    multiplier = 3 if line["mode"] == "train" else 1
+    multiplier = {"train": 3, "features": 1, "pretrain": 8}[line["mode"]]
     line["flops_per_step"] = multiplier * flops * line["batch"]
     line["flops_convention"] = FLOP_CONVENTION
     tflops = line["flops_per_step"] / step_s / 1e12

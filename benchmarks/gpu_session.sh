@@ -16,6 +16,8 @@
 #             steps (Perfetto) with its optimised HLO saved; then where the device time goes
 #             (trace_summary.py, by CUDA kernel and by XLA op)
 #   b64       ViT-B/8 batch 64 and ResNet-18 batch 64, her2jax and PyTorch eager
+#   pretrain  MoCo v3 pretraining step of ViT-B/8 at batch 64: her2jax, PyTorch eager and
+#             torch.compile (issue 19's target: >= 1.5x PyTorch)
 #   smoke     every path above at CI size (bench_train.py --smoke), for trying this script
 #
 # Everything lands in $OUT (the device tool brings it back; at most 8 files): results.jsonl
@@ -92,13 +94,15 @@ for stage in "$@"; do
         --profile_dir="$OUT/profiles" --hlo_dir="$OUT/hlo" "${TIMED[@]}" ;;
     b64)
       bench --configs=vit_b8_b64,resnet18_b64 --frameworks=her2jax,pytorch "${TIMED[@]}" ;;
+    pretrain)
+      bench --configs=vit_b8_pretrain_b64 "${TIMED[@]}" ;;
     smoke)
       bench --smoke --compile=off --input=pipeline --variants=no_augment,no_device_prefetch \
         --profile_dir="$OUT/profiles" --hlo_dir="$OUT/hlo"
       timeout "$(left)" "$PYTHON" benchmarks/device_ceilings.py --smoke \
         >>"$OUT/results.jsonl" 2>>"$OUT/log.txt" || note "device_ceilings exited $?" ;;
     *)
-      note "unknown stage $stage (ceilings core features ab b64 smoke)"; exit 2 ;;
+      note "unknown stage $stage (ceilings core features ab b64 pretrain smoke)"; exit 2 ;;
   esac
 done
 

@@ -335,3 +335,194 @@ class FeatureStep:
             features = self.features(image.float())
             logits = self.head(features)
             return torch.softmax(logits.float(), dim=-1), features
+
+
+# ----------------------------------------------------------------------------------------------
+# MoCo v3 pretraining
+
+
+def moco_mlp(dims: Sequence[int]) -> nn.Sequential:
+    """MoCo v3's ``_build_mlp`` (her2jax ``moco.MLP``): ``Linear(bias=False) -> BatchNorm1d ->
+    ReLU`` per hidden layer, the last ``Linear(bias=False) -> BatchNorm1d(affine=False)``."""
+    layers: list[nn.Module] = []
+    last = len(dims) - 2
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+        layers.append(nn.Linear(a, b, bias=False))
+        layers.append(nn.BatchNorm1d(b, affine=i < last))
+        if i < last:
+            layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class MoCoV3(nn.Module):
+    """The query network (``encoder`` -> ``projector`` -> ``predictor``) and its momentum copy
+    (``key_encoder`` -> ``key_projector``, no gradient), as ``her2jax.train.pretrain``.
+
+    Args:
+      encoder: a ``ViT3D`` (its ``features``: the final-norm CLS token); its classification
+        ``head`` is removed (her2jax's query network holds the encoder alone).
+      features: the encoder's feature width.
+      dim, mlp_dim: the heads' output and hidden widths; the projector has 3 layers.
+      freeze_patch_embed: MoCo v3's stop-gradient on the random patch projection.
+    """
+
+    def __init__(self, encoder: ViT3D, *, features: int, dim: int, mlp_dim: int,
+                 freeze_patch_embed: bool = True):
+        super().__init__()
+        import copy
+
+        encoder.head = nn.Identity()
+        self.encoder = encoder
+        self.projector = moco_mlp((features, mlp_dim, mlp_dim, dim))
+        self.predictor = moco_mlp((dim, mlp_dim, dim))
+        self.key_encoder = copy.deepcopy(encoder)
+        self.key_projector = copy.deepcopy(self.projector)
+        for p in [*self.key_encoder.parameters(), *self.key_projector.parameters()]:
+            p.requires_grad_(False)
+        if freeze_patch_embed:
+            for p in self.encoder.patch_embed.parameters():
+                p.requires_grad_(False)
+
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        return self.predictor(self.projector(self.encoder.features(x)))
+
+    @torch.no_grad()
+    def key(self, x: torch.Tensor) -> torch.Tensor:
+        return self.key_projector(self.key_encoder.features(x))
+
+    @torch.no_grad()
+    def momentum_update(self, m: float) -> None:
+        """``key <- m key + (1 - m) query`` (parameters only, as her2jax's momentum tree)."""
+        pairs = [(k, q) for k, q in zip(
+            [*self.key_encoder.parameters(), *self.key_projector.parameters()],
+            [*self.encoder.parameters(), *self.projector.parameters()], strict=True)]
+        keys = [k for k, _ in pairs]
+        torch._foreach_mul_(keys, m)
+        torch._foreach_add_(keys, [q for _, q in pairs], alpha=1.0 - m)
+
+
+def momentum_at(step: int, total: int, base: float) -> float:
+    """MoCo v3's cosine momentum schedule (her2jax ``moco.momentum_at``)."""
+    return 1.0 - 0.5 * (1.0 + math.cos(math.pi * step / max(total, 1))) * (1.0 - base)
+
+
+def contrastive_loss(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tensor:
+    """MoCo v3's ``ctr``: CE(q k^T / T, arange) x 2T over L2-normalised rows (one device)."""
+    q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1)
+    logits = q @ k.T / temperature
+    return F.cross_entropy(logits, torch.arange(len(q), device=q.device)) * 2 * temperature
+
+
+def random_views(x: torch.Tensor, views: dict) -> torch.Tensor:
+    """One augmented view per example of [B, C, D, H, W] float32, the work of her2jax's
+    ``pretrain.one_view``: a random resized crop (a box of ``crop_scale`` of the volume with
+    per-axis aspect ratios in ``crop_ratio``, resampled trilinearly to the full grid by
+    ``F.grid_sample``), flips, intensity scale / shift, a separable 5-tap Gaussian blur and
+    Gaussian noise, each with its probability, all drawn on the device."""
+    b, device = x.shape[0], x.device
+    lo, hi = views["crop_scale"]
+    scale = lo + (hi - lo) * torch.rand(b, 1, device=device)
+    r_lo, r_hi = math.log(views["crop_ratio"][0]), math.log(views["crop_ratio"][1])
+    log_ratio = r_lo + (r_hi - r_lo) * torch.rand(b, 3, device=device)
+    log_ratio = log_ratio - log_ratio.mean(dim=1, keepdim=True)
+    side = (scale ** (1 / 3) * log_ratio.exp()).clamp(0, 1)          # share of each axis
+    start = torch.rand(b, 3, device=device) * (1 - side)
+    centre = 2 * (start + side / 2) - 1                              # in [-1, 1]
+    if views.get("flips"):
+        side = side * torch.where(torch.rand(b, 3, device=device) < 0.5, -1.0, 1.0)
+    # affine_grid's (x, y, z) are the last, middle and first spatial axes (W, H, D).
+    theta = torch.zeros(b, 3, 4, device=device)
+    theta[:, 0, 0], theta[:, 1, 1], theta[:, 2, 2] = side[:, 2], side[:, 1], side[:, 0]
+    theta[:, 0, 3], theta[:, 1, 3], theta[:, 2, 3] = centre[:, 2], centre[:, 1], centre[:, 0]
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    shape = (b, 1, 1, 1, 1)
+    x = x * (1 + (2 * torch.rand(shape, device=device) - 1) * views["scale"])
+    x = x + (2 * torch.rand(shape, device=device) - 1) * views["shift"]
+    s_lo, s_hi = views["blur_sigma"]
+    sigma = s_lo + (s_hi - s_lo) * torch.rand(b, 1, device=device)
+    taps = torch.arange(-2, 3, device=device, dtype=torch.float32)
+    w = torch.exp(-0.5 * (taps / sigma) ** 2)
+    w = w / w.sum(dim=1, keepdim=True)                               # [B, 5]
+    blurred = x
+    c = x.shape[1]
+    for axis in range(3):
+        kernel_shape = [1, 1, 1]
+        kernel_shape[axis] = 5
+        pad = [0] * 6
+        pad[4 - 2 * axis: 6 - 2 * axis] = [2, 2]
+        # One group per (example, channel): each example's own kernel.
+        kernel = w.repeat_interleave(c, dim=0).view(b * c, 1, *kernel_shape)
+        padded = F.pad(blurred.reshape(1, b * c, *x.shape[2:]), pad, mode="replicate")
+        blurred = F.conv3d(padded, kernel, groups=b * c).view_as(x)
+    x = torch.where(torch.rand(shape, device=device) < views["blur_prob"], blurred, x)
+    noise_on = torch.rand(shape, device=device) < views["noise_prob"]
+    return x + noise_on * views["noise"] * torch.randn_like(x)
+
+
+class PretrainStep:
+    """One MoCo v3 step (her2jax ``pretrain.make_pretrain_step`` on one device): two views,
+    the momentum update, the key network on both views, the query network's symmetric loss,
+    backward, AdamW and the schedule; returns the loss (no host sync).
+
+    Args:
+      moco: a :class:`MoCoV3`.
+      optimizer, scheduler: over the query network's trainable parameters (decay on kernels).
+      views: the ``pretrain`` view settings.
+      temperature, base_momentum, total_steps: MoCo v3's T, m0 and T_steps.
+      autocast_dtype: ``torch.bfloat16`` for mixed precision, or None.
+      grad_clip: clip by global norm (0: off).
+      query: ``moco.query`` or a ``torch.compile`` d version of it.
+    """
+
+    def __init__(self, moco: MoCoV3, optimizer, scheduler, *, views: dict, temperature: float,
+                 base_momentum: float, total_steps: int, autocast_dtype: torch.dtype | None,
+                 grad_clip: float = 0.0, query: Callable | None = None):
+        self.moco, self.optimizer, self.scheduler = moco, optimizer, scheduler
+        self.views, self.temperature = views, temperature
+        self.base_momentum, self.total_steps = base_momentum, total_steps
+        self.autocast_dtype, self.grad_clip = autocast_dtype, grad_clip
+        self.trained = [p for p in moco.parameters() if p.requires_grad]
+        self.query = query or moco.query
+        self.step = 0
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        x = image.float()
+        x1, x2 = random_views(x, self.views), random_views(x, self.views)
+        self.moco.momentum_update(momentum_at(self.step, self.total_steps, self.base_momentum))
+        with torch.autocast(image.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            k1, k2 = self.moco.key(x1), self.moco.key(x2)
+            q1, q2 = self.query(x1), self.query(x2)
+        loss = (contrastive_loss(q1, k2, self.temperature)
+                + contrastive_loss(q2, k1, self.temperature))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.trained, self.grad_clip, foreach=True)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return loss.detach()
+
+
+def make_pretrain_optimizer(moco: MoCoV3, train: dict, *, fused: bool):
+    """AdamW over the query network's trainable parameters, weight decay on kernels (ndim >=
+    2, not the CLS token), the warmup-cosine schedule: her2jax ``optim.make_plain_optimizer``."""
+    decay, no_decay = [], []
+    for name, param in [*moco.encoder.named_parameters(), *moco.projector.named_parameters(),
+                        *moco.predictor.named_parameters()]:
+        if param.requires_grad:
+            (decay if param.ndim >= 2 and name != "cls_token" else no_decay).append(param)
+    lr = float(train["learning_rate"])
+    kwargs = {"fused": True} if fused else {"foreach": True}
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": float(train["weight_decay"])},
+         {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(train["b1"], train["b2"]),
+        **kwargs)
+
+    def factor(step: int) -> float:
+        return learning_rate_factor(step, warmup_steps=int(train["warmup_steps"]),
+                                    total_steps=int(train["steps"]))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -16,15 +16,16 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "bench_train.py"
-# The smoke run covers the ViT training step (synthetic and pipeline input) and feature
-# extraction; the ResNet's reference is checked in-process below (its XLA compilation would
-# double the run on 2 cores).
-SMOKE_CONFIGS = ("smoke_vit_b4", "smoke_vit_features_b4")
+# The smoke run covers the ViT training step (synthetic and pipeline input), feature
+# extraction and the MoCo v3 pretraining step; the ResNet's reference is checked in-process
+# below (its XLA compilation would double the run on 2 cores).
+SMOKE_CONFIGS = ("smoke_vit_b4", "smoke_vit_features_b4", "smoke_vit_pretrain_b4")
 EXPECTED = {
     "smoke_vit_b4/her2jax", "smoke_vit_b4/her2jax/pipeline", "smoke_vit_b4/pytorch",
     "smoke_vit_b4/pytorch-compile", "smoke_vit_features_b4/her2jax",
     "smoke_vit_features_b4/pytorch", "smoke_vit_features_b4/pytorch-compile",
-    "smoke_vit_b4/her2jax+no_device_prefetch/pipeline",
+    "smoke_vit_b4/her2jax+no_device_prefetch/pipeline", "smoke_vit_pretrain_b4/her2jax",
+    "smoke_vit_pretrain_b4/pytorch", "smoke_vit_pretrain_b4/pytorch-compile",
 }
 MEASURED_KEYS = (
     "name", "config", "framework", "mode", "input", "model", "batch", "input_shape", "dtype",
@@ -90,7 +91,8 @@ def test_smoke_prints_one_line_per_measurement(smoke_run):
     assert sorted(names) == sorted(EXPECTED)
     by_name = {line["name"]: line for line in lines}
     # torch.compile is skipped on a CPU in --smoke, and says so.
-    for name in ("smoke_vit_b4/pytorch-compile", "smoke_vit_features_b4/pytorch-compile"):
+    for name in ("smoke_vit_b4/pytorch-compile", "smoke_vit_features_b4/pytorch-compile",
+                 "smoke_vit_pretrain_b4/pytorch-compile"):
         assert "torch.compile" in by_name[name]["skipped"]
         assert "volumes_per_s" not in by_name[name]
     assert "measurement" in stderr and "vol/s" in stderr      # the summary table
@@ -99,7 +101,7 @@ def test_smoke_prints_one_line_per_measurement(smoke_run):
 def test_smoke_lines_are_complete_and_consistent(smoke_run):
     lines, _ = smoke_run
     measured = [line for line in lines if "skipped" not in line]
-    assert len(measured) == 6
+    assert len(measured) == 8
     for line in measured:
         missing = [k for k in MEASURED_KEYS if k not in line]
         assert not missing, (line["name"], missing)
@@ -117,7 +119,7 @@ def test_smoke_lines_are_complete_and_consistent(smoke_run):
         assert line["peak_memory_bytes"] is None or line["peak_memory_bytes"] > 0
         assert line["dtype"] == "float32" and line["device_count"] == 1
         assert line["input_shape"] == [16, 16, 16, 1] and line["batch"] == 4
-        if line["mode"] == "train":
+        if line["mode"] in ("train", "pretrain"):
             assert math.isfinite(line["final_loss"])
         assert ("torch" if "pytorch" in line["framework"] else "jax") in line["versions"]
 
@@ -131,8 +133,12 @@ def test_both_frameworks_use_one_flop_count(smoke_run):
     assert flops[("smoke_vit_b4", "her2jax", "pipeline")] == train
     features = flops[("smoke_vit_features_b4", "her2jax", "synthetic")]
     assert flops[("smoke_vit_features_b4", "pytorch", "synthetic")] == features
-    # Same model and batch: a training step counts 3 forward passes.
+    # Same model and batch: a training step counts 3 forward passes, a MoCo v3 step 8 (two
+    # views, query forward and backward, key forward).
     assert train == pytest.approx(3 * features)
+    pretrain = flops[("smoke_vit_pretrain_b4", "her2jax", "synthetic")]
+    assert flops[("smoke_vit_pretrain_b4", "pytorch", "synthetic")] == pretrain
+    assert pretrain == pytest.approx(8 * features)
 
 
 def test_ratios_are_recomputable(smoke_run):
@@ -180,13 +186,14 @@ def test_hlo_and_traces_are_saved_and_readable(smoke_run, smoke_dir, tmp_path):
     # One optimised HLO per her2jax training measurement (features are not a training step).
     assert hlo == ["smoke_vit_b4-b4-pipeline-base.hlo.txt.gz",
                    "smoke_vit_b4-b4-pipeline-no_device_prefetch.hlo.txt.gz",
-                   "smoke_vit_b4-b4-synthetic-base.hlo.txt.gz"]
+                   "smoke_vit_b4-b4-synthetic-base.hlo.txt.gz",
+                   "smoke_vit_pretrain_b4-b4-synthetic-base.hlo.txt.gz"]
     text = gzip.open(smoke_dir / "hlo" / hlo[-1], "rt").read()
     assert text.startswith("HloModule") and "ENTRY" in text
     profiled = [m for m in lines if m["framework"] == "her2jax"]
-    assert len(profiled) == 4 and all(Path(m["profile"]).is_dir() for m in profiled)
+    assert len(profiled) == 5 and all(Path(m["profile"]).is_dir() for m in profiled)
     traces = list((smoke_dir / "profiles").rglob("perfetto_trace.json.gz"))
-    assert len(traces) == 4
+    assert len(traces) == 5
     summary_script = _load("trace_summary")
     # On a CPU the XLA ops run on the Eigen thread pool (there is no /device: process).
     events = summary_script.load_events(traces[0], "/host:CPU", "^tf_XLAEigen")
@@ -461,3 +468,152 @@ def test_bench_dispatch_smoke(tmp_path):
     assert lines["optimizer"]["state_leaves"] == lines["flat_list"]["state_leaves"]
     assert (lines["flat_list"]["state_nodes"] < lines["optimizer"]["state_nodes"]
             < lines["grouped"]["state_nodes"])
+
+
+# ---------------------------------------------------------------- the MoCo v3 reference
+
+
+def _moco_pair(bench, ref, name="smoke_vit_pretrain_b4"):
+    """(config, her2jax query network, torch MoCoV3) of a pretraining benchmark."""
+    from her2jax.train import pretrain
+
+    config = bench.make_config(name, accelerator=False, dtype="float32")
+    spec = bench.model_spec(config)
+    ours = bench.host_initialised_model(config, pretrain=True)
+    assert isinstance(ours, type(pretrain.build_query(config)))
+    p = spec["pretrain"]
+    theirs = ref.MoCoV3(_torch_model(ref, spec), features=spec["embed_dim"], dim=p["dim"],
+                        mlp_dim=p["mlp_dim"], freeze_patch_embed=p["freeze_patch_embed"])
+    return config, spec, ours, theirs
+
+
+def _sizes(tree) -> list[int]:
+    import jax
+
+    return sorted(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("name", ["smoke_vit_pretrain_b4", "vit_b8_pretrain_b64"])
+def test_reference_moco_has_the_same_networks(bench, ref, name):
+    """Query (encoder, 3-layer projector, 2-layer predictor) and key network: the same
+    parameters on both sides; the full-size heads are MoCo v3's (4096 -> 256)."""
+    import torch
+    from flax import nnx
+
+    from her2jax.train import pretrain
+
+    config = bench.make_config(name, accelerator=False, dtype="float32")
+    spec = bench.model_spec(config)
+    assert (spec["pretrain"]["dim"], spec["pretrain"]["mlp_dim"]) == (
+        (32, 64) if "smoke" in name else (256, 4096))
+    query = nnx.eval_shape(lambda: pretrain.build_query(config))
+    params = nnx.state(query, nnx.Param)
+    p = spec["pretrain"]
+    with torch.device("meta"):
+        moco = ref.MoCoV3(_torch_model(ref, spec), features=spec["embed_dim"], dim=p["dim"],
+                          mlp_dim=p["mlp_dim"])
+    for part in ("encoder", "projector", "predictor"):
+        assert _sizes(params[part]) == sorted(
+            x.numel() for x in getattr(moco, part).parameters()), part
+    key = [*moco.key_encoder.parameters(), *moco.key_projector.parameters()]
+    assert _sizes({k: params[k] for k in ("encoder", "projector")}) == sorted(
+        x.numel() for x in key)
+    assert all(not x.requires_grad for x in key)
+
+
+def test_reference_moco_optimizer_matches_her2jax(bench, ref):
+    """Per parameter size: trained or frozen (the patch projection), decayed or not."""
+    import jax
+    from flax import nnx
+
+    from her2jax.train import optim, pretrain
+
+    config, spec, ours, theirs = _moco_pair(bench, ref)
+    params = nnx.state(ours, nnx.Param)
+    decay = jax.tree.leaves(optim.weight_decay_mask(params))
+    frozen = [pretrain._frozen(tuple(str(k) for k in path)) for path, _ in
+              nnx.to_flat_state(params)]
+    sizes = [int(np.prod(x.shape)) for x in jax.tree.leaves(params)]
+    mine = sorted((not f, d and not f, n) for f, d, n in zip(frozen, decay, sizes, strict=True))
+    optimizer, _ = ref.make_pretrain_optimizer(theirs, spec["train"], fused=False)
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    trained = [*theirs.encoder.parameters(), *theirs.projector.parameters(),
+               *theirs.predictor.parameters()]
+    other = sorted((id(p) in group_of, id(p) in group_of and group_of[id(p)]["weight_decay"] > 0,
+                    p.numel()) for p in trained)
+    assert mine == other
+    assert sum(1 for t, _, _ in mine if not t) == 2         # the patch conv's kernel and bias
+    assert {g["weight_decay"] for g in optimizer.param_groups} == {
+        0.0, config.train.weight_decay}
+
+
+def test_reference_moco_loss_and_momentum_equal_her2jax(ref):
+    """MoCo v3's ctr and momentum schedule: the reference's numbers are her2jax's."""
+    import torch
+
+    from her2jax.models import moco
+    from her2jax.train import pretrain
+
+    rng = np.random.default_rng(3)
+    q, k = rng.standard_normal((2, 6, 8)).astype(np.float32)
+    ours = float(pretrain.contrastive_loss(q, k, 0, 0.2)) / 6     # a sum over the queries
+    theirs = float(ref.contrastive_loss(torch.from_numpy(q), torch.from_numpy(k), 0.2))
+    assert theirs == pytest.approx(ours, rel=1e-5)
+    for step in (0, 1, 37, 100):
+        assert ref.momentum_at(step, 100, 0.99) == pytest.approx(
+            float(moco.momentum_at(step, 100, 0.99)), abs=1e-6)
+
+
+def test_reference_views_are_identity_when_nothing_is_drawn_and_augment_otherwise(ref):
+    import torch
+
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 1, 8, 10, 12))
+                         .astype(np.float32))
+    none = dict(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flips=False, scale=0.0,
+                shift=0.0, blur_sigma=(0.5, 0.5), blur_prob=0.0, noise=0.0, noise_prob=0.0)
+    torch.testing.assert_close(ref.random_views(x, none), x, atol=1e-5, rtol=1e-5)
+    # A blur with sigma ~ 0 is the identity too: the 5 taps are (0, 0, 1, 0, 0).
+    sharp = {**none, "blur_sigma": (1e-3, 1e-3), "blur_prob": 1.0}
+    torch.testing.assert_close(ref.random_views(x, sharp), x, atol=1e-5, rtol=1e-5)
+    # Only flips: the volume flipped along some axes, nothing else changed.
+    torch.manual_seed(1)
+    flipped = ref.random_views(x, {**none, "flips": True})
+    for b in range(2):
+        assert any(torch.allclose(flipped[b], x[b].flip(dims), atol=1e-5)
+                   for dims in ([], [1], [2], [3], [1, 2], [1, 3], [2, 3], [1, 2, 3]))
+    from her2jax.train import defaults
+
+    full = ref.random_views(x, defaults.pretrain_config().to_dict())
+    assert full.shape == x.shape and torch.isfinite(full).all()
+    assert not torch.allclose(full, x, atol=1e-2)
+
+
+def test_reference_pretrain_step_moves_what_her2jax_moves(bench, ref):
+    """One reference step: the loss is finite, the query encoder (but not the frozen patch
+    projection) changes, the key encoder follows it by the momentum rule."""
+    import torch
+
+    config, spec, _, moco = _moco_pair(bench, ref)
+    moco.train()
+    train = {**spec["train"], "warmup_steps": 0}
+    optimizer, scheduler = ref.make_pretrain_optimizer(moco, train, fused=False)
+    p = spec["pretrain"]
+    step = ref.PretrainStep(moco, optimizer, scheduler, views=p, temperature=p["temperature"],
+                            base_momentum=p["momentum"], total_steps=train["steps"],
+                            autocast_dtype=None)
+    host = bench.synthetic_batch(4, [16, 16, 16, 1], 3)
+    image = torch.from_numpy(host["image"]).permute(0, 4, 1, 2, 3)
+    patch = moco.encoder.patch_embed.proj.weight.detach().clone()
+    block = moco.encoder.blocks[0].attn.qkv.weight.detach().clone()
+    key_block = moco.key_encoder.blocks[0].attn.qkv.weight.detach().clone()
+    loss = step(image)
+    assert torch.isfinite(loss) and float(loss) > 0
+    assert torch.equal(patch, moco.encoder.patch_embed.proj.weight)
+    assert not torch.equal(block, moco.encoder.blocks[0].attn.qkv.weight)
+    # The momentum update came first, when key and query were still equal: unchanged.
+    torch.testing.assert_close(moco.key_encoder.blocks[0].attn.qkv.weight, key_block)
+    query_now = moco.encoder.blocks[0].attn.qkv.weight.detach().clone()
+    step(image)
+    m = ref.momentum_at(1, train["steps"], p["momentum"])
+    torch.testing.assert_close(moco.key_encoder.blocks[0].attn.qkv.weight,
+                               m * key_block + (1 - m) * query_now)
