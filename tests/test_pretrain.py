@@ -338,6 +338,8 @@ def test_pretraining_continues_from_fm_bcmris_momentum_encoder(tmp_path):
     report = port.port("fmbcmri", tmp_path / "moco.pth.tar", tmp_path / "port",
                        num_heads=cfg["heads"])
     assert report.momentum_encoder and port.has_momentum_encoder(tmp_path / "port")
+    # Its base_encoder.head is a plain Linear, not MoCo v3's projector: no heads kept.
+    assert report.moco_heads is None and not port.has_moco_heads(tmp_path / "port")
     assert json.loads((tmp_path / "port" / "port.json").read_text())["momentum_encoder"]
 
     config = _config()
@@ -360,3 +362,92 @@ def test_pretraining_continues_from_fm_bcmris_momentum_encoder(tmp_path):
     # A port without one (another source) starts the key network as a copy of the query's.
     config.model.pretrained = ""
     assert pretrain.port_key_encoder(config) is None
+
+
+def _moco_v3_mlp(torch, dims, *, last_bn):
+    """MoCo v3's ``_build_mlp`` layout (bias-free Linears, BatchNorm1d after each hidden one,
+    BatchNorm1d(affine=False) last when ``last_bn``), with non-trivial BatchNorm values."""
+    layers = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+        layers.append(torch.nn.Linear(a, b, bias=False))
+        if i < len(dims) - 2:
+            layers += [torch.nn.BatchNorm1d(b), torch.nn.ReLU()]
+        elif last_bn:
+            layers.append(torch.nn.BatchNorm1d(b, affine=False))
+    mlp = torch.nn.Sequential(*layers)
+    with torch.no_grad():
+        for layer in mlp:
+            if isinstance(layer, torch.nn.BatchNorm1d):
+                layer.running_mean.normal_()
+                layer.running_var.uniform_(0.5, 2.0)
+                if layer.affine:
+                    layer.weight.uniform_(0.5, 1.5)
+                    layer.bias.normal_()
+    return mlp.eval()
+
+
+def test_pretraining_continues_with_fm_bcmris_projector_and_predictor(tmp_path):
+    """A MoCo v3 file's heads (``base_encoder.head``, ``predictor``, ``momentum_encoder.head``)
+    are kept by the port and start the run's projector, predictor and key projector: the
+    query network then computes the file's ``predictor(base_encoder(x))``."""
+    torch = pytest.importorskip("torch")
+    from her2jax.models import port
+
+    from .test_port import VIT_CONFIGS, TorchViT3D
+
+    cfg = VIT_CONFIGS["tiny"]
+    torch.manual_seed(0)
+    base, key = TorchViT3D(**cfg).eval(), TorchViT3D(**cfg).eval()
+    projector = _moco_v3_mlp(torch, (cfg["dim"], 32, 32, 16), last_bn=True)
+    key_projector = _moco_v3_mlp(torch, (cfg["dim"], 32, 32, 16), last_bn=True)
+    predictor = _moco_v3_mlp(torch, (16, 32, 16), last_bn=True)
+    state = {}
+    for prefix, encoder, head in (("base_encoder.", base, projector),
+                                  ("momentum_encoder.", key, key_projector)):
+        state |= {prefix + k: v for k, v in encoder.timm_state_dict().items()
+                  if not k.startswith("head.")}
+        state |= {f"{prefix}head.{k}": v for k, v in head.state_dict().items()}
+    state |= {f"predictor.{k}": v for k, v in predictor.state_dict().items()}
+    # As MoCo v3 saves it: DistributedDataParallel's module. prefix on every key.
+    torch.save({"epoch": 300, "arch": "vit_base", "state_dict": {
+        "module." + k: v for k, v in state.items()}}, tmp_path / "moco.pth.tar")
+    report = port.port("fmbcmri", tmp_path / "moco.pth.tar", tmp_path / "port",
+                       num_heads=cfg["heads"])
+    assert report.moco_heads == {
+        "projector": {"widths": [cfg["dim"], 32, 32, 16], "last_bn": True},
+        "predictor": {"widths": [16, 32, 16], "last_bn": True},
+        "key_projector": {"widths": [cfg["dim"], 32, 32, 16], "last_bn": True}}
+    assert "MoCo v3 heads kept" in report.summary()
+
+    config = _config()
+    config.model.pretrained = str(tmp_path / "port")
+    query = pretrain.build_query(config)
+    key_projector_state = pretrain.load_port_heads(query, config)
+    assert key_projector_state is not None
+    optimizer = pretrain.make_optimizer(config, nnx.state(query, nnx.Param), total_steps=10)
+    graphdef, state = pretrain.create_state(query, optimizer, 0,
+                                            key_encoder=pretrain.port_key_encoder(config),
+                                            key_projector=key_projector_state)
+    # The query network is the file's: predictor(projector(features)), BatchNorm in eval mode.
+    x = np.random.default_rng(2).standard_normal((3, 16, 16, 16, 1)).astype(np.float32)
+    model = nnx.merge(graphdef, state.params, state.rest)
+    model.eval()
+    ours = np.asarray(model(x))
+    with torch.no_grad():
+        theirs = predictor(projector(base(torch.from_numpy(x).permute(0, 4, 1, 2, 3)))).numpy()
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+    # The key network's projector is the file's momentum_encoder.head: its parameters (the
+    # key network runs in training mode, on batch statistics, as in the pretraining step).
+    key_net = nnx.merge(graphdef, nnx.State({**state.params, **state.momentum}), state.rest)
+    key_net.train()
+    with torch.no_grad():
+        expected = key_projector.train()(key(torch.from_numpy(x).permute(0, 4, 1, 2, 3)))
+        expected = expected.numpy()
+    np.testing.assert_allclose(np.asarray(pretrain.key_view(key_net)(x)), expected,
+                               rtol=1e-4, atol=1e-4)
+
+    # Other widths: the heads are left alone (they start fresh), the encoder still loads.
+    config.pretrain.mlp_dim = 64
+    fresh = pretrain.build_query(config)
+    assert pretrain.load_port_heads(fresh, config) is None
+    assert fresh.projector.linears[0].kernel.shape == (cfg["dim"], 64)

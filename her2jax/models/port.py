@@ -32,7 +32,11 @@ in the model, and every shape must match: anything else is a one-line error nami
 
 The output directory holds ``encoder/`` (orbax checkpoint of the encoder's state as a pure
 dict) and ``port.json`` (source, input sha256, architecture and the provenance of each of
-its facts, key counts, inflation). It
+its facts, key counts, inflation). A MoCo v3 file (FM-BCMRI) also gives ``momentum_encoder/``
+(its key encoder) and ``moco_heads/``: the projector (``base_encoder.head``), the predictor
+(``predictor``) and the key projector (``momentum_encoder.head``), each a ``_build_mlp``
+``Sequential`` of bias-free Linears and BatchNorm1d's, in :class:`her2jax.models.moco.MLP`'s
+layout, so ``--mode=pretrain`` continues with the whole MoCo v3 network. It
 is written to a temporary sibling and renamed into place, so a failed port leaves nothing;
 the folder gets the mode the umask gives a new folder (not mkdtemp's 0700).
 """
@@ -61,6 +65,12 @@ from her2jax.models import resnet3d, torch_checkpoint, vit3d
 PORT_FILE = "port.json"
 STATE_DIR = "encoder"
 MOMENTUM_DIR = "momentum_encoder"   # a MoCo source's key encoder, when the file holds one
+HEADS_DIR = "moco_heads"            # its projector, predictor and key projector, likewise
+# Where MoCo v3 (moco/builder.py, MoCo_ViT / MoCo_ResNet) keeps its heads: the projector
+# replaces the encoder's classification head (``head`` of a ViT, ``fc`` of a ResNet).
+_MOCO_HEADS = {"projector": ("base_encoder.head.", "base_encoder.fc."),
+               "predictor": ("predictor.",),
+               "key_projector": ("momentum_encoder.head.", "momentum_encoder.fc.")}
 
 # What every checkpoint may carry besides the encoder: BatchNorm's batch counters.
 _ALWAYS_DROPPED = r"\.num_batches_tracked$"
@@ -162,6 +172,8 @@ class PortReport:
       inflation: ``{"key", "from_channels", "to_channels"}`` when the first layer was inflated.
       momentum_encoder: the port also holds the file's MoCo momentum encoder
         (``MOMENTUM_DIR``).
+      moco_heads: ``{head: {"widths", "last_bn"}}`` of the MoCo v3 heads the port holds
+        (``HEADS_DIR``), or None.
     """
 
     source: str
@@ -174,6 +186,7 @@ class PortReport:
     computed: list[str]
     inflation: dict | None
     momentum_encoder: bool = False
+    moco_heads: dict | None = None
 
     def summary(self) -> str:
         """Multi-line report for the terminal."""
@@ -191,6 +204,10 @@ class PortReport:
         if self.momentum_encoder:
             lines.append(f"  momentum encoder kept in {MOMENTUM_DIR}/ (--mode=pretrain "
                          "continues with it as the key encoder)")
+        if self.moco_heads:
+            heads = ", ".join(f"{name} {'-'.join(map(str, shape['widths']))}"
+                              for name, shape in self.moco_heads.items())
+            lines.append(f"  MoCo v3 heads kept in {HEADS_DIR}/: {heads}")
         if self.inflation:
             lines.append("  inflated {key}: {from_channels} -> {to_channels} input channels "
                          "(kernel repeated over channels / {to_channels})".format(
@@ -205,6 +222,7 @@ class PortReport:
             "num_missing": 0, "num_unexpected": 0,
             "computed": self.computed, "inflation": self.inflation,
             "momentum_encoder": self.momentum_encoder,
+            "moco_heads": self.moco_heads,
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         }
 
@@ -258,6 +276,81 @@ def encoder_tensors(raw, source: Source, *, file: str) -> tuple[dict[str, np.nda
         else:
             tensors[stripped] = value
     return tensors, sorted(dropped)
+
+
+def _moco_mlp(tensors: Mapping[str, np.ndarray], prefix: str, *,
+              file: str) -> tuple[dict, dict] | None:
+    """One MoCo v3 ``_build_mlp`` ``Sequential`` under ``prefix`` (indexed layers: a bias-free
+    Linear, then a BatchNorm1d, with or without affine, or none after the last Linear) as
+    :class:`her2jax.models.moco.MLP`'s pure state, and its shape (:func:`mlp_shape`); None
+    when the keys under
+    ``prefix`` are not such a Sequential (e.g. a plain classification head)."""
+    layers: dict[int, dict[str, np.ndarray]] = {}
+    for key, value in tensors.items():
+        if not key.startswith(prefix):
+            continue
+        index, _, name = key[len(prefix):].partition(".")
+        if not index.isdigit() or "." in name:
+            return None
+        layers.setdefault(int(index), {})[name] = value
+    linears: dict[int, dict] = {}
+    norms: dict[int, dict] = {}
+    for index in sorted(layers):
+        entry = layers[index]
+        entry.pop("num_batches_tracked", None)
+        if set(entry) == {"weight"} and entry["weight"].ndim == 2:
+            linears[len(linears)] = {"kernel": np.ascontiguousarray(entry["weight"].T)}
+        elif {"running_mean", "running_var"} <= set(entry) and linears:
+            norm = {"mean": entry["running_mean"], "var": entry["running_var"]}
+            if "weight" in entry:
+                norm.update(scale=entry["weight"], bias=entry["bias"])
+            if len(linears) - 1 in norms:
+                return None
+            norms[len(linears) - 1] = norm
+        else:
+            return None
+    if not linears:
+        return None
+    dims = [int(linears[0]["kernel"].shape[0])]
+    for i in sorted(linears):
+        kernel = linears[i]["kernel"]
+        if kernel.shape[0] != dims[-1]:
+            raise Her2jaxError(f"{prefix}: layer {i} takes {kernel.shape[0]} inputs after a "
+                               f"layer of {dims[-1]} outputs (not a MoCo v3 MLP)", file=file)
+        dims.append(int(kernel.shape[1]))
+        norm = norms.get(i)
+        if i < len(linears) - 1 and (norm is None or "scale" not in norm):
+            raise Her2jaxError(f"{prefix}: hidden layer {i} has no affine BatchNorm1d (not a "
+                               "MoCo v3 MLP)", file=file)
+        if norm is not None and any(v.shape != (dims[-1],) for v in norm.values()):
+            raise Her2jaxError(f"{prefix}: the BatchNorm1d after layer {i} is not "
+                               f"{dims[-1]} wide", file=file)
+    mlp = {"linears": linears, "norms": norms}
+    return mlp, mlp_shape(mlp)
+
+
+def mlp_shape(mlp: Mapping) -> dict:
+    """``{"widths": [in, hidden..., out], "last_bn": bool}`` of a MoCo MLP's pure state."""
+    kernels = [mlp["linears"][i]["kernel"] for i in sorted(mlp["linears"])]
+    return {"widths": [int(kernels[0].shape[0]), *(int(k.shape[1]) for k in kernels)],
+            "last_bn": len(mlp["norms"]) == len(kernels)}
+
+
+def moco_heads(raw, *, file: str) -> tuple[dict, dict] | None:
+    """A MoCo v3 file's heads: ({"projector", "predictor"[, "key_projector"]: pure state},
+    {head: :func:`mlp_shape`}), or None when the file holds no projector and predictor."""
+    source = Source("moco-heads", "", "", prefixes=("module.",), dropped=r"^$(?!)")
+    tensors, _ = encoder_tensors(raw, source, file=file)
+    heads, dims = {}, {}
+    for name, prefixes in _MOCO_HEADS.items():
+        for prefix in prefixes:
+            found = _moco_mlp(tensors, prefix, file=file)
+            if found is not None:
+                heads[name], dims[name] = found
+                break
+    if "projector" not in heads or "predictor" not in heads:
+        return None
+    return heads, dims
 
 
 def _looks_like_state(d: Mapping) -> bool:
@@ -558,10 +651,12 @@ def port(source: str, checkpoint, out, *, in_channels: int | None = None,
         if key_tensors:
             momentum, *_ = map_tensors(key_tensors, _concrete_pos(model, architecture),
                                        kind=architecture["kind"], file=str(checkpoint))
+    heads = moco_heads(raw, file=str(checkpoint)) if spec.momentum_prefix else None
     report = PortReport(spec.name, str(checkpoint), torch_checkpoint.sha256(checkpoint),
                         architecture, facts, mapped, dropped, computed, inflation,
-                        momentum_encoder=momentum is not None)
-    write_port(out, pure, report, momentum=momentum)
+                        momentum_encoder=momentum is not None,
+                        moco_heads=heads[1] if heads else None)
+    write_port(out, pure, report, momentum=momentum, heads=heads[0] if heads else None)
     return report
 
 
@@ -575,9 +670,10 @@ def _concrete_pos(model: nnx.Module, architecture: Mapping) -> nnx.Module:
 
 
 def write_port(out: Path, pure: dict, report: PortReport, *,
-               momentum: dict | None = None) -> None:
+               momentum: dict | None = None, heads: dict | None = None) -> None:
     """Writes a port directory atomically: ``STATE_DIR`` (orbax, the encoder's arrays), the
-    momentum encoder's in ``MOMENTUM_DIR`` when given, and ``port.json`` (``report``),
+    momentum encoder's in ``MOMENTUM_DIR`` and the MoCo heads in ``HEADS_DIR`` when given,
+    and ``port.json`` (``report``),
     replacing ``out`` if it exists. Called by one process of a multi-process run (the others
     do not wait for it)."""
     import orbax.checkpoint as ocp
@@ -598,9 +694,10 @@ def write_port(out: Path, pure: dict, report: PortReport, *,
                 primary_host=me, active_processes={me}))
         checkpointer.save(tmp / STATE_DIR, jax.tree.map(np.asarray, pure))
         checkpointer.wait_until_finished()
-        if momentum is not None:
-            checkpointer.save(tmp / MOMENTUM_DIR, jax.tree.map(np.asarray, momentum))
-            checkpointer.wait_until_finished()
+        for name, tree in ((MOMENTUM_DIR, momentum), (HEADS_DIR, heads)):
+            if tree is not None:
+                checkpointer.save(tmp / name, jax.tree.map(np.asarray, tree))
+                checkpointer.wait_until_finished()
         (tmp / PORT_FILE).write_text(json.dumps(report.to_json(), indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)
@@ -658,6 +755,20 @@ def check_fits(directory, kind: str, wanted: Mapping[str, tuple[object, str]]) -
                 f"--config.{key}={ported} (the weights give other features in another "
                 "network)", file=str(directory), key=key)
     return meta
+
+
+def has_moco_heads(directory) -> bool:
+    """Whether a port holds a MoCo v3 file's projector and predictor (``HEADS_DIR``)."""
+    return bool(directory) and (Path(directory) / HEADS_DIR).is_dir()
+
+
+def read_moco_heads(directory, target: dict) -> dict:
+    """The port's MoCo heads restored into the structure, shapes and dtypes of ``target``
+    (``{head: pure state}``, heads the port lacks left out)."""
+    import orbax.checkpoint as ocp
+
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target)
+    return ocp.StandardCheckpointer().restore(Path(directory).absolute() / HEADS_DIR, target)
 
 
 def has_momentum_encoder(directory) -> bool:

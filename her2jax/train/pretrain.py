@@ -236,16 +236,63 @@ def make_optimizer(config, params, *, total_steps: int) -> optax.GradientTransfo
 
 
 def create_state(query: moco.Query, optimizer, seed: int, *,
-                 key_encoder: nnx.State | None = None) -> tuple[nnx.GraphDef, TrainState]:
+                 key_encoder: nnx.State | None = None,
+                 key_projector: dict | None = None) -> tuple[nnx.GraphDef, TrainState]:
     """The initial state; ``momentum`` holds the key network's parameters: the query's
     encoder and projector, copied, or ``key_encoder`` (a port's momentum encoder,
-    :func:`port_key_encoder`) for the encoder."""
+    :func:`port_key_encoder`) for the encoder and ``key_projector`` (a port's key projector,
+    :func:`load_port_heads`) for the projector."""
     graphdef, state = state_lib.create(query, optimizer, seed)
     momentum = nnx.State({name: jax.tree.map(jnp.copy, state.params[name])
                           for name in ("encoder", "projector")})
     if key_encoder is not None:
         momentum["encoder"] = key_encoder
+    if key_projector is not None:
+        wanted = nnx.to_pure_dict(momentum["projector"])
+        nnx.replace_by_pure_dict(momentum["projector"], _common(key_projector, wanted))
     return graphdef, state.replace(momentum=momentum)
+
+
+def _common(tree: dict, like: dict) -> dict:
+    """The entries of the nested dict ``tree`` that ``like`` also has."""
+    return {k: _common(v, like[k]) if isinstance(v, dict) else v
+            for k, v in tree.items() if k in like}
+
+
+def load_port_heads(query: moco.Query, config) -> dict | None:
+    """Loads ``model.pretrained``'s MoCo v3 projector and predictor (parameters and BatchNorm
+    statistics) into ``query`` when the port holds them and they have the config's widths
+    and layers; returns the key projector's state for :func:`create_state` (None when the
+    port has none). Heads of other widths are left alone, with a warning: the run's heads
+    start fresh."""
+    directory = config.model.pretrained
+    if not port.has_moco_heads(directory):
+        return None
+    stored = port.read_port(directory).get("moco_heads") or {}
+    target = {name: nnx.to_pure_dict(nnx.state(getattr(query, name)))
+              for name in ("projector", "predictor")}
+    ours = {name: port.mlp_shape(target[name]) for name in target}
+    if any(stored.get(name) != ours[name] for name in ours):
+        def describe(shapes):
+            return ", ".join(f"{k} {'-'.join(map(str, v['widths']))}"
+                             f"{'' if v['last_bn'] else ' (no last BatchNorm)'}"
+                             for k, v in shapes.items())
+        logging.warning("the port's MoCo v3 heads (%s) are not this run's (%s, from "
+                        "pretrain.dim / mlp_dim and the encoder): the projector and predictor "
+                        "start fresh", describe(stored), describe(ours))
+        return None
+    if "key_projector" in stored:
+        target["key_projector"] = target["projector"]
+    heads = port.read_moco_heads(directory, target)
+    for name in ("projector", "predictor"):
+        module = getattr(query, name)
+        state = nnx.state(module)
+        nnx.replace_by_pure_dict(state, heads[name])
+        nnx.update(module, state)
+    logging.info("the projector and predictor start from the port's MoCo v3 heads%s",
+                 " (and the key projector from its momentum encoder's)"
+                 if "key_projector" in heads else "")
+    return heads.get("key_projector")
 
 
 def port_key_encoder(config) -> nnx.State | None:
@@ -483,9 +530,11 @@ def run(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
     total = tc.steps
 
     query = build_query(config, bn_axis_name=AXIS)
+    key_projector = load_port_heads(query, config)
     optimizer = make_optimizer(config, nnx.state(query, nnx.Param), total_steps=total)
     graphdef, state = create_state(query, optimizer, tc.seed,
-                                   key_encoder=port_key_encoder(config))
+                                   key_encoder=port_key_encoder(config),
+                                   key_projector=key_projector)
     del query
     state = jax.device_put(state, NamedSharding(mesh, P()))
     p = config.pretrain
