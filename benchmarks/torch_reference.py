@@ -241,18 +241,33 @@ def make_optimizer(model: nn.Module, train: dict, *, vit_depth: int | None,
         decay = param.ndim >= 2 and name.split(".")[-1] not in ("cls_token", "pos_embed")
         groups.setdefault((scale, decay), []).append(param)
     lr = float(train["learning_rate"])
-    param_groups = [{"params": params, "lr": lr * scale,
-                     "weight_decay": float(train["weight_decay"]) if decay else 0.0}
-                    for (scale, decay), params in sorted(groups.items())]
+    return _adamw([{"params": params, "lr": lr * scale,
+                    "weight_decay": float(train["weight_decay"]) if decay else 0.0}
+                   for (scale, decay), params in sorted(groups.items())], train, fused=fused)
+
+
+def _adamw(param_groups: list[dict], train: dict, *, fused: bool):
+    """AdamW over ``param_groups`` with ``train``'s rate and betas, and its warmup-cosine
+    ``LambdaLR``."""
     kwargs = {"fused": True} if fused else {"foreach": True}
-    optimizer = torch.optim.AdamW(param_groups, lr=lr, betas=(train["b1"], train["b2"]),
-                                  **kwargs)
+    optimizer = torch.optim.AdamW(param_groups, lr=float(train["learning_rate"]),
+                                  betas=(train["b1"], train["b2"]), **kwargs)
 
     def factor(step: int) -> float:
         return learning_rate_factor(step, warmup_steps=int(train["warmup_steps"]),
                                     total_steps=int(train["steps"]))
 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _update(loss: torch.Tensor, optimizer, scheduler, parameters, grad_clip: float) -> None:
+    """Backward, clipping by global norm (0: off), the optimizer and the schedule."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(parameters, grad_clip, foreach=True)
+    optimizer.step()
+    scheduler.step()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -312,12 +327,7 @@ class TrainStep:
             logits = self.model(x)
         loss = F.cross_entropy(logits.float(), label, weight=self.class_weights,
                                label_smoothing=self.label_smoothing)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.parameters, self.grad_clip, foreach=True)
-        self.optimizer.step()
-        self.scheduler.step()
+        _update(loss, self.optimizer, self.scheduler, self.parameters, self.grad_clip)
         return loss.detach()
 
 
@@ -496,12 +506,7 @@ class PretrainStep:
             q1, q2 = self.query(x1), self.query(x2)
         loss = (contrastive_loss(q1, k2, self.temperature)
                 + contrastive_loss(q2, k1, self.temperature))
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.trained, self.grad_clip, foreach=True)
-        self.optimizer.step()
-        self.scheduler.step()
+        _update(loss, self.optimizer, self.scheduler, self.trained, self.grad_clip)
         self.step += 1
         return loss.detach()
 
@@ -514,15 +519,5 @@ def make_pretrain_optimizer(moco: MoCoV3, train: dict, *, fused: bool):
                         *moco.predictor.named_parameters()]:
         if param.requires_grad:
             (decay if param.ndim >= 2 and name != "cls_token" else no_decay).append(param)
-    lr = float(train["learning_rate"])
-    kwargs = {"fused": True} if fused else {"foreach": True}
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": float(train["weight_decay"])},
-         {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(train["b1"], train["b2"]),
-        **kwargs)
-
-    def factor(step: int) -> float:
-        return learning_rate_factor(step, warmup_steps=int(train["warmup_steps"]),
-                                    total_steps=int(train["steps"]))
-
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return _adamw([{"params": decay, "weight_decay": float(train["weight_decay"])},
+                   {"params": no_decay, "weight_decay": 0.0}], train, fused=fused)
