@@ -51,7 +51,8 @@ def write_series(folder: Path, volume: np.ndarray, *, patient="P001", descriptio
                  orientation=AXIAL, spacing=(0.8, 0.7), slice_step=2.0,
                  origin=(-40.0, -30.0, 10.0), series_time=36000.0, slice_times=None,
                  temporal=None, extra=None, series_uid=None, reverse=False, modality="MR",
-                 start_index=0, sop_class=MRImageStorage, syntax=ExplicitVRLittleEndian):
+                 start_index=0, sop_class=MRImageStorage, syntax=ExplicitVRLittleEndian,
+                 instance_descending=False):
     """One series of ``volume`` [columns, rows, slices] as single-frame MR images.
 
     Slice k lies at origin + k * slice_step * normal (LPS mm), its pixel (row r, column c) at
@@ -85,7 +86,8 @@ def write_series(folder: Path, volume: np.ndarray, *, patient="P001", descriptio
                                    np.asarray(origin) + k * slice_step * normal]
         ds.PixelSpacing = [float(spacing[0]), float(spacing[1])]
         ds.SliceThickness = slice_step
-        ds.InstanceNumber = start_index + k + 1
+        ds.InstanceNumber = start_index + (volume.shape[2] - k if instance_descending
+                                           else k + 1)
         ds.Rows, ds.Columns = volume.shape[1], volume.shape[0]
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
@@ -115,7 +117,8 @@ def _rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def _duke_like(root: Path, *, patient="Breast_MRI_001", orientation=AXIAL, reverse_post=True):
+def _duke_like(root: Path, *, patient="Breast_MRI_001", orientation=AXIAL, reverse_post=True,
+               instance_descending=False):
     """Duke's layout: one series per phase, 'ax dyn pre', 'ax dyn 1st pass', ...; phase 2
     stored in reverse slice order. Returns the source volumes."""
     volumes = [_volume(k) for k in range(3)]
@@ -123,7 +126,7 @@ def _duke_like(root: Path, *, patient="Breast_MRI_001", orientation=AXIAL, rever
     for k, (volume, name) in enumerate(zip(volumes, names, strict=True)):
         write_series(root / patient / name.replace(" ", "_"), volume, patient=patient,
                      description=name, orientation=orientation, series_time=36000.0 + 90 * k,
-                     reverse=reverse_post and k == 2)
+                     reverse=reverse_post and k == 2, instance_descending=instance_descending)
     return volumes
 
 
@@ -131,7 +134,9 @@ def test_one_series_per_phase_round_trip(tmp_path):
     volumes = _duke_like(tmp_path / "dicom")
     (tmp_path / "dicom" / "README.txt").write_text("not DICOM")
     result = dicom.convert(tmp_path / "dicom", tmp_path / "cohort")
-    assert result == {"patients": 1, "phases": {"Breast_MRI_001": 3}, "skipped_files": 1}
+    assert result == {"patients": 1, "phases": {"Breast_MRI_001": 3}, "skipped_files": 1,
+                      "masks": 0}
+    assert (tmp_path / "cohort" / "qc" / "Breast_MRI_001.png").stat().st_size > 1000
     images = _phases(tmp_path / "cohort", "Breast_MRI_001")
     assert [p.name for p in sorted((tmp_path / "cohort/images/Breast_MRI_001").iterdir())] == [
         f"Breast_MRI_001_{k:04d}.nii.gz" for k in range(3)]
@@ -213,6 +218,84 @@ def test_volumes_match_dcm2niix(tmp_path):
         np.testing.assert_allclose(ours_c.affine, theirs_c.affine, atol=1e-3)
         np.testing.assert_array_equal(np.asarray(ours_c.get_fdata()),
                                       np.asarray(theirs_c.get_fdata()))
+
+
+# ---------------------------------------------------------------- tumour masks
+
+
+def _write_boxes(path: Path, rows: list[dict]) -> Path:
+    import pandas as pd
+
+    pd.DataFrame(rows, columns=list(dicom.BOX_COLUMNS)).to_excel(path, index=False)
+    return path
+
+
+@pytest.mark.parametrize("instance_descending", [False, True])
+def test_duke_boxes_become_masks_where_the_box_is(tmp_path, instance_descending):
+    """Rows and columns are the DICOM image's (1-based), slices count in InstanceNumber
+    order, whichever way the InstanceNumbers run along the positions."""
+    _duke_like(tmp_path / "dicom", instance_descending=instance_descending)
+    boxes = _write_boxes(tmp_path / "Annotation_Boxes.xlsx", [
+        {"Patient ID": "Breast_MRI_001", "Start Row": 2, "End Row": 4, "Start Column": 3,
+         "End Column": 7, "Start Slice": 1, "End Slice": 2},
+        {"Patient ID": "Breast_MRI_999", "Start Row": 1, "End Row": 1, "Start Column": 1,
+         "End Column": 1, "Start Slice": 1, "End Slice": 1}])     # not downloaded: ignored
+    result = dicom.convert(tmp_path / "dicom", tmp_path / "cohort", boxes=boxes)
+    assert result["masks"] == 1
+    mask_image = nib.load(tmp_path / "cohort/segmentations/expert/Breast_MRI_001.nii.gz")
+    mask = np.asarray(mask_image.dataobj)
+    pre = nib.load(tmp_path / "cohort/images/Breast_MRI_001/Breast_MRI_001_0000.nii.gz")
+    assert mask.shape == pre.shape and np.allclose(mask_image.affine, pre.affine)
+    assert mask.sum() == 3 * 5 * 2
+    # Where the box is, from the files themselves: the slices numbered 1 and 2.
+    files = [pydicom.dcmread(p) for p in (tmp_path / "dicom/Breast_MRI_001/ax_dyn_pre").iterdir()]
+    wanted_z = sorted(float(ds.ImagePositionPatient[2]) for ds in files
+                      if int(ds.InstanceNumber) in (1, 2))
+    voxels = np.argwhere(mask)
+    world = (mask_image.affine @ np.c_[voxels, np.ones(len(voxels))].T).T
+    assert sorted(set(np.round(world[:, 2], 3))) == pytest.approx(wanted_z)
+    assert set(voxels[:, 0]) == {2, 3, 4, 5, 6} and set(voxels[:, 1]) == {1, 2, 3}
+    for (c, r, _), xyz in zip(voxels, world, strict=True):
+        ds = next(d for d in files if abs(float(d.ImagePositionPatient[2]) - xyz[2]) < 1e-3)
+        np.testing.assert_allclose(xyz[:3], world_ras(
+            AXIAL, (0.8, 0.7), 2.0, [float(v) for v in ds.ImagePositionPatient], c, r, 0),
+            atol=1e-4)
+    assert (tmp_path / "cohort" / "qc" / "Breast_MRI_001.png").exists()
+
+
+def test_masks_given_as_nifti_are_checked_against_the_grid(tmp_path):
+    _duke_like(tmp_path / "dicom")
+    first = tmp_path / "first"
+    dicom.convert(tmp_path / "dicom", first)
+    pre = nib.load(first / "images/Breast_MRI_001/Breast_MRI_001_0000.nii.gz")
+    (tmp_path / "masks").mkdir()
+    mask = np.zeros(pre.shape, np.uint8)
+    mask[4:8, 3:6, 2:4] = 1
+    nib.Nifti1Image(mask, pre.affine).to_filename(tmp_path / "masks/Breast_MRI_001.nii.gz")
+    dicom.convert(tmp_path / "dicom", tmp_path / "cohort", masks=tmp_path / "masks")
+    copied = nib.load(tmp_path / "cohort/segmentations/expert/Breast_MRI_001.nii.gz")
+    np.testing.assert_array_equal(np.asarray(copied.dataobj), mask)
+    shifted = pre.affine.copy()
+    shifted[0, 3] += 5
+    nib.Nifti1Image(mask, shifted).to_filename(tmp_path / "masks/Breast_MRI_001.nii.gz")
+    with pytest.raises(Her2jaxError, match="does not match the DICOM phases"):
+        dicom.convert(tmp_path / "dicom", tmp_path / "again", masks=tmp_path / "masks")
+    assert not (tmp_path / "again").exists()
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"Start Row": 2, "End Row": 40}, "is not inside the pre-contrast image (10 rows"),
+    ({"Start Slice": 0}, "slices 0-2 is not inside"),
+    ({"End Column": "x"}, "is not six whole numbers"),
+])
+def test_bad_boxes_are_refused(tmp_path, row, message):
+    _duke_like(tmp_path / "dicom")
+    box = {"Patient ID": "Breast_MRI_001", "Start Row": 2, "End Row": 4, "Start Column": 3,
+           "End Column": 7, "Start Slice": 1, "End Slice": 2, **row}
+    boxes = _write_boxes(tmp_path / "boxes.xlsx", [box])
+    with pytest.raises(Her2jaxError, match=message.replace("(", r"\(")):
+        dicom.convert(tmp_path / "dicom", tmp_path / "cohort", boxes=boxes)
+    assert not (tmp_path / "cohort").exists()
 
 
 # ---------------------------------------------------------------- refusals

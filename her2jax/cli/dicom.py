@@ -1,12 +1,15 @@
 """her2jax-dicom: DICOM DCE-MRI series -> a cohort in the MAMA-MIA layout.
 
-  her2jax-dicom --dicom=DIR --out=COHORT [--series_regex=REGEX] [--min_phases=3]
+  her2jax-dicom --dicom=DIR --out=COHORT [--boxes=Annotation_Boxes.xlsx] [--masks=DIR]
+                [--series_regex=REGEX] [--min_phases=3] [--noqc]
 
 Groups the files under ``--dicom`` into patients and series, identifies each patient's DCE
 phases (series descriptions, temporal tags, times), orders the slices by
 ``ImagePositionPatient``, builds the affine from the DICOM geometry and writes
-``images/<pid>/<pid>_000k.nii.gz``, a ``clinical.csv`` stub (fill the HER2 columns) and
-``dicom_manifest.csv`` (see ``her2jax.data.dicom``). Any problem (a missing or duplicated
+``images/<pid>/<pid>_000k.nii.gz``, tumour masks from Duke's boxes or a mask folder
+(``segmentations/expert/<pid>.nii.gz``), a QC montage per patient (``qc/<pid>.png``), a
+``clinical.csv`` stub (fill the HER2 columns) and ``dicom_manifest.csv`` (see
+``her2jax.data.dicom``). Any problem (a missing or duplicated
 slice, mixed orientations, phases on different grids, too few phases, an ambiguous phase
 order, a non-MR object, a compressed syntax it cannot decode) is one line naming the patient
 or file, exit 2, and nothing written. Then: ``her2jax-prepare --cohort=COHORT ...``.
@@ -26,6 +29,11 @@ _OUT = flags.DEFINE_string("out", None, "New folder for the cohort (must not exi
 _SERIES = flags.DEFINE_string("series_regex", dicom.DEFAULT_SERIES_REGEX,
                               "Case-insensitive regex on SeriesDescription that selects the "
                               "dynamic (DCE) series.")
+_BOXES = flags.DEFINE_string("boxes", None, "Duke's Annotation_Boxes.xlsx (or a CSV with its "
+                             "columns): box masks on the pre-contrast grid.")
+_MASKS = flags.DEFINE_string("masks", None, "Folder of <pid>.nii.gz tumour masks on the "
+                             "phases' grid.")
+_QC = flags.DEFINE_boolean("qc", True, "Write qc/<pid>.png (--noqc: none).")
 _MIN_PHASES = flags.DEFINE_integer("min_phases", 3, "Fewer DCE phases than this (the "
                                    "pre-contrast one included) are refused.")
 
@@ -35,12 +43,14 @@ def _main(argv: list[str]) -> None:
     if not _DICOM.value or not _OUT.value:
         raise Her2jaxError("--dicom and --out are required")
     result = dicom.convert(_DICOM.value, _OUT.value, series_regex=_SERIES.value,
-                           min_phases=_MIN_PHASES.value)
+                           min_phases=_MIN_PHASES.value, boxes=_BOXES.value,
+                           masks=_MASKS.value, qc=_QC.value)
     counts = sorted(set(result["phases"].values()))
     plural = "s" if result["patients"] != 1 else ""
     print(f"wrote {_OUT.value}: {result['patients']} patient{plural}, "
-          f"{'/'.join(map(str, counts))} phases each; {result['skipped_files']} non-DICOM "
-          f"file(s) skipped; next: fill the HER2 columns of clinical.csv", flush=True)
+          f"{'/'.join(map(str, counts))} phases each, {result['masks']} tumour mask(s); "
+          f"{result['skipped_files']} non-DICOM file(s) skipped; next: fill the HER2 columns "
+          "of clinical.csv", flush=True)
 
 
 def main() -> None:

@@ -31,7 +31,10 @@ Steps, per patient (``PatientID``):
    ``RescaleSlope`` / ``RescaleIntercept``.
 
 Output (written to a temporary sibling, renamed into place: a refusal leaves nothing):
-``images/<pid>/<pid>_000k.nii.gz`` (k = phase, 0 pre-contrast), ``clinical.csv`` (a stub:
+``images/<pid>/<pid>_000k.nii.gz`` (k = phase, 0 pre-contrast),
+``segmentations/expert/<pid>.nii.gz`` (a Duke box from ``--boxes``, or a mask from
+``--masks``, on the phases' grid), ``qc/<pid>.png`` (each phase's slice through the tumour,
+its outline drawn), ``clinical.csv`` (a stub:
 patient_id, center = InstitutionName, manufacturer, field_strength, acquisition_times in
 seconds after ``ContrastBolusStartTime`` when the files give it, and empty label columns to
 fill), and ``dicom_manifest.csv``: per patient and phase the series UID, description, time
@@ -87,6 +90,7 @@ class Slice:
     matrix: tuple[int, int]    # Rows, Columns
     times: dict                # tag name -> seconds (times of day) or milliseconds -> s
     temporal_position: int | None
+    instance: int | None       # InstanceNumber
     institution: str
     manufacturer: str
     field_strength: str
@@ -181,6 +185,7 @@ def slice_of(path: Path, ds) -> Slice:
         spacing=tuple(_floats(ds.get("PixelSpacing"), 2, "PixelSpacing", path)),
         matrix=(int(ds.Rows), int(ds.Columns)), times=times,
         temporal_position=int(temporal) if temporal not in (None, "") else None,
+        instance=int(ds.InstanceNumber) if ds.get("InstanceNumber") not in (None, "") else None,
         institution=str(ds.get("InstitutionName", "")).strip(),
         manufacturer=str(ds.get("Manufacturer", "")).strip(),
         field_strength=_number_text(ds.get("MagneticFieldStrength")),
@@ -428,6 +433,111 @@ def identify_phases(patient: str, slices: Sequence[Slice], *, series_regex: str,
     return phases
 
 
+# ---------------------------------------------------------------- tumour masks
+
+BOX_COLUMNS = ("Patient ID", "Start Row", "End Row", "Start Column", "End Column",
+               "Start Slice", "End Slice")
+
+
+def read_boxes(path) -> dict[str, tuple[int, ...]]:
+    """Duke's ``Annotation_Boxes.xlsx`` (or a CSV with its columns): {patient: (start row,
+    end row, start column, end column, start slice, end slice)}, 1-based and inclusive."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise Her2jaxError("does not exist", file=str(path))
+    try:
+        table = (pd.read_csv(path, dtype=str) if path.suffix.lower() == ".csv"
+                 else pd.read_excel(path, dtype=str))
+    except (OSError, ValueError, ImportError) as error:
+        raise Her2jaxError(f"cannot be read as a table ({error})", file=str(path)) from None
+    table.columns = [str(c).strip() for c in table.columns]
+    missing = [c for c in BOX_COLUMNS if c not in table.columns]
+    if missing:
+        raise Her2jaxError(f"lacks the column(s) {', '.join(missing)} (Duke's "
+                           f"Annotation_Boxes.xlsx has {', '.join(BOX_COLUMNS)})",
+                           file=str(path))
+    boxes = {}
+    for line, row in enumerate(table.itertuples(index=False), start=2):
+        values = dict(zip(table.columns, row, strict=True))
+        pid = str(values["Patient ID"]).strip()
+        try:
+            box = tuple(int(float(values[c])) for c in BOX_COLUMNS[1:])
+        except (TypeError, ValueError):
+            raise Her2jaxError(f"line {line}: the box of {pid} is not six whole numbers",
+                               file=str(path)) from None
+        if pid in boxes:
+            raise Her2jaxError(f"line {line}: a second box for {pid}", file=str(path))
+        boxes[pid] = box
+    return boxes
+
+
+def box_mask(pid: str, box: Sequence[int], pre: Volume) -> np.ndarray:
+    """A 0/1 mask [columns, rows, slices] of a Duke box on the pre-contrast grid.
+
+    Duke's rows and columns are the DICOM image's (1-based, inclusive); its slices count in
+    ``InstanceNumber`` order (1 = the lowest number), which may run against the positions the
+    volume is sorted by: each numbered slice is found by its InstanceNumber.
+    """
+    r0, r1, c0, c1, s0, s1 = box
+    rows, columns = pre.slices[0].matrix
+    by_instance = sorted(range(len(pre.slices)), key=lambda k: (pre.slices[k].instance is None,
+                                                                pre.slices[k].instance))
+    if any(s.instance is None for s in pre.slices):
+        raise Her2jaxError("a box needs InstanceNumber on every pre-contrast slice",
+                           patient=pid)
+    n = len(pre.slices)
+    if not (1 <= r0 <= r1 <= rows and 1 <= c0 <= c1 <= columns and 1 <= s0 <= s1 <= n):
+        raise Her2jaxError(f"box rows {r0}-{r1}, columns {c0}-{c1}, slices {s0}-{s1} is not "
+                           f"inside the pre-contrast image ({rows} rows, {columns} columns, "
+                           f"{n} slices)", patient=pid)
+    mask = np.zeros((columns, rows, n), np.uint8)
+    for number in range(s0, s1 + 1):
+        mask[c0 - 1:c1, r0 - 1:r1, by_instance[number - 1]] = 1
+    return mask
+
+
+def read_mask(pid: str, path: Path, shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
+    """A user's NIfTI tumour mask, checked against the phases' grid."""
+    import nibabel as nib
+
+    try:
+        image = nib.load(path)
+        data = np.asarray(image.dataobj)
+    except Exception as error:  # nibabel raises many types for a bad file
+        raise Her2jaxError(f"cannot be read as NIfTI ({error})", patient=pid,
+                           file=str(path)) from None
+    if data.shape != shape or not np.allclose(image.affine, affine, atol=1e-3):
+        raise Her2jaxError(f"mask grid {data.shape} does not match the DICOM phases' "
+                           f"{shape} (or its affine differs)", patient=pid, file=str(path))
+    return (data != 0).astype(np.uint8)
+
+
+def qc_montage(path: Path, pid: str, phases: Sequence[np.ndarray], mask) -> None:
+    """One PNG: each phase's slice through the mask's centre (the middle slice without a
+    mask), the mask's outline on it, the phase number and description."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = (int(np.round(np.argwhere(mask).mean(axis=0)[2])) if mask is not None and mask.any()
+         else phases[0].shape[2] // 2)
+    figure, axes = plt.subplots(1, len(phases), figsize=(2.4 * len(phases), 2.6), dpi=80)
+    for i, (ax, volume) in enumerate(zip(np.atleast_1d(axes), phases, strict=True)):
+        plane = volume[:, :, k].T
+        ax.imshow(plane, cmap="gray", vmin=np.percentile(plane, 1),
+                  vmax=np.percentile(plane, 99.5))
+        if mask is not None and mask[:, :, k].any():
+            ax.contour(mask[:, :, k].T, levels=[0.5], colors="tab:red", linewidths=0.8)
+        ax.set_title(f"phase {i}", fontsize=8)
+        ax.axis("off")
+    figure.suptitle(f"{pid}: slice {k}", fontsize=9)
+    figure.savefig(path)
+    plt.close(figure)
+
+
 # ---------------------------------------------------------------- output
 
 
@@ -436,12 +546,18 @@ def _bad_patient_id(pid: str) -> bool:
 
 
 def convert(dicom_dir, out, *, series_regex: str = DEFAULT_SERIES_REGEX,
-            min_phases: int = 3) -> dict:
+            min_phases: int = 3, boxes=None, masks=None, qc: bool = True) -> dict:
     """Converts every patient under ``dicom_dir`` into a cohort at ``out`` (see the module
     docstring). Every patient is identified and checked before anything is written.
 
+    Args:
+      boxes: Duke's ``Annotation_Boxes.xlsx`` (:func:`read_boxes`): box masks of the patients
+        it lists, on the pre-contrast grid.
+      masks: a folder of ``<pid>.nii.gz`` tumour masks on the phases' grid.
+      qc: write ``qc/<pid>.png`` (:func:`qc_montage`).
+
     Returns:
-      ``{"patients", "phases": {pid: n}, "skipped_files"}``.
+      ``{"patients", "phases": {pid: n}, "skipped_files", "masks"}``.
     """
     import nibabel as nib
 
@@ -462,18 +578,42 @@ def convert(dicom_dir, out, *, series_regex: str = DEFAULT_SERIES_REGEX,
     plans = {pid: identify_phases(pid, group, series_regex=series_regex,
                                   min_phases=min_phases)
              for pid, group in sorted(by_patient.items())}
+    box_table = read_boxes(boxes) if boxes else {}
+    mask_dir = Path(masks) if masks else None
+    if mask_dir is not None and not mask_dir.is_dir():
+        raise Her2jaxError("is not a directory", file=str(mask_dir))
+    made = {pid: box_mask(pid, box_table[pid], plans[pid][0]) for pid in plans
+            if pid in box_table}
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        manifest, clinical = [], []
+        manifest, clinical, with_mask = [], [], 0
         for pid, phases in plans.items():
             folder = tmp / "images" / pid
             folder.mkdir(parents=True)
             affine = affine_of(phases[0].slices)
+            arrays = []
             for k, volume in enumerate(phases):
-                data = read_pixels(volume.slices)
-                nib.Nifti1Image(data, affine).to_filename(folder / f"{pid}_{k:04d}.nii.gz")
+                arrays.append(read_pixels(volume.slices))
+                nib.Nifti1Image(arrays[-1], affine).to_filename(
+                    folder / f"{pid}_{k:04d}.nii.gz")
+            mask = made.get(pid)
+            given = mask_dir / f"{pid}.nii.gz" if mask_dir is not None else None
+            if given is not None and given.exists():
+                if mask is not None:
+                    raise Her2jaxError(f"has a box in {boxes} and a mask in {mask_dir}: give "
+                                       "one", patient=pid)
+                mask = read_mask(pid, given, arrays[0].shape, affine)
+            if mask is not None:
+                masks_out = tmp / "segmentations" / "expert"
+                masks_out.mkdir(parents=True, exist_ok=True)
+                nib.Nifti1Image(mask, affine).to_filename(masks_out / f"{pid}.nii.gz")
+                with_mask += 1
+            if qc:
+                (tmp / "qc").mkdir(exist_ok=True)
+                qc_montage(tmp / "qc" / f"{pid}.png", pid, arrays, mask)
+            del arrays
             first = phases[0].slices[0]
             bolus = first.bolus_start
             after_first = [None if v.time is None or phases[0].time is None
@@ -506,7 +646,7 @@ def convert(dicom_dir, out, *, series_regex: str = DEFAULT_SERIES_REGEX,
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"patients": len(plans), "phases": {pid: len(p) for pid, p in plans.items()},
-            "skipped_files": skipped}
+            "skipped_files": skipped, "masks": with_mask}
 
 
 def _fmt(value: float | None) -> str:
