@@ -348,6 +348,18 @@ def _non_mr(root):
                  description="scout", modality="CT", sop_class=CTImageStorage)
 
 
+def _report(root):
+    _duke_like(root)
+    write_series(root / "sr", _volume(3)[:, :, :2], patient="Breast_MRI_001",
+                 description="report", modality="SR", sop_class="1.2.840.10008.5.1.4.1.1.88.11")
+
+
+def _spectroscopy(root):
+    _duke_like(root)
+    write_series(root / "mrs", _volume(3)[:, :, :2], patient="Breast_MRI_001",
+                 description="svs", sop_class="1.2.840.10008.5.1.4.1.1.4.2")
+
+
 def _pre_acquired_later(root):
     write_series(root / "p" / "a", _volume(0), patient="P", description="ax dyn 1st pass")
     write_series(root / "p" / "b", _volume(1), patient="P", description="ax dyn pre",
@@ -395,6 +407,8 @@ def _phase_overlap(root):
     (_uneven_spacing, "inconsistent slice spacing", "ax dyn pre"),
     (_other_geometry, "phases of different geometry", "patient P"),
     (_non_mr, "is a CT object", ".dcm"),
+    (_report, "is a SR object", ".dcm"),
+    (_spectroscopy, "is not an MR image (SOP class 1.2.840.10008.5.1.4.1.1.4.2)", ".dcm"),
     (_pre_acquired_later, "named pre-contrast but 'ax dyn 1st pass' was acquired before it",
      "patient P"),
     (_same_time, "acquired at the same time: the phase order is ambiguous", "patient P"),
@@ -425,3 +439,20 @@ def test_the_cli_writes_a_cohort_and_refuses_in_one_line(tmp_path):
     assert again.returncode == 2
     lines = [x for x in again.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and "exists and is not empty" in lines[0], again.stderr
+
+
+def test_the_recipe_sets_how_many_phases_a_patient_needs(tmp_path):
+    """Two phases: enough for the demo's kinetic maps (PE, PEL), not for FM-BCMRI's C2."""
+    write_series(tmp_path / "dicom" / "a", _volume(0), patient="P", description="ax dyn pre")
+    write_series(tmp_path / "dicom" / "b", _volume(1), patient="P",
+                 description="ax dyn 1st pass", series_time=36090.0)
+    command = [sys.executable, "-m", "her2jax.cli.dicom", f"--dicom={tmp_path / 'dicom'}"]
+    refused = subprocess.run([*command, f"--out={tmp_path / 'c1'}"], capture_output=True,
+                             text=True, cwd=REPO, timeout=120)
+    assert refused.returncode == 2
+    assert "2 DCE phase(s) found" in refused.stderr and "3 needed (recipe fmbcmri ('C2',))" \
+        in refused.stderr, refused.stderr
+    kept = subprocess.run([*command, f"--out={tmp_path / 'c2'}", "--config=configs/demo_cpu.py"],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert kept.returncode == 0, kept.stderr[-2000:]
+    assert len(list((tmp_path / "c2" / "images" / "P").iterdir())) == 2

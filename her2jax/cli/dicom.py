@@ -1,7 +1,7 @@
 """her2jax-dicom: DICOM DCE-MRI series -> a cohort in the MAMA-MIA layout.
 
   her2jax-dicom --dicom=DIR --out=COHORT [--boxes=Annotation_Boxes.xlsx] [--masks=DIR]
-                [--series_regex=REGEX] [--min_phases=3] [--noqc]
+                [--config=configs/X.py] [--series_regex=REGEX] [--min_phases=N] [--noqc]
 
 Groups the files under ``--dicom`` into patients and series, identifies each patient's DCE
 phases (series descriptions, temporal tags, times), orders the slices by
@@ -18,9 +18,10 @@ or file, exit 2, and nothing written. Then: ``her2jax-prepare --cohort=COHORT ..
 from __future__ import annotations
 
 from absl import flags
+from ml_collections import config_flags
 
 from her2jax import cli
-from her2jax.data import dicom
+from her2jax.data import dicom, preprocess, recipes
 from her2jax.errors import Her2jaxError
 
 _DICOM = flags.DEFINE_string("dicom", None, "Folder of DICOM files (any depth).")
@@ -34,16 +35,28 @@ _BOXES = flags.DEFINE_string("boxes", None, "Duke's Annotation_Boxes.xlsx (or a 
 _MASKS = flags.DEFINE_string("masks", None, "Folder of <pid>.nii.gz tumour masks on the "
                              "phases' grid.")
 _QC = flags.DEFINE_boolean("qc", True, "Write qc/<pid>.png (--noqc: none).")
-_MIN_PHASES = flags.DEFINE_integer("min_phases", 3, "Fewer DCE phases than this (the "
-                                   "pre-contrast one included) are refused.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "The config the cohort will be prepared with: a patient with fewer DCE "
+    "phases than its recipe needs is refused (default: the FM-BCMRI recipe).",
+    lock_config=True)
+_MIN_PHASES = flags.DEFINE_integer("min_phases", None, "Fewer DCE phases than this (the "
+                                   "pre-contrast one included) are refused (default: what the "
+                                   "--config recipe needs).", lower_bound=1)
 
 
 def _main(argv: list[str]) -> None:
     del argv
     if not _DICOM.value or not _OUT.value:
         raise Her2jaxError("--dicom and --out are required")
+    data_config = _CONFIG.value.data if _CONFIG.value is not None else recipes.data_config()
+    min_phases = _MIN_PHASES.value
+    needed_by = "--min_phases"
+    if min_phases is None:
+        min_phases = preprocess.required_phases(data_config.recipe)
+        needed_by = (f"recipe {data_config.recipe.get('name', '')} "
+                     f"{tuple(data_config.recipe.channels)}").replace("  ", " ")
     result = dicom.convert(_DICOM.value, _OUT.value, series_regex=_SERIES.value,
-                           min_phases=_MIN_PHASES.value, boxes=_BOXES.value,
+                           min_phases=min_phases, needed_by=needed_by, boxes=_BOXES.value,
                            masks=_MASKS.value, qc=_QC.value)
     counts = sorted(set(result["phases"].values()))
     plural = "s" if result["patients"] != 1 else ""

@@ -367,7 +367,7 @@ def _ordinal(description: str) -> int | None:
 
 
 def identify_phases(patient: str, slices: Sequence[Slice], *, series_regex: str,
-                    min_phases: int) -> list[Volume]:
+                    min_phases: int, needed_by: str = "--min_phases") -> list[Volume]:
     """The patient's DCE phases, pre-contrast first (see the module docstring)."""
     pattern = re.compile(series_regex, re.I)
     by_series = defaultdict(list)
@@ -417,7 +417,7 @@ def identify_phases(patient: str, slices: Sequence[Slice], *, series_regex: str,
                 v.description) else "acquisition time order") + " (one series per phase)"
     if len(phases) < min_phases:
         raise Her2jaxError(f"{len(phases)} DCE phase(s) found ({'; '.join(names)[:300]}), "
-                           f"{min_phases} needed (--min_phases)", patient=patient)
+                           f"{min_phases} needed ({needed_by})", patient=patient)
     reference = phases[0]
     ref_affine = affine_of(reference.slices)
     for k, v in enumerate(phases[1:], start=1):
@@ -546,7 +546,8 @@ def _bad_patient_id(pid: str) -> bool:
 
 
 def convert(dicom_dir, out, *, series_regex: str = DEFAULT_SERIES_REGEX,
-            min_phases: int = 3, boxes=None, masks=None, qc: bool = True) -> dict:
+            min_phases: int = 3, needed_by: str = "--min_phases", boxes=None, masks=None,
+            qc: bool = True) -> dict:
     """Converts every patient under ``dicom_dir`` into a cohort at ``out`` (see the module
     docstring). Every patient is identified and checked before anything is written.
 
@@ -576,7 +577,7 @@ def convert(dicom_dir, out, *, series_regex: str = DEFAULT_SERIES_REGEX,
             raise Her2jaxError(f"has no usable PatientID ({s.patient!r})", file=str(s.path))
         by_patient[s.patient].append(s)
     plans = {pid: identify_phases(pid, group, series_regex=series_regex,
-                                  min_phases=min_phases)
+                                  min_phases=min_phases, needed_by=needed_by)
              for pid, group in sorted(by_patient.items())}
     box_table = read_boxes(boxes) if boxes else {}
     mask_dir = Path(masks) if masks else None
