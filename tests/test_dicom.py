@@ -334,6 +334,15 @@ def _uneven_spacing(root):
     ds.save_as(path, enforce_file_format=True)
 
 
+def _off_the_line(root):
+    _duke_like(root)
+    folder = root / "Breast_MRI_001" / "ax_dyn_pre"
+    path = sorted(folder.iterdir())[3]
+    ds = pydicom.dcmread(path)
+    ds.ImagePositionPatient = [-39.0, -30.0, 16.0]
+    ds.save_as(path, enforce_file_format=True)
+
+
 def _other_geometry(root):
     write_series(root / "p" / "pre", _volume(0), patient="P", description="ax dyn pre")
     write_series(root / "p" / "post", _volume(1), patient="P", description="ax dyn 1st pass",
@@ -406,6 +415,7 @@ def _phase_overlap(root):
     (_two_orientations, "slices of two orientations in one series", "ax dyn pre"),
     (_uneven_spacing, "inconsistent slice spacing", "ax dyn pre"),
     (_other_geometry, "phases of different geometry", "patient P"),
+    (_off_the_line, "slice 3 lies 1 mm off the line through the others", "ax dyn pre"),
     (_non_mr, "is a CT object", ".dcm"),
     (_report, "is a SR object", ".dcm"),
     (_spectroscopy, "is not an MR image (SOP class 1.2.840.10008.5.1.4.1.1.4.2)", ".dcm"),

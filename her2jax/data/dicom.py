@@ -247,6 +247,15 @@ def _order(slices: Sequence[Slice], where: str) -> list[Slice]:
     if steps.max() - steps.min() > _SPACING_SPREAD * typical:
         raise Her2jaxError(f"{where}: inconsistent slice spacing ({steps.min():.3g} to "
                            f"{steps.max():.3g} mm)", file=str(first.path))
+    # Every slice on the line from the first to the last: an affine describes the stack.
+    step = (ordered[-1].position - ordered[0].position) / (len(ordered) - 1)
+    for k, s in enumerate(ordered):
+        off = float(np.linalg.norm(s.position - (ordered[0].position + k * step)))
+        if off > max(0.01 * typical, 1e-2):
+            raise Her2jaxError(f"{where}: slice {k} lies {off:.3g} mm off the line through "
+                               "the others (a gantry tilt that varies, or slices of two "
+                               "stacks): no single affine describes the volume",
+                               file=str(s.path))
     return ordered
 
 
