@@ -220,6 +220,31 @@ def test_volumes_match_dcm2niix(tmp_path):
                                       np.asarray(theirs_c.get_fdata()))
 
 
+def test_a_multi_volume_series_matches_dcm2niix_volume_by_volume(tmp_path):
+    """dcm2niix writes I-SPY2's multi-volume series as one 4D file; each of its volumes is
+    one of our phases, in the same order, at the same place."""
+    dcm2niix = shutil.which("dcm2niix") or str(Path(sys.executable).parent / "dcm2niix")
+    if not Path(dcm2niix).exists():
+        pytest.skip("dcm2niix is not installed")
+    uid = generate_uid()
+    for k in range(4):
+        write_series(tmp_path / "dicom" / "s", _volume(20 + k), patient="X",
+                     description="Ph1/sag VIBRANT", orientation=OBLIQUE_SAGITTAL,
+                     slice_times=[36000.0 + 80 * k + 0.5 * s for s in range(SHAPE[2])],
+                     temporal=k + 1, series_uid=uid, start_index=100 * k)
+    dicom.convert(tmp_path / "dicom", tmp_path / "cohort", min_phases=4)
+    (tmp_path / "ref").mkdir()
+    subprocess.run([dcm2niix, "-z", "y", "-b", "n", "-f", "%s", "-o", str(tmp_path / "ref"),
+                    str(tmp_path / "dicom" / "s")], check=True, capture_output=True)
+    theirs = nib.as_closest_canonical(nib.load(next((tmp_path / "ref").glob("*.nii.gz"))))
+    assert theirs.shape[3] == 4
+    for k, ours in enumerate(_phases(tmp_path / "cohort", "X")):
+        ours = nib.as_closest_canonical(ours)
+        np.testing.assert_allclose(ours.affine, theirs.affine, atol=1e-3)
+        np.testing.assert_array_equal(np.asarray(ours.get_fdata()),
+                                      theirs.get_fdata()[..., k])
+
+
 # ---------------------------------------------------------------- tumour masks
 
 
