@@ -3,6 +3,7 @@
   python benchmarks/bench_pretrain.py --work=DIR [--cohort=DIR] [--unlabelled=DIR]
       [--candidate=vit_kinetic_mm] [--pretrain_steps=1000] [--pretrain_batch=32]
       [--centers_held_out=CENTER_A,CENTER_B,CENTER_C] [--n_boot=1000] [--jsonl=FILE]
+      [--pretrain_override=pretrain.scale=0.0 ...]
 
 1. Pretrain (``pretrain.run``) the candidate's encoder (``bench_learning.CANDIDATES``; default
    the tiny ViT/4 on the demo's inputs) on a second phantom cohort of other patients
@@ -22,6 +23,7 @@ One JSON line per centre, then a Markdown table on stderr.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import platform
@@ -46,8 +48,9 @@ def _auc(entry) -> dict:
 
 
 def pretrain_encoder(bl, candidate: str, unlabelled: Path, work: Path, *, steps: int,
-                     batch: int) -> tuple[str, dict]:
-    """Pretrains the candidate's encoder on ``unlabelled``; (encoder dir, summary)."""
+                     batch: int, overrides: dict | None = None) -> tuple[str, dict]:
+    """Pretrains the candidate's encoder on ``unlabelled`` (the pretraining config changed by
+    ``overrides``, dotted keys -> values); (encoder dir, summary)."""
     from her2jax.train import defaults, pretrain
 
     config = bl.CANDIDATES[candidate][0]()
@@ -66,12 +69,19 @@ def pretrain_encoder(bl, candidate: str, unlabelled: Path, work: Path, *, steps:
                         grad_clip=0.0, layer_decay=1.0, eval_every=max(steps // 5, 1),
                         save_every=max(steps // 5, 1), log_every=max(steps // 50, 1),
                         eval_batch_size=32)
+    bl.apply_overrides(config, overrides or {})
+    # Its own workdir per setting: a finished run in the same folder would be reused.
+    name = f"pretrain-{candidate}-s{steps}-b{batch}"
+    if overrides:
+        digest = hashlib.sha256(json.dumps(overrides, sort_keys=True).encode()).hexdigest()
+        name += f"-{digest[:8]}"
     t0 = time.perf_counter()
-    result = pretrain.run(config, work / f"pretrain-{candidate}", progress=False)
+    result = pretrain.run(config, work / name, progress=False)
     return result["encoder"], {"steps": result["steps"], "loss": result["loss"],
                                "knn_macro_auc": result["knn_macro_auc"],
                                "seconds": round(time.perf_counter() - t0, 1),
-                               "learning_rate": config.train.learning_rate, "batch": batch}
+                               "learning_rate": config.train.learning_rate, "batch": batch,
+                               "overrides": overrides or {}}
 
 
 def pca_lr_run(bl, candidate: str, cohort: Path, work: Path, center: str, encoder: str,
@@ -114,7 +124,15 @@ def main() -> None:
     parser.add_argument("--centers_held_out", default="CENTER_A,CENTER_B,CENTER_C")
     parser.add_argument("--n_boot", type=int, default=1000)
     parser.add_argument("--jsonl")
+    parser.add_argument("--pretrain_override", action="append", default=[],
+                        metavar="KEY=JSON", help="a change to the pretraining config, e.g. "
+                        "pretrain.crop_scale=[0.8,1.0] (repeatable)")
     args = parser.parse_args()
+    try:
+        overrides = {k: json.loads(v) for k, v in
+                     (o.split("=", 1) for o in args.pretrain_override)}
+    except ValueError as e:
+        parser.error(f"--pretrain_override takes KEY=JSON ({e})")
 
     import jax
 
@@ -132,7 +150,8 @@ def main() -> None:
             phantom.write_cohort(path, patients=300, centers=3, seed=seed, shape=(96, 96, 48))
         cohorts[name] = path
     encoder, pretrained = pretrain_encoder(bl, args.candidate, cohorts["unlabelled"], work,
-                                           steps=args.pretrain_steps, batch=args.pretrain_batch)
+                                           steps=args.pretrain_steps, batch=args.pretrain_batch,
+                                           overrides=overrides)
     lines = [{"bench": "pretrain_setup", "candidate": args.candidate,
               "cohorts": {k: str(v) for k, v in cohorts.items()}, "pretraining": pretrained,
               "python": platform.python_version(), "jax": jax.__version__,
