@@ -491,3 +491,26 @@ def test_the_recipe_sets_how_many_phases_a_patient_needs(tmp_path):
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert kept.returncode == 0, kept.stderr[-2000:]
     assert len(list((tmp_path / "c2" / "images" / "P").iterdir())) == 2
+
+
+@pytest.mark.parametrize("names", [
+    ("ax dyn pre", "Ph1/ax dyn", "Ph2/ax dyn", "Ph3/ax dyn"),                 # Duke, GE
+    ("t1_fl3d_tra_dynVIEWS_spair", "t1_fl3d_tra_dynVIEWS_spair 1st pass",
+     "t1_fl3d_tra_dynVIEWS_spair 2nd pass", "t1_fl3d_tra_dynVIEWS_spair 3rd pass"),  # Siemens
+    ("S0 3D FGRE", "S1 3D FGRE", "S2 3D FGRE", "S3 3D FGRE"),                  # I-SPY1
+])
+def test_vendor_names_select_and_order_the_phases(tmp_path, names):
+    """Other series (a T2, a localiser) are left out; the phases follow the times, and the
+    names' phase numbers agree with them. Written in shuffled order."""
+    for k in (2, 0, 3, 1):
+        write_series(tmp_path / "dicom" / f"s{k}", _volume(k), patient="P",
+                     description=names[k], series_time=36000.0 + 75 * k)
+    write_series(tmp_path / "dicom" / "t2", _volume(9), patient="P",
+                 description="ax t2 tse", series_time=35000.0)
+    write_series(tmp_path / "dicom" / "loc", _volume(8)[:, :, :3], patient="P",
+                 description="localizer", series_time=34000.0)
+    dicom.convert(tmp_path / "dicom", tmp_path / "cohort")
+    manifest = _rows(tmp_path / "cohort" / dicom.MANIFEST)
+    assert [m["series_description"] for m in manifest] == list(names)
+    for k, image in enumerate(_phases(tmp_path / "cohort", "P")):
+        np.testing.assert_array_equal(np.asarray(image.dataobj), _volume(k))
