@@ -52,7 +52,7 @@ def write_series(folder: Path, volume: np.ndarray, *, patient="P001", descriptio
                  origin=(-40.0, -30.0, 10.0), series_time=36000.0, slice_times=None,
                  temporal=None, extra=None, series_uid=None, reverse=False, modality="MR",
                  start_index=0, sop_class=MRImageStorage, syntax=ExplicitVRLittleEndian,
-                 instance_descending=False):
+                 instance_descending=False, study="1.2.3.4"):
     """One series of ``volume`` [columns, rows, slices] as single-frame MR images.
 
     Slice k lies at origin + k * slice_step * normal (LPS mm), its pixel (row r, column c) at
@@ -72,7 +72,7 @@ def write_series(folder: Path, volume: np.ndarray, *, patient="P001", descriptio
         ds.file_meta = meta
         ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
         ds.Modality, ds.PatientID = modality, patient
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2.3.4", series_uid
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series_uid
         ds.SeriesDescription = description
         ds.Manufacturer, ds.InstitutionName, ds.MagneticFieldStrength = "SIEMENS", "SITE_A", 3
         ds.SeriesTime = _tm(series_time)
@@ -394,6 +394,13 @@ def _spectroscopy(root):
                  description="svs", sop_class="1.2.840.10008.5.1.4.1.1.4.2")
 
 
+def _two_visits(root):
+    _duke_like(root)
+    for k in range(3):
+        write_series(root / "later" / str(k), _volume(k), patient="Breast_MRI_001",
+                     description=f"ax dyn {k}", series_time=36030.0 + 90 * k, study="1.2.3.5")
+
+
 def _pre_acquired_later(root):
     write_series(root / "p" / "a", _volume(0), patient="P", description="ax dyn 1st pass")
     write_series(root / "p" / "b", _volume(1), patient="P", description="ax dyn pre",
@@ -443,6 +450,7 @@ def _phase_overlap(root):
     (_off_the_line, "slice 3 lies 1 mm off the line through the others", "ax dyn pre"),
     (_non_mr, "is a CT object", ".dcm"),
     (_report, "is a SR object", ".dcm"),
+    (_two_visits, "DCE series from 2 studies (visits)", "patient Breast_MRI_001"),
     (_spectroscopy, "is not an MR image (SOP class 1.2.840.10008.5.1.4.1.1.4.2)", ".dcm"),
     (_pre_acquired_later, "named pre-contrast but 'ax dyn 1st pass' was acquired before it",
      "patient P"),

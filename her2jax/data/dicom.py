@@ -82,6 +82,7 @@ class Slice:
 
     path: Path
     patient: str
+    study: str                 # StudyInstanceUID: one visit
     series: str
     description: str
     position: np.ndarray       # ImagePositionPatient (LPS mm)
@@ -177,6 +178,7 @@ def slice_of(path: Path, ds) -> Slice:
     temporal = ds.get("TemporalPositionIdentifier")
     return Slice(
         path=path, patient=str(ds.get("PatientID", "")).strip(),
+        study=str(ds.get("StudyInstanceUID", "")),
         series=str(ds.get("SeriesInstanceUID", "")),
         description=str(ds.get("SeriesDescription", "")).strip(),
         position=_floats(ds.get("ImagePositionPatient"), 3, "ImagePositionPatient", path),
@@ -388,6 +390,10 @@ def identify_phases(patient: str, slices: Sequence[Slice], *, series_regex: str,
     if not dynamic:
         raise Her2jaxError(f"no series matches --series_regex ({len(by_series)} series: "
                            f"{'; '.join(names)[:300]})", patient=patient)
+    studies = {group[0].study for group in dynamic.values()}
+    if len(studies) > 1:
+        raise Her2jaxError(f"DCE series from {len(studies)} studies (visits): keep one visit "
+                           "per patient under --dicom", patient=patient)
     volumes = {uid: split_volumes(group, f"series {group[0].description!r}")
                for uid, group in dynamic.items()}
     multi = [uid for uid, v in volumes.items() if len(v) > 1]
