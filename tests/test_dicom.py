@@ -135,7 +135,8 @@ def test_one_series_per_phase_round_trip(tmp_path):
     (tmp_path / "dicom" / "README.txt").write_text("not DICOM")
     result = dicom.convert(tmp_path / "dicom", tmp_path / "cohort")
     assert result == {"patients": 1, "phases": {"Breast_MRI_001": 3}, "skipped_files": 1,
-                      "masks": 0}
+                      "masks": 0, "rejected": 0}
+    assert not (tmp_path / "cohort" / dicom.REJECTED).exists()
     assert (tmp_path / "cohort" / "qc" / "Breast_MRI_001.png").stat().st_size > 1000
     images = _phases(tmp_path / "cohort", "Breast_MRI_001")
     assert [p.name for p in sorted((tmp_path / "cohort/images/Breast_MRI_001").iterdir())] == [
@@ -522,3 +523,29 @@ def test_vendor_names_select_and_order_the_phases(tmp_path, names):
     assert [m["series_description"] for m in manifest] == list(names)
     for k, image in enumerate(_phases(tmp_path / "cohort", "P")):
         np.testing.assert_array_equal(np.asarray(image.dataobj), _volume(k))
+
+
+def test_skip_invalid_writes_the_good_patients_and_lists_the_others(tmp_path):
+    root = tmp_path / "dicom"
+    _duke_like(root, patient="Breast_MRI_001")
+    _duke_like(root, patient="Breast_MRI_002")
+    _missing_slice(root)                       # Breast_MRI_001 loses a slice
+    write_series(root / "ct", _volume(3)[:, :, :2], patient="Breast_MRI_002",
+                 description="scout", modality="CT", sop_class=CTImageStorage)
+    boxes = _write_boxes(tmp_path / "boxes.xlsx", [
+        {"Patient ID": "Breast_MRI_002", "Start Row": 2, "End Row": 4, "Start Column": 3,
+         "End Column": 7, "Start Slice": 1, "End Slice": 2}])
+    with pytest.raises(Her2jaxError):
+        dicom.convert(root, tmp_path / "strict", boxes=boxes)
+    result = dicom.convert(root, tmp_path / "cohort", boxes=boxes, skip_invalid=True)
+    assert result["patients"] == 1 and result["rejected"] == 3 and result["masks"] == 1
+    assert sorted(p.name for p in (tmp_path / "cohort" / "images").iterdir()) == [
+        "Breast_MRI_002"]
+    assert [r["patient_id"] for r in _rows(tmp_path / "cohort" / "clinical.csv")] == [
+        "Breast_MRI_002"]
+    rejected = _rows(tmp_path / "cohort" / dicom.REJECTED)
+    reasons = {(r["patient_id"], r["reason"].split(":")[0]) for r in rejected}
+    assert ("Breast_MRI_002", "is a CT object (SOP class 1.2.840.10008.5.1.4.1.1.2), not an "
+            "MR image") in {(r["patient_id"], r["reason"]) for r in rejected}
+    assert ("Breast_MRI_001", "series 'ax dyn 1st pass'") in reasons
+    assert all(r["file"] for r in rejected)

@@ -2,6 +2,7 @@
 
   her2jax-dicom --dicom=DIR --out=COHORT [--boxes=Annotation_Boxes.xlsx] [--masks=DIR]
                 [--config=configs/X.py] [--series_regex=REGEX] [--min_phases=N] [--noqc]
+                [--skip_invalid]
 
 Groups the files under ``--dicom`` into patients and series, identifies each patient's DCE
 phases (series descriptions, temporal tags, times), orders the slices by
@@ -35,6 +36,9 @@ _BOXES = flags.DEFINE_string("boxes", None, "Duke's Annotation_Boxes.xlsx (or a 
 _MASKS = flags.DEFINE_string("masks", None, "Folder of <pid>.nii.gz tumour masks on the "
                              "phases' grid.")
 _QC = flags.DEFINE_boolean("qc", True, "Write qc/<pid>.png (--noqc: none).")
+_SKIP_INVALID = flags.DEFINE_boolean(
+    "skip_invalid", False, "Write the patients that pass; list the others (and refused "
+    "files) with the reason in dicom_rejected.csv.")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "The config the cohort will be prepared with: a patient with fewer DCE "
     "phases than its recipe needs is refused (default: the FM-BCMRI recipe).",
@@ -57,13 +61,16 @@ def _main(argv: list[str]) -> None:
                      f"{tuple(data_config.recipe.channels)}").replace("  ", " ")
     result = dicom.convert(_DICOM.value, _OUT.value, series_regex=_SERIES.value,
                            min_phases=min_phases, needed_by=needed_by, boxes=_BOXES.value,
-                           masks=_MASKS.value, qc=_QC.value)
+                           masks=_MASKS.value, qc=_QC.value,
+                           skip_invalid=_SKIP_INVALID.value)
     counts = sorted(set(result["phases"].values()))
     plural = "s" if result["patients"] != 1 else ""
     print(f"wrote {_OUT.value}: {result['patients']} patient{plural}, "
           f"{'/'.join(map(str, counts))} phases each, {result['masks']} tumour mask(s); "
-          f"{result['skipped_files']} non-DICOM file(s) skipped; next: fill the HER2 columns "
-          "of clinical.csv", flush=True)
+          f"{result['skipped_files']} non-DICOM file(s) skipped"
+          + (f"; {result['rejected']} refused (dicom_rejected.csv)" if result["rejected"]
+             else "")
+          + "; next: fill the HER2 columns of clinical.csv", flush=True)
 
 
 def main() -> None:

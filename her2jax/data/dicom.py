@@ -62,6 +62,7 @@ from her2jax.errors import Her2jaxError
 DEFAULT_SERIES_REGEX = (r"dyn|dce|vibrant|thrive|twist|fl3d|\bpre\b|pre[-_ ]?contrast|post|pass"
                         r"|\bph\s*\d|\bs\d\b")
 MANIFEST = "dicom_manifest.csv"
+REJECTED = "dicom_rejected.csv"
 MANIFEST_COLUMNS = ("patient_id", "phase", "series_uid", "series_description",
                     "time_after_injection_s", "time_after_first_s", "slices", "spacing_mm",
                     "shape", "identified_by")
@@ -194,16 +195,25 @@ def slice_of(path: Path, ds) -> Slice:
         bolus_start=_seconds(ds.get("ContrastBolusStartTime")))
 
 
-def scan(root: Path) -> tuple[list[Slice], int]:
-    """Every MR image slice under ``root``, and the number of non-DICOM files skipped."""
-    slices, skipped = [], 0
+def scan(root: Path, *, skip_invalid: bool = False) -> tuple[list[Slice], int, list[dict]]:
+    """Every MR image slice under ``root``, the number of non-DICOM files skipped, and (with
+    ``skip_invalid``; otherwise the first one raises) the refused DICOM files as
+    ``{"patient_id", "file", "reason"}``."""
+    slices, skipped, refused = [], 0, []
     for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
-        ds = read_header(path)
-        if ds is None:
-            skipped += 1
-            continue
-        slices.append(slice_of(path, ds))
-    return slices, skipped
+        ds = None
+        try:
+            ds = read_header(path)
+            if ds is None:
+                skipped += 1
+                continue
+            slices.append(slice_of(path, ds))
+        except Her2jaxError as error:
+            if not skip_invalid:
+                raise
+            patient = str(ds.get("PatientID", "")).strip() if ds is not None else ""
+            refused.append(dict(patient_id=patient, file=str(path), reason=error.reason))
+    return slices, skipped, refused
 
 
 # ---------------------------------------------------------------- geometry
@@ -562,7 +572,7 @@ def _bad_patient_id(pid: str) -> bool:
 
 def convert(dicom_dir, out, *, series_regex: str = DEFAULT_SERIES_REGEX,
             min_phases: int = 3, needed_by: str = "--min_phases", boxes=None, masks=None,
-            qc: bool = True) -> dict:
+            qc: bool = True, skip_invalid: bool = False) -> dict:
     """Converts every patient under ``dicom_dir`` into a cohort at ``out`` (see the module
     docstring). Every patient is identified and checked before anything is written.
 
@@ -571,98 +581,136 @@ def convert(dicom_dir, out, *, series_regex: str = DEFAULT_SERIES_REGEX,
         it lists, on the pre-contrast grid.
       masks: a folder of ``<pid>.nii.gz`` tumour masks on the phases' grid.
       qc: write ``qc/<pid>.png`` (:func:`qc_montage`).
+      skip_invalid: write the patients that pass and list the others (and any refused file)
+        with the reason in ``dicom_rejected.csv``, instead of stopping at the first problem.
 
     Returns:
-      ``{"patients", "phases": {pid: n}, "skipped_files", "masks"}``.
+      ``{"patients", "phases": {pid: n}, "skipped_files", "masks", "rejected"}``.
     """
-    import nibabel as nib
-
     root = Path(dicom_dir)
     if not root.is_dir():
         raise Her2jaxError("is not a directory", file=str(root))
     out = Path(out).absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise Her2jaxError("exists and is not empty; choose a new --out", file=str(out))
-    slices, skipped = scan(root)
+    box_table = read_boxes(boxes) if boxes else {}
+    mask_dir = Path(masks) if masks else None
+    if mask_dir is not None and not mask_dir.is_dir():
+        raise Her2jaxError("is not a directory", file=str(mask_dir))
+    slices, skipped, rejected = scan(root, skip_invalid=skip_invalid)
     if not slices:
-        raise Her2jaxError(f"holds no MR image ({skipped} non-DICOM files)", file=str(root))
+        raise Her2jaxError(f"holds no MR image ({skipped} non-DICOM files, {len(rejected)} "
+                           "refused)", file=str(root))
     by_patient = defaultdict(list)
     for s in slices:
         if _bad_patient_id(s.patient):
             raise Her2jaxError(f"has no usable PatientID ({s.patient!r})", file=str(s.path))
         by_patient[s.patient].append(s)
-    plans = {pid: identify_phases(pid, group, series_regex=series_regex,
-                                  min_phases=min_phases, needed_by=needed_by)
-             for pid, group in sorted(by_patient.items())}
-    box_table = read_boxes(boxes) if boxes else {}
-    mask_dir = Path(masks) if masks else None
-    if mask_dir is not None and not mask_dir.is_dir():
-        raise Her2jaxError("is not a directory", file=str(mask_dir))
-    made = {pid: box_mask(pid, box_table[pid], plans[pid][0]) for pid in plans
-            if pid in box_table}
+
+    def refuse(pid: str, error: Her2jaxError) -> None:
+        if not skip_invalid:
+            raise error
+        rejected.append(dict(patient_id=pid, file=error.file or "", reason=error.reason))
+
+    plans = {}
+    for pid, group in sorted(by_patient.items()):
+        try:
+            phases = identify_phases(pid, group, series_regex=series_regex,
+                                     min_phases=min_phases, needed_by=needed_by)
+            box = box_mask(pid, box_table[pid], phases[0]) if pid in box_table else None
+            plans[pid] = (phases, box)
+        except Her2jaxError as error:
+            refuse(pid, error)
+    if not plans:
+        raise Her2jaxError(f"no patient could be converted ({len(rejected)} refused; first: "
+                           f"{rejected[0]['patient_id']}: {rejected[0]['reason']})",
+                           file=str(root))
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         manifest, clinical, with_mask = [], [], 0
-        for pid, phases in plans.items():
-            folder = tmp / "images" / pid
-            folder.mkdir(parents=True)
-            affine = affine_of(phases[0].slices)
-            arrays = []
-            for k, volume in enumerate(phases):
-                arrays.append(read_pixels(volume.slices))
-                nib.Nifti1Image(arrays[-1], affine).to_filename(
-                    folder / f"{pid}_{k:04d}.nii.gz")
-            mask = made.get(pid)
-            given = mask_dir / f"{pid}.nii.gz" if mask_dir is not None else None
-            if given is not None and given.exists():
-                if mask is not None:
-                    raise Her2jaxError(f"has a box in {boxes} and a mask in {mask_dir}: give "
-                                       "one", patient=pid)
-                mask = read_mask(pid, given, arrays[0].shape, affine)
-            if mask is not None:
-                masks_out = tmp / "segmentations" / "expert"
-                masks_out.mkdir(parents=True, exist_ok=True)
-                nib.Nifti1Image(mask, affine).to_filename(masks_out / f"{pid}.nii.gz")
-                with_mask += 1
-            if qc:
-                (tmp / "qc").mkdir(exist_ok=True)
-                qc_montage(tmp / "qc" / f"{pid}.png", pid, arrays, mask)
-            del arrays
-            first = phases[0].slices[0]
-            bolus = first.bolus_start
-            after_first = [None if v.time is None or phases[0].time is None
-                           else v.time - phases[0].time for v in phases]
-            after_injection = ([None if v.time is None else max(v.time - bolus, 0.0)
-                                for v in phases] if bolus is not None else [None] * len(phases))
-            if bolus is not None:
-                after_injection[0] = 0.0
-            spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-            for k, volume in enumerate(phases):
-                manifest.append(dict(
-                    patient_id=pid, phase=k, series_uid=volume.series,
-                    series_description=volume.description,
-                    time_after_injection_s=_fmt(after_injection[k]),
-                    time_after_first_s=_fmt(after_first[k]), slices=len(volume.slices),
-                    spacing_mm="x".join(f"{v:.4g}" for v in spacing),
-                    shape="x".join(str(n) for n in (*volume.slices[0].matrix[::-1],
-                                                     len(volume.slices))),
-                    identified_by=volume.identified_by))
-            times = ";".join(_fmt(t) for t in after_injection) if bolus is not None else ""
-            clinical.append(dict(patient_id=pid, center=first.institution,
-                                 manufacturer=first.manufacturer,
-                                 field_strength=first.field_strength, acquisition_times=times,
-                                 ihc_score="", ish_result="", her2="", her2_class=""))
+        for pid, (phases, box) in list(plans.items()):
+            try:
+                rows, row, has_mask = _write_patient(tmp, pid, phases, box, mask_dir, qc=qc)
+            except Her2jaxError as error:
+                for made in (tmp / "images" / pid, tmp / "segmentations" / "expert" /
+                             f"{pid}.nii.gz", tmp / "qc" / f"{pid}.png"):
+                    if made.is_dir():
+                        shutil.rmtree(made)
+                    elif made.exists():
+                        made.unlink()
+                del plans[pid]
+                refuse(pid, error)
+                continue
+            manifest += rows
+            clinical.append(row)
+            with_mask += has_mask
+        if not plans:
+            raise Her2jaxError(f"no patient could be converted ({len(rejected)} refused)",
+                               file=str(root))
         _write_csv(tmp / MANIFEST, MANIFEST_COLUMNS, manifest)
         _write_csv(tmp / "clinical.csv", CLINICAL_COLUMNS, clinical)
+        if rejected:
+            _write_csv(tmp / REJECTED, ("patient_id", "file", "reason"), rejected)
         if out.exists():
             out.rmdir()          # empty (checked above)
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"patients": len(plans), "phases": {pid: len(p) for pid, p in plans.items()},
-            "skipped_files": skipped, "masks": with_mask}
+    return {"patients": len(plans), "phases": {pid: len(p) for pid, (p, _) in plans.items()},
+            "skipped_files": skipped, "masks": with_mask, "rejected": len(rejected)}
+
+
+def _write_patient(tmp: Path, pid: str, phases: Sequence[Volume], box, mask_dir, *,
+                   qc: bool) -> tuple[list[dict], dict, bool]:
+    """One patient's images, mask and QC montage under ``tmp``; (manifest rows, clinical
+    row, whether a mask was written)."""
+    import nibabel as nib
+
+    folder = tmp / "images" / pid
+    folder.mkdir(parents=True)
+    affine = affine_of(phases[0].slices)
+    arrays = []
+    for k, volume in enumerate(phases):
+        arrays.append(read_pixels(volume.slices))
+        nib.Nifti1Image(arrays[-1], affine).to_filename(folder / f"{pid}_{k:04d}.nii.gz")
+    mask = box
+    given = mask_dir / f"{pid}.nii.gz" if mask_dir is not None else None
+    if given is not None and given.exists():
+        if mask is not None:
+            raise Her2jaxError(f"has a box and a mask in {mask_dir}: give one", patient=pid)
+        mask = read_mask(pid, given, arrays[0].shape, affine)
+    if mask is not None:
+        masks_out = tmp / "segmentations" / "expert"
+        masks_out.mkdir(parents=True, exist_ok=True)
+        nib.Nifti1Image(mask, affine).to_filename(masks_out / f"{pid}.nii.gz")
+    if qc:
+        (tmp / "qc").mkdir(exist_ok=True)
+        qc_montage(tmp / "qc" / f"{pid}.png", pid, arrays, mask)
+    first = phases[0].slices[0]
+    bolus = first.bolus_start
+    after_first = [None if v.time is None or phases[0].time is None
+                   else v.time - phases[0].time for v in phases]
+    after_injection = ([None if v.time is None else max(v.time - bolus, 0.0) for v in phases]
+                       if bolus is not None else [None] * len(phases))
+    if bolus is not None:
+        after_injection[0] = 0.0
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    rows = [dict(patient_id=pid, phase=k, series_uid=volume.series,
+                 series_description=volume.description,
+                 time_after_injection_s=_fmt(after_injection[k]),
+                 time_after_first_s=_fmt(after_first[k]), slices=len(volume.slices),
+                 spacing_mm="x".join(f"{v:.4g}" for v in spacing),
+                 shape="x".join(str(n) for n in (*volume.slices[0].matrix[::-1],
+                                                  len(volume.slices))),
+                 identified_by=volume.identified_by)
+            for k, volume in enumerate(phases)]
+    times = ";".join(_fmt(t) for t in after_injection) if bolus is not None else ""
+    row = dict(patient_id=pid, center=first.institution, manufacturer=first.manufacturer,
+               field_strength=first.field_strength, acquisition_times=times, ihc_score="",
+               ish_result="", her2="", her2_class="")
+    return rows, row, mask is not None
 
 
 def _fmt(value: float | None) -> str:
