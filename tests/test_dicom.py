@@ -188,7 +188,10 @@ def test_a_multi_volume_series_is_split_into_its_phases(tmp_path, vendor):
             image.affine @ [5, 4, 3, 1],
             [*world_ras(OBLIQUE_SAGITTAL, (0.8, 0.7), 2.0, (-40, -30, 10), 5, 4, 3), 1],
             atol=1e-5)
-    how = {m["identified_by"] for m in _rows(tmp_path / "cohort" / dicom.MANIFEST)}
+    manifest = _rows(tmp_path / "cohort" / dicom.MANIFEST)
+    # Philips' TriggerTime counts from the series' start: its phases get times of day too.
+    assert [m["time_after_injection_s"] for m in manifest] == ["0", "80", "160", "240"]
+    how = {m["identified_by"] for m in manifest}
     expected = {"GE ContentTime": "rank in ContentTime per slice position",
                 "Philips TriggerTime": "rank in TriggerTime per slice position",
                 "TemporalPositionIdentifier": "TemporalPositionIdentifier"}[vendor]

@@ -376,8 +376,21 @@ def split_volumes(series: Sequence[Slice], where: str) -> list[Volume]:
                                    f"({late:g} >= {early:g} s): the phase order is ambiguous",
                                    file=str(first.path))
     return [Volume(_order(group, f"{where} phase {k}"), first.series, first.description,
-                   min(s.times[tag] for s in group) if tag else None, how)
+                   _clock(series, group, tag), how)
             for k, group in enumerate(ordered_groups)]
+
+
+def _clock(series: Sequence[Slice], group: Sequence[Slice], tag: str | None) -> float | None:
+    """A phase's time of day in seconds: its earliest slice's clock tag, or, for a phase told
+    apart by TriggerTime (milliseconds from the series' start), the series' start plus it."""
+    if tag is None:
+        return None
+    if tag != "TriggerTime":
+        return min(s.times[tag] for s in group)
+    start = _time_tag(series, ("AcquisitionTime", "ContentTime", "SeriesTime"))
+    if start is None:
+        return None
+    return min(s.times[start] for s in series) + min(s.times[tag] for s in group)
 
 
 def _ordinal(description: str) -> int | None:
