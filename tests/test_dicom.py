@@ -552,3 +552,19 @@ def test_skip_invalid_writes_the_good_patients_and_lists_the_others(tmp_path):
             "MR image") in {(r["patient_id"], r["reason"]) for r in rejected}
     assert ("Breast_MRI_001", "series 'ax dyn 1st pass'") in reasons
     assert all(r["file"] for r in rejected)
+
+
+def test_rescale_slope_and_intercept_are_applied(tmp_path):
+    """Stored values x RescaleSlope + RescaleIntercept; whole numbers are kept as int16,
+    others as float32."""
+    for k, (slope, intercept) in enumerate(((1, 0), (0.5, 10.25), (2, -100))):
+        write_series(tmp_path / "dicom" / f"s{k}", _volume(k), patient="P",
+                     description=f"ax dyn {k}", series_time=36000.0 + 60 * k,
+                     extra={"RescaleSlope": slope, "RescaleIntercept": intercept})
+    dicom.convert(tmp_path / "dicom", tmp_path / "cohort")
+    images = _phases(tmp_path / "cohort", "P")
+    assert [i.get_data_dtype() for i in images] == [np.int16, np.float32, np.int16]
+    for k, (image, (slope, intercept)) in enumerate(zip(images, ((1, 0), (0.5, 10.25),
+                                                                 (2, -100)), strict=True)):
+        np.testing.assert_allclose(image.get_fdata(),
+                                   _volume(k).astype(np.float64) * slope + intercept)

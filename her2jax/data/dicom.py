@@ -687,7 +687,8 @@ def _write_patient(tmp: Path, pid: str, phases: Sequence[Volume], box, mask_dir,
     arrays = []
     for k, volume in enumerate(phases):
         arrays.append(read_pixels(volume.slices))
-        nib.Nifti1Image(arrays[-1], affine).to_filename(folder / f"{pid}_{k:04d}.nii.gz")
+        nib.Nifti1Image(_compact(arrays[-1]), affine).to_filename(
+            folder / f"{pid}_{k:04d}.nii.gz")
     mask = box
     given = mask_dir / f"{pid}.nii.gz" if mask_dir is not None else None
     if given is not None and given.exists():
@@ -724,6 +725,15 @@ def _write_patient(tmp: Path, pid: str, phases: Sequence[Volume], box, mask_dir,
                field_strength=first.field_strength, acquisition_times=times, ihc_score="",
                ish_result="", her2="", her2_class="")
     return rows, row, mask is not None
+
+
+def _compact(data: np.ndarray) -> np.ndarray:
+    """int16 when every value is a whole number in its range (MR magnitudes usually are: half
+    the file of float32), else the float32 values."""
+    if data.size and np.array_equal(data, np.round(data)) and data.min() >= -32768 \
+            and data.max() <= 32767:
+        return data.astype(np.int16)
+    return data
 
 
 def _fmt(value: float | None) -> str:
