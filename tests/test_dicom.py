@@ -345,31 +345,26 @@ def _duplicated_slice(root):
     ds.save_as(folder / "copy.dcm", enforce_file_format=True)
 
 
-def _two_orientations(root):
+def _edit_pre_slice(root, index: int, **tags):
+    """A Duke-like patient whose pre-contrast slice file ``index`` gets ``tags``."""
     _duke_like(root)
-    folder = root / "Breast_MRI_001" / "ax_dyn_pre"
-    path = sorted(folder.iterdir())[1]
+    path = sorted((root / "Breast_MRI_001" / "ax_dyn_pre").iterdir())[index]
     ds = pydicom.dcmread(path)
-    ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 0.0, -1.0]
+    for key, value in tags.items():
+        setattr(ds, key, value)
     ds.save_as(path, enforce_file_format=True)
+
+
+def _two_orientations(root):
+    _edit_pre_slice(root, 1, ImageOrientationPatient=[1.0, 0.0, 0.0, 0.0, 0.0, -1.0])
 
 
 def _uneven_spacing(root):
-    _duke_like(root)
-    folder = root / "Breast_MRI_001" / "ax_dyn_pre"
-    path = sorted(folder.iterdir())[5]
-    ds = pydicom.dcmread(path)
-    ds.ImagePositionPatient = [-40.0, -30.0, 10.0 + 5 * 2.0 + 0.6]
-    ds.save_as(path, enforce_file_format=True)
+    _edit_pre_slice(root, 5, ImagePositionPatient=[-40.0, -30.0, 10.0 + 5 * 2.0 + 0.6])
 
 
 def _off_the_line(root):
-    _duke_like(root)
-    folder = root / "Breast_MRI_001" / "ax_dyn_pre"
-    path = sorted(folder.iterdir())[3]
-    ds = pydicom.dcmread(path)
-    ds.ImagePositionPatient = [-39.0, -30.0, 16.0]
-    ds.save_as(path, enforce_file_format=True)
+    _edit_pre_slice(root, 3, ImagePositionPatient=[-39.0, -30.0, 16.0])
 
 
 def _other_geometry(root):
