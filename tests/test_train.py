@@ -380,11 +380,28 @@ def test_sigterm_or_ctrl_c_saves_and_stops_then_the_run_continues_exactly(sig, s
 
 def test_early_stopping_and_gradient_accumulation(data_dir, tmp_path):
     # lr 0: the validation AUC never improves after the first evaluation.
-    result = loop.train(small_config(data_dir, learning_rate=0.0, eval_every=2,
-                                     early_stop_patience=2, warmup_steps=0), tmp_path / "a",
-                        progress=False)
+    config = small_config(data_dir, learning_rate=0.0, eval_every=2, save_every=2,
+                          keep_latest=10, early_stop_patience=2, warmup_steps=0)
+    result = loop.train(config, tmp_path / "a", progress=False)
     assert result.stopped == "early_stop" and result.steps == 6 and result.best_step == 2
     assert (tmp_path / "a" / "checkpoints" / "latest" / "6").is_dir()
+    shutil.copytree(tmp_path / "a", tmp_path / "resumed")
+    # Run again: it stopped early, so it stays stopped (it used to train on to step 12).
+    again = loop.train(config, tmp_path / "a", progress=False)
+    assert again.stopped == "early_stop" and again.steps == 6 and again.best_step == 2
+    assert max(r["step"] for r in logger.read_metrics(tmp_path / "a")) == 6
+    assert not (tmp_path / "a" / "checkpoints" / "latest" / "8").exists()
+    # Resumed from step 4 (one validation without a better one behind it): it stops where the
+    # uninterrupted run stopped, at 6 (the count used to restart at 0: it stopped at 8).
+    for path in (tmp_path / "resumed" / "checkpoints" / "latest").iterdir():
+        if path.name.isdigit() and int(path.name) > 4:
+            shutil.rmtree(path)
+    resumed = loop.train(config, tmp_path / "resumed", progress=False)
+    assert resumed.stopped == "early_stop" and resumed.steps == 6 and resumed.best_step == 2
+    assert loop.evaluations_since_best(4, 2, 2, 12) == 1       # the validation at 4
+    assert loop.evaluations_since_best(12, 6, 4, 14) == 2      # at 8 and 12
+    assert loop.evaluations_since_best(14, 12, 4, 14) == 1     # at the last step, 14
+    assert loop.evaluations_since_best(5, None, 2, 12) == 0    # no validation kept yet
     accumulated = loop.train(small_config(data_dir, steps=3, grad_accum=2, eval_every=6,
                                           save_every=6, warmup_steps=1), tmp_path / "b",
                              progress=False)

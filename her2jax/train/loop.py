@@ -256,10 +256,19 @@ def train(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
         bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
                    disable=not progress or jax.process_index() != 0)
         stack.callback(bar.close)
-        stopped, since_best, window = "done", 0, (time.perf_counter(), start)
+        # Early stopping resumes where it was: the validations since the kept best step that
+        # did not beat it (a run that stopped early stays stopped).
+        since_best = evaluations_since_best(start, checkpoints.best_step(), tc.eval_every,
+                                            total)
+        stopped, window = "done", (time.perf_counter(), start)
+        if tc.early_stop_patience and since_best >= tc.early_stop_patience:
+            stopped = "early_stop"
+            logging.info("stopped early at step %d before (%d validations without a better "
+                         "one than step %d): nothing to resume", start, since_best,
+                         checkpoints.best_step())
         profile = tuple(tc.profile_steps)
         preemption = stack.enter_context(Preemption())
-        for step in range(start, total):
+        for step in range(start, total if stopped == "done" else start):
             if profile and step == profile[0] and jax.process_index() == 0:
                 jax.profiler.start_trace(str(workdir / "profile"))
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -304,6 +313,17 @@ def train(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
         return TrainResult(int(jax.device_get(state.step)),
                            _selected_value(select_by, checkpoints.best_metric()),
                            checkpoints.best_step(), stopped, select_by)
+
+
+def evaluations_since_best(step: int, best_step: int | None, eval_every: int,
+                           total: int) -> int:
+    """How many validations after ``best_step`` up to ``step`` (the loop validates at every
+    multiple of ``eval_every`` and at ``total``) did not beat it: the early-stopping count a
+    run resumed at ``step`` continues from (0 before the first validation)."""
+    if best_step is None:
+        return 0
+    return sum(1 for done in range(best_step + 1, step + 1)
+               if done % eval_every == 0 or done == total)
 
 
 def log_step(log: RunLog, done: int, step_metrics, window: tuple[float, int],
