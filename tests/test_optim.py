@@ -394,3 +394,18 @@ def test_sgd_config_errors_and_missing_fields(vit_params):
     assert error.value.key == "train.grad_clip"
     with pytest.raises(Her2jaxError, match="positive") as error:
         optim.learning_rate_schedule(_config(), 0)
+
+
+@pytest.mark.parametrize("freeze", ["encoder", "last_k"])
+def test_freezing_a_model_without_an_encoder_is_refused(freeze):
+    """The tumour-region network alone (model.encoder='none'): freezing "the encoder" would
+    freeze nothing and train everything, silently."""
+    from her2jax.models import roi_pool
+
+    params = _fill(_abstract_params(lambda: heads.Classifier(
+        None, heads.Head(34, 3, rngs=nnx.Rngs(0)),
+        roi=roi_pool.RoiPool(in_channels=3, mask_channel=2, hidden=8, rim_voxels=(2, 4),
+                             rngs=nnx.Rngs(0)))), 1.0)
+    with pytest.raises(Her2jaxError, match="the model has no encoder"):
+        optim.param_groups(params, _config(freeze=freeze, freeze_keep=1))
+    assert set(jax.tree.leaves(optim.param_groups(params, _config(freeze="none")))) == {"train"}

@@ -190,7 +190,8 @@ def layer_ids(params: nnx.State):
 def param_groups(params: nnx.State, train_config):
     """Which parameters train and which are frozen, from ``train.freeze`` / ``freeze_keep``.
 
-    ``'none'``: everything trains. ``'encoder'``: only the head trains (linear probe).
+    ``'none'``: everything trains. ``'encoder'``: the encoder is frozen, the head (and a
+    tumour-region branch beside the encoder, if any) trains (linear probe).
     ``'last_k'``: the head, the ViT's final norm and the last k ViT blocks / ResNet stages
     train, i.e. every parameter with layer id >= ``num_layers - k`` (so k = depth + 1 for a
     ViT, or 5 for a ResNet, also trains the stem: everything). BatchNorm statistics are not
@@ -204,6 +205,10 @@ def param_groups(params: nnx.State, train_config):
       A pytree of str, ``'train'`` or ``'frozen'``, of the same structure as ``params``.
     """
     freeze, keep = _check_freeze(train_config)
+    if freeze != "none" and "encoder" not in params:
+        raise Her2jaxError(f"freeze {freeze!r} freezes encoder layers, but the model has no "
+                           "encoder (model.encoder='none'): nothing would be frozen; use "
+                           "freeze='none'", key="train.freeze")
     layer_id, num_layers = _layer_table(params)
 
     def group(p: tuple, _) -> str:
