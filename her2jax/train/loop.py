@@ -164,9 +164,11 @@ def check_batch(batch_size: int, key: str) -> None:
 
 
 class Preemption:
-    """SIGTERM (preemption) or a first Ctrl-C (SIGINT) sets a flag; the loop saves at the next
-    step and stops, so either can be resumed exactly. A second Ctrl-C interrupts at once
-    (KeyboardInterrupt: the checkpoint in progress is finished on the way out).
+    """SIGTERM (preemption), SIGHUP (the terminal or SSH session that started the run went
+    away) or a first Ctrl-C (SIGINT) sets a flag; the loop saves at the next step and stops,
+    so any of them can be resumed exactly. A second Ctrl-C interrupts at once
+    (KeyboardInterrupt: the checkpoint in progress is finished on the way out). A SIGHUP the
+    process ignores (started under ``nohup``) stays ignored.
 
     With several processes a SIGTERM reaches one or some of them; JAX's preemption service
     (which catches SIGTERM itself) agrees on a step at which every process saves and stops, so
@@ -188,10 +190,15 @@ class Preemption:
                 signal.signal(signal.SIGINT, signal.default_int_handler)
                 logging.warning("Ctrl-C: saving a checkpoint at the next step, then stopping "
                                 "(Ctrl-C again to stop at once)")
+            elif signum == signal.SIGHUP:
+                logging.warning("hang-up (SIGHUP): saving a checkpoint at the next step, then "
+                                "stopping")
 
         if self._shared:
             return self
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            if signum == signal.SIGHUP and signal.getsignal(signum) is not signal.SIG_DFL:
+                continue   # nohup (ignored) or the caller's own handler: leave it
             try:
                 self._previous[signum] = signal.signal(signum, handler)
             except ValueError:   # not the main thread (e.g. some test runners): no handler
