@@ -432,6 +432,12 @@ def _compressed(root):
     ds.save_as(path, enforce_file_format=True)
 
 
+def _truncated(root):
+    _duke_like(root)
+    path = sorted((root / "Breast_MRI_001" / "ax_dyn_pre").iterdir())[0]
+    path.write_bytes(path.read_bytes()[:-50])
+
+
 def _phase_overlap(root):
     uid = generate_uid()
     for k in range(3):
@@ -457,6 +463,7 @@ def _phase_overlap(root):
     (_too_few_phases, "2 DCE phase(s) found", "3 needed"),
     (_compressed, "transfer syntax JPEG 2000 Image Compression (Lossless Only)", ".dcm"),
     (_phase_overlap, "phases 0 and 1 overlap in ContentTime", "phase order is ambiguous"),
+    (_truncated, "pixel data cannot be read", "a truncated or damaged file?"),
 ])
 def test_refusals_are_one_line_and_write_nothing(tmp_path, make, message, names):
     make(tmp_path / "dicom")
@@ -563,3 +570,19 @@ def test_rescale_slope_and_intercept_are_applied(tmp_path):
                                                                  (2, -100)), strict=True)):
         np.testing.assert_allclose(image.get_fdata(),
                                    _volume(k).astype(np.float64) * slope + intercept)
+
+
+def test_a_malformed_header_value_is_one_line(tmp_path):
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    _duke_like(tmp_path / "dicom")
+    path = sorted((tmp_path / "dicom" / "Breast_MRI_001" / "ax_dyn_pre").iterdir())[2]
+    ds = pydicom.dcmread(path)
+    # Bytes a damaged exporter might write (pydicom refuses to make such a value itself).
+    tag = Tag("InstanceNumber")
+    ds._dict[tag] = RawDataElement(tag, "IS", 2, b"x7", 0, False, True)
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(Her2jaxError, match="has a malformed header value") as caught:
+        dicom.convert(tmp_path / "dicom", tmp_path / "cohort")
+    assert "ax_dyn_pre" in str(caught.value) and "\n" not in str(caught.value)

@@ -44,6 +44,7 @@ identified.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import math
@@ -143,6 +144,21 @@ def _floats(value, n: int, what: str, path: Path) -> np.ndarray:
     return out
 
 
+@contextlib.contextmanager
+def _quiet_validation():
+    """pydicom's value checks off while reading: a malformed value raises where it is used
+    (one line naming the file) instead of also printing a multi-line warning."""
+    import pydicom
+
+    settings = pydicom.config.settings
+    before = settings.reading_validation_mode
+    settings.reading_validation_mode = pydicom.config.IGNORE
+    try:
+        yield
+    finally:
+        settings.reading_validation_mode = before
+
+
 def read_header(path: Path):
     """The file's dataset without pixels, or None when it is not a DICOM file."""
     import pydicom
@@ -169,6 +185,13 @@ def slice_of(path: Path, ds) -> Slice:
     if sop_class == MR_IMAGE_SOP_CLASSES[1]:
         raise Her2jaxError("is an Enhanced MR (multi-frame) object; export the series as "
                            "classic single-frame MR images", file=str(path))
+    try:
+        return _facts(path, ds)
+    except (TypeError, ValueError, AttributeError) as error:
+        raise Her2jaxError(f"has a malformed header value ({error})", file=str(path)) from None
+
+
+def _facts(path: Path, ds) -> Slice:
     times = {}
     for tag in ("AcquisitionTime", "ContentTime", "SeriesTime"):
         t = _seconds(ds.get(tag))
@@ -200,19 +223,20 @@ def scan(root: Path, *, skip_invalid: bool = False) -> tuple[list[Slice], int, l
     ``skip_invalid``; otherwise the first one raises) the refused DICOM files as
     ``{"patient_id", "file", "reason"}``."""
     slices, skipped, refused = [], 0, []
-    for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
-        ds = None
-        try:
-            ds = read_header(path)
-            if ds is None:
-                skipped += 1
-                continue
-            slices.append(slice_of(path, ds))
-        except Her2jaxError as error:
-            if not skip_invalid:
-                raise
-            patient = str(ds.get("PatientID", "")).strip() if ds is not None else ""
-            refused.append(dict(patient_id=patient, file=str(path), reason=error.reason))
+    with _quiet_validation():
+        for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
+            ds = None
+            try:
+                ds = read_header(path)
+                if ds is None:
+                    skipped += 1
+                    continue
+                slices.append(slice_of(path, ds))
+            except Her2jaxError as error:
+                if not skip_invalid:
+                    raise
+                patient = str(ds.get("PatientID", "")).strip() if ds is not None else ""
+                refused.append(dict(patient_id=patient, file=str(path), reason=error.reason))
     return slices, skipped, refused
 
 
@@ -287,27 +311,38 @@ def affine_of(ordered: Sequence[Slice]) -> np.ndarray:
 
 def read_pixels(ordered: Sequence[Slice]) -> np.ndarray:
     """The volume [columns, rows, slices] float32 (rescaled), slices in the given order."""
+    with _quiet_validation():
+        return np.stack([_plane(s) for s in ordered], axis=-1)
+
+
+def _plane(s: Slice) -> np.ndarray:
+    """One slice's rescaled pixels [columns, rows] float32."""
     import pydicom
 
-    planes = []
-    for s in ordered:
-        ds = pydicom.dcmread(s.path)
-        syntax = ds.file_meta.get("TransferSyntaxUID")
-        try:
-            pixels = ds.pixel_array
-        except (NotImplementedError, RuntimeError, ValueError) as error:
-            name = getattr(syntax, "name", str(syntax))
-            raise Her2jaxError(f"pixel data in transfer syntax {name} ({syntax}) cannot be "
-                               f"decoded here ({str(error).splitlines()[0][:120]}); convert "
-                               "the series to an uncompressed syntax first (e.g. gdcmconv "
-                               "--raw)", file=str(s.path)) from None
-        if pixels.shape != s.matrix:
-            raise Her2jaxError(f"holds {pixels.shape} pixels where Rows x Columns say "
-                               f"{s.matrix}", file=str(s.path))
+    ds = pydicom.dcmread(s.path)
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    try:
+        pixels = ds.pixel_array
+    except (NotImplementedError, RuntimeError, ValueError, AttributeError) as error:
+        name = getattr(syntax, "name", str(syntax))
+        reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+        if syntax is not None and not getattr(syntax, "is_compressed", True):
+            raise Her2jaxError(f"pixel data cannot be read ({reason}): a truncated or "
+                               "damaged file?", file=str(s.path)) from None
+        raise Her2jaxError(f"pixel data in transfer syntax {name} ({syntax}) cannot be "
+                           f"decoded here ({reason}); convert the series to an "
+                           "uncompressed syntax first (e.g. gdcmconv --raw)",
+                           file=str(s.path)) from None
+    if pixels.shape != s.matrix:
+        raise Her2jaxError(f"holds {pixels.shape} pixels where Rows x Columns say "
+                           f"{s.matrix}", file=str(s.path))
+    try:
         slope = float(ds.get("RescaleSlope", 1) or 1)
         intercept = float(ds.get("RescaleIntercept", 0) or 0)
-        planes.append((pixels.astype(np.float32) * slope + intercept).T)
-    return np.stack(planes, axis=-1)
+    except (TypeError, ValueError) as error:
+        raise Her2jaxError(f"has a malformed RescaleSlope / RescaleIntercept ({error})",
+                           file=str(s.path)) from None
+    return (pixels.astype(np.float32) * slope + intercept).T
 
 
 # ---------------------------------------------------------------- volumes and phases
