@@ -277,20 +277,23 @@ RESUME_ARGS = ["--config=configs/tiny_cpu.py", "--config.data.recipe.shape=(24,2
                "--noprogress"]
 
 
-def _default_signals() -> None:
-    for sig in (signal.SIGHUP, signal.SIGINT):
-        signal.signal(sig, signal.SIG_DFL)
+# Resets SIGHUP and SIGINT to their defaults, then becomes the engine (exec keeps them): the
+# signals the tests send start at their defaults whatever this test run inherited (CI under
+# nohup ignores SIGHUP; a shell's `&` ignores SIGINT). A preexec_fn would do it after a fork
+# of this multithreaded (JAX) process, which Python warns may deadlock.
+_WITH_DEFAULT_SIGNALS = ("import os, signal, sys; "
+                         "[signal.signal(s, signal.SIG_DFL) for s in (signal.SIGHUP, "
+                         "signal.SIGINT)]; os.execv(sys.executable, [sys.executable, "
+                         "*sys.argv[1:]])")
 
 
 def _her2jax(workdir: Path, data_dir: Path, *extra: str, env=None, wait=True):
     command = [sys.executable, "-m", "her2jax.main", f"--workdir={workdir}", *RESUME_ARGS,
                f"--config.data.data_dir={data_dir}", *extra]
     if not wait:
-        # The signals the tests send start at their defaults in the child, whatever this test
-        # run inherited (CI under nohup ignores SIGHUP; a shell's `&` ignores SIGINT).
-        return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True,
-                                preexec_fn=_default_signals)
+        return subprocess.Popen([sys.executable, "-c", _WITH_DEFAULT_SIGNALS, *command[1:]],
+                                cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
