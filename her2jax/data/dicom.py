@@ -1,6 +1,6 @@
 """DICOM DCE-MRI -> the MAMA-MIA layout: series grouped, phases identified, geometry checked.
 
-  her2jax-dicom --dicom=DIR --out=COHORT [--series_regex=...] [--min_phases=3]
+  her2jax-dicom --dicom=DIR --out=COHORT [--boxes=...] [--masks=DIR] [--skip_invalid] ...
 
 Steps, per patient (``PatientID``):
 
@@ -39,7 +39,9 @@ patient_id, center = InstitutionName, manufacturer, field_strength, acquisition_
 seconds after ``ContrastBolusStartTime`` when the files give it, and empty label columns to
 fill), and ``dicom_manifest.csv``: per patient and phase the series UID, description, time
 after injection (or after the first phase), slice count, voxel spacing and how the phase was
-identified.
+identified. With ``--skip_invalid`` the patients that pass are written and the others (and
+refused files) listed with the reason in ``dicom_rejected.csv``. DCE series of two studies
+(visits) under one patient are refused: keep one visit per patient.
 """
 
 from __future__ import annotations
