@@ -572,6 +572,13 @@ def test_rescale_slope_and_intercept_are_applied(tmp_path):
                                    _volume(k).astype(np.float64) * slope + intercept)
 
 
+def test_a_bad_series_regex_is_one_line(tmp_path):
+    _duke_like(tmp_path / "dicom")
+    with pytest.raises(Her2jaxError, match="--series_regex '\\(dyn' is not a regular"):
+        dicom.convert(tmp_path / "dicom", tmp_path / "cohort", series_regex="(dyn")
+    assert not (tmp_path / "cohort").exists()
+
+
 def test_a_malformed_header_value_is_one_line(tmp_path):
     from pydicom.dataelem import RawDataElement
     from pydicom.tag import Tag

@@ -637,6 +637,11 @@ def convert(dicom_dir, out, *, series_regex: str = DEFAULT_SERIES_REGEX,
     Returns:
       ``{"patients", "phases": {pid: n}, "skipped_files", "masks", "rejected"}``.
     """
+    try:
+        re.compile(series_regex)
+    except re.error as error:
+        raise Her2jaxError(f"--series_regex {series_regex!r} is not a regular expression "
+                           f"({error})") from None
     root = Path(dicom_dir)
     if not root.is_dir():
         raise Her2jaxError("is not a directory", file=str(root))
