@@ -593,3 +593,13 @@ def test_a_malformed_header_value_is_one_line(tmp_path):
     with pytest.raises(Her2jaxError, match="has a malformed header value") as caught:
         dicom.convert(tmp_path / "dicom", tmp_path / "cohort")
     assert "ax_dyn_pre" in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("pid, reason", [("", "it is empty"),
+                                         ("../P1", "is not a plain name")])
+def test_a_patient_id_that_cannot_name_files_is_refused(tmp_path, pid, reason):
+    """The rule her2jax-prepare applies to patient ids (files are named after them)."""
+    write_series(tmp_path / "dicom" / "a", _volume(0), patient=pid, description="ax dyn pre")
+    with pytest.raises(Her2jaxError, match=f"has no usable PatientID \\(.*{reason}"):
+        dicom.convert(tmp_path / "dicom", tmp_path / "cohort")
+    assert not (tmp_path / "cohort").exists()

@@ -337,9 +337,9 @@ def test_pretraining_continues_from_fm_bcmris_momentum_encoder(tmp_path):
     torch.save({"epoch": 300, "state_dict": state}, tmp_path / "moco.pth.tar")
     report = port.port("fmbcmri", tmp_path / "moco.pth.tar", tmp_path / "port",
                        num_heads=cfg["heads"])
-    assert report.momentum_encoder and port.has_momentum_encoder(tmp_path / "port")
+    assert report.momentum_encoder and port.holds(tmp_path / "port", port.MOMENTUM_DIR)
     # Its base_encoder.head is a plain Linear, not MoCo v3's projector: no heads kept.
-    assert report.moco_heads is None and not port.has_moco_heads(tmp_path / "port")
+    assert report.moco_heads is None and not port.holds(tmp_path / "port", port.HEADS_DIR)
     assert json.loads((tmp_path / "port" / "port.json").read_text())["momentum_encoder"]
 
     config = _config()

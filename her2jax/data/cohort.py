@@ -327,7 +327,9 @@ def _resolve_columns(table: _Table, columns, require_labels: bool = True) -> _Co
 MAX_PATIENT_ID_BYTES = 128
 
 
-def _bad_patient_id(pid: str) -> str:
+def bad_patient_id(pid: str) -> str:
+    """Why ``pid`` cannot name files (a path separator, a control character, '.' / '..', too
+    long), or '' when it can."""
     if pid in (".", "..") or any(c in pid for c in "/\\") or any(
             ord(c) < 32 or ord(c) == 127 for c in pid):
         return (f"patient_id {pid!r} is not a plain name (contains a path separator or "
@@ -546,7 +548,7 @@ def _manifest_columns(table: _Table) -> tuple[list[int], int]:
 
 def _read_row(pid, line, cells, cols: _Columns, source, root, table_name, phase_cols,
               mask_col, allow_outside) -> Case | Rejection:
-    bad = _bad_patient_id(pid)
+    bad = bad_patient_id(pid)
     if bad:
         return Rejection(pid, table_name, f"row {line}: {bad}")
     center = cells[cols.center]

@@ -60,6 +60,7 @@ from pathlib import Path
 
 import numpy as np
 
+from her2jax.data import cohort, phantom
 from her2jax.errors import Her2jaxError
 
 DEFAULT_SERIES_REGEX = (r"dyn|dce|vibrant|thrive|twist|fl3d|\bpre\b|pre[-_ ]?contrast|post|pass"
@@ -69,8 +70,8 @@ REJECTED = "dicom_rejected.csv"
 MANIFEST_COLUMNS = ("patient_id", "phase", "series_uid", "series_description",
                     "time_after_injection_s", "time_after_first_s", "slices", "spacing_mm",
                     "shape", "identified_by")
-CLINICAL_COLUMNS = ("patient_id", "center", "manufacturer", "field_strength",
-                    "acquisition_times", "ihc_score", "ish_result", "her2", "her2_class")
+# The clinical table of the MAMA-MIA layout as the phantom writes it (prepare's default columns).
+CLINICAL_COLUMNS = phantom.CLINICAL_COLUMNS
 # MR Image Storage and Enhanced MR Image Storage.
 MR_IMAGE_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.4.1")
 _PRE = re.compile(r"\bpre\b|pre[-_ ]?contrast|non[-_ ]?contrast|\bph\s*0\b|\bs0\b|ph0/", re.I)
@@ -616,10 +617,6 @@ def qc_montage(path: Path, pid: str, phases: Sequence[np.ndarray], mask) -> None
 # ---------------------------------------------------------------- output
 
 
-def _bad_patient_id(pid: str) -> bool:
-    return not pid or pid in (".", "..") or "/" in pid or "\\" in pid or "\x00" in pid
-
-
 def convert(dicom_dir, out, *, series_regex: str = DEFAULT_SERIES_REGEX,
             min_phases: int = 3, needed_by: str = "--min_phases", boxes=None, masks=None,
             qc: bool = True, skip_invalid: bool = False) -> dict:
@@ -658,8 +655,9 @@ def convert(dicom_dir, out, *, series_regex: str = DEFAULT_SERIES_REGEX,
                            "refused)", file=str(root))
     by_patient = defaultdict(list)
     for s in slices:
-        if _bad_patient_id(s.patient):
-            raise Her2jaxError(f"has no usable PatientID ({s.patient!r})", file=str(s.path))
+        bad = "it is empty" if not s.patient else cohort.bad_patient_id(s.patient)
+        if bad:
+            raise Her2jaxError(f"has no usable PatientID ({bad})", file=str(s.path))
         by_patient[s.patient].append(s)
 
     def refuse(pid: str, error: Her2jaxError) -> None:

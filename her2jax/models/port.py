@@ -283,8 +283,8 @@ def _moco_mlp(tensors: Mapping[str, np.ndarray], prefix: str, *,
     """One MoCo v3 ``_build_mlp`` ``Sequential`` under ``prefix`` (indexed layers: a bias-free
     Linear, then a BatchNorm1d, with or without affine, or none after the last Linear) as
     :class:`her2jax.models.moco.MLP`'s pure state, and its shape (:func:`mlp_shape`); None
-    when the keys under
-    ``prefix`` are not such a Sequential (e.g. a plain classification head)."""
+    when the keys under ``prefix`` are not such a Sequential (e.g. a plain classification
+    head)."""
     layers: dict[int, dict[str, np.ndarray]] = {}
     for key, value in tensors.items():
         if not key.startswith(prefix):
@@ -673,8 +673,7 @@ def write_port(out: Path, pure: dict, report: PortReport, *,
                momentum: dict | None = None, heads: dict | None = None) -> None:
     """Writes a port directory atomically: ``STATE_DIR`` (orbax, the encoder's arrays), the
     momentum encoder's in ``MOMENTUM_DIR`` and the MoCo heads in ``HEADS_DIR`` when given,
-    and ``port.json`` (``report``),
-    replacing ``out`` if it exists. Called by one process of a multi-process run (the others
+    and ``port.json`` (``report``), replacing ``out`` if it exists. Called by one process of a multi-process run (the others
     do not wait for it)."""
     import orbax.checkpoint as ocp
 
@@ -757,9 +756,10 @@ def check_fits(directory, kind: str, wanted: Mapping[str, tuple[object, str]]) -
     return meta
 
 
-def has_moco_heads(directory) -> bool:
-    """Whether a port holds a MoCo v3 file's projector and predictor (``HEADS_DIR``)."""
-    return bool(directory) and (Path(directory) / HEADS_DIR).is_dir()
+def holds(directory, part: str) -> bool:
+    """Whether a port holds ``part`` beside its encoder: ``MOMENTUM_DIR`` (a MoCo momentum
+    encoder) or ``HEADS_DIR`` (a MoCo v3 file's projector and predictor)."""
+    return bool(directory) and (Path(directory) / part).is_dir()
 
 
 def read_moco_heads(directory, target: dict) -> dict:
@@ -769,11 +769,6 @@ def read_moco_heads(directory, target: dict) -> dict:
 
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target)
     return ocp.StandardCheckpointer().restore(Path(directory).absolute() / HEADS_DIR, target)
-
-
-def has_momentum_encoder(directory) -> bool:
-    """Whether a port holds a MoCo momentum encoder beside its encoder."""
-    return bool(directory) and (Path(directory) / MOMENTUM_DIR).is_dir()
 
 
 def load_pretrained(model: nnx.Module, directory, *, state_dir: str = STATE_DIR) -> dict:

@@ -266,7 +266,7 @@ def load_port_heads(query: moco.Query, config) -> dict | None:
     port has none). Heads of other widths are left alone, with a warning: the run's heads
     start fresh."""
     directory = config.model.pretrained
-    if not port.has_moco_heads(directory):
+    if not port.holds(directory, port.HEADS_DIR):
         return None
     stored = port.read_port(directory).get("moco_heads") or {}
     target = {name: nnx.to_pure_dict(nnx.state(getattr(query, name)))
@@ -299,7 +299,7 @@ def port_key_encoder(config) -> nnx.State | None:
     """The parameters of ``model.pretrained``'s MoCo momentum encoder (FM-BCMRI's files hold
     one), to continue pretraining with it as the key encoder; None when the port has none
     (the key encoder then starts as a copy of the query's)."""
-    if not port.has_momentum_encoder(config.model.pretrained):
+    if not port.holds(config.model.pretrained, port.MOMENTUM_DIR):
         return None
     encoder = nnx.eval_shape(lambda: factory.build_encoder(config, rngs=nnx.Rngs(0),
                                                            bn_axis_name=AXIS))
