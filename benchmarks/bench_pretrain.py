@@ -3,7 +3,7 @@
   python benchmarks/bench_pretrain.py --work=DIR [--cohort=DIR] [--unlabelled=DIR]
       [--candidate=vit_kinetic_mm] [--pretrain_steps=1000] [--pretrain_batch=32]
       [--centers_held_out=CENTER_A,CENTER_B,CENTER_C] [--n_boot=1000] [--jsonl=FILE]
-      [--pretrain_override=pretrain.scale=0.0 ...]
+      [--pretrain_override=pretrain.scale=0.0 ...] [--finetune_override=train.freeze_steps=100 ...]
 
 1. Pretrain (``pretrain.run``) the candidate's encoder (``bench_learning.CANDIDATES``; default
    the tiny ViT/4 on the demo's inputs) on a second phantom cohort of other patients
@@ -13,7 +13,9 @@
    pretrained one, on the same patients and splits:
    * the study's protocol: the frozen encoder's features -> PCA 16 -> logistic regression
      (``train.protocol='pca_lr'``);
-   * fine-tuning: the candidate's training (``bench_learning.run_one``);
+   * fine-tuning: the candidate's training (``bench_learning.run_one``), changed for both
+     initialisations alike by ``--finetune_override`` (e.g. ``train.freeze_steps``: a linear
+     probe first, then fine-tuning);
    * the hand-made kinetic baseline of the same training patients;
    and the paired bootstrap difference pretrained - random (``her2jax-compare``'s method).
 
@@ -127,12 +129,15 @@ def main() -> None:
     parser.add_argument("--pretrain_override", action="append", default=[],
                         metavar="KEY=JSON", help="a change to the pretraining config, e.g. "
                         "pretrain.crop_scale=[0.8,1.0] (repeatable)")
+    parser.add_argument("--finetune_override", action="append", default=[],
+                        metavar="KEY=JSON", help="a change to the fine-tuning config of both "
+                        "initialisations, e.g. train.freeze_steps=100 (repeatable)")
     args = parser.parse_args()
     try:
-        overrides = {k: json.loads(v) for k, v in
-                     (o.split("=", 1) for o in args.pretrain_override)}
+        overrides, finetune = ({k: json.loads(v) for k, v in (o.split("=", 1) for o in given)}
+                               for given in (args.pretrain_override, args.finetune_override))
     except ValueError as e:
-        parser.error(f"--pretrain_override takes KEY=JSON ({e})")
+        parser.error(f"--pretrain_override and --finetune_override take KEY=JSON ({e})")
 
     import jax
 
@@ -154,6 +159,7 @@ def main() -> None:
                                            overrides=overrides)
     lines = [{"bench": "pretrain_setup", "candidate": args.candidate,
               "cohorts": {k: str(v) for k, v in cohorts.items()}, "pretraining": pretrained,
+              "finetune_overrides": finetune,
               "python": platform.python_version(), "jax": jax.__version__,
               "date": time.strftime("%Y-%m-%d")}]
     print(json.dumps(lines[0]), flush=True)
@@ -167,7 +173,7 @@ def main() -> None:
             line[f"pca_lr_{variant}"] = auc
             tuned = bl.run_one(args.candidate, cohorts["labelled"], work, center,
                                permute=False, steps=None, seed=0, n_boot=args.n_boot,
-                               overrides={"model.pretrained": path} if path else None)
+                               overrides={**finetune, "model.pretrained": path})
             runs[("tuned", variant)] = Path(tuned["workdir"])
             line[f"tuned_{variant}"] = tuned["model"]
             line["baseline"] = tuned["baseline"]

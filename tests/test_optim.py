@@ -295,6 +295,65 @@ def test_freeze_last_k_vit(vit_params):
     assert set(jax.tree.leaves(groups)) == {"train"}
 
 
+@pytest.mark.parametrize("layer_decay, grad_accum", [(1.0, 1), (0.5, 2)])
+def test_freeze_steps_holds_the_encoder_then_fine_tunes(vit_params, layer_decay, grad_accum):
+    """LP-FT: for the first ``freeze_steps`` updates the encoder's updates are zero and the
+    head's are a linear probe's (``freeze='encoder'``) exactly; from then on every parameter
+    moves, the encoder at the rate the schedule has reached. With ``grad_accum`` the hold
+    counts optimizer updates, not batches."""
+    params = _fill(vit_params, 1.0)
+    rng = np.random.default_rng(0)
+    hold, updates = 2, 4
+    grads = [jax.tree.map(lambda s: rng.normal(size=s.shape).astype(s.dtype), vit_params)
+             for _ in range(updates * grad_accum)]
+
+    def run(**overrides):
+        config = _config(layer_decay=layer_decay, grad_accum=grad_accum, **overrides)
+        tx = optim.make_optimizer(config, params, total_steps=TOTAL + 2)
+        state, update, out = jax.jit(tx.init)(params), jax.jit(tx.update), []
+        for g in grads:
+            u, state = update(g, state, params)
+            out.append(_flat(u))
+        return out[grad_accum - 1::grad_accum]        # the calls that update
+
+    lp_ft, probe = run(freeze_steps=hold), run(freeze="encoder")
+    for k, (u, p) in enumerate(zip(lp_ft, probe, strict=True)):
+        for path, x in u.items():
+            if path[0] == "encoder":
+                assert np.all(x == 0) if k < hold else np.any(x != 0), (k, path)
+            elif k < hold:
+                np.testing.assert_array_equal(x, p[path], err_msg=str((k, path)))
+    # the held encoder's moments were kept: its first real update is AdamW's at step `hold`
+    # with every earlier gradient averaged in, not a fresh start (~ +-lr, the sign of g)
+    plain = run()
+    for path, x in lp_ft[hold].items():
+        if path[0] == "encoder":
+            np.testing.assert_allclose(x, plain[hold][path], rtol=1e-5, atol=1e-8)
+
+
+def test_freeze_steps_refusals(vit_params):
+    from her2jax.models import roi_pool
+
+    for overrides, match in [(dict(freeze_steps=-1), "non-negative"),
+                             (dict(freeze_steps=1.5), "non-negative"),
+                             (dict(freeze_steps=True), "non-negative"),
+                             (dict(freeze_steps=TOTAL), "leaves no update"),
+                             (dict(freeze_steps=1, freeze="encoder"), "freeze='none'")]:
+        with pytest.raises(Her2jaxError, match=match) as error:
+            optim.make_optimizer(_config(**overrides), vit_params, total_steps=TOTAL)
+        assert error.value.key == "train.freeze_steps"
+    roi_only = _abstract_params(lambda: heads.Classifier(
+        None, heads.Head(34, 3, rngs=nnx.Rngs(0)),
+        roi=roi_pool.RoiPool(in_channels=3, mask_channel=2, hidden=8, rim_voxels=(2, 4),
+                             rngs=nnx.Rngs(0))))
+    with pytest.raises(Her2jaxError, match="no encoder"):
+        optim.make_optimizer(_config(freeze_steps=1), roi_only, total_steps=TOTAL)
+    # a config written before the field existed reads as 0 (off)
+    config = _config().to_dict()
+    assert "freeze_steps" not in config
+    optim.make_optimizer(ml_collections.ConfigDict(config), vit_params, total_steps=TOTAL)
+
+
 def test_freeze_last_k_resnet(resnet_params):
     groups = _flat(optim.param_groups(resnet_params, _config(freeze="last_k", freeze_keep=1)))
     trained = {p[:2] for p, g in groups.items() if g == "train"}

@@ -289,6 +289,7 @@ def test_an_unlabelled_cohort_prepares_and_pretrains(phantom_cohort, tmp_path):
     ("pretrain.blur_prob", 2.0, "pretrain.blur_prob"),
     ("pretrain.dim", 0, "pretrain.dim"),
     ("train.grad_accum", 2, "train.grad_accum"),
+    ("train.freeze_steps", 10, "train.freeze_steps"),
 ])
 def test_bad_pretraining_settings_are_one_line_errors(key, value, named):
     config = load_config("pretrain_tiny")

@@ -537,6 +537,13 @@ def test_the_model_line_says_when_the_parameters_are_a_moving_average():
     assert report._model_text(dict(model=model, train=dict(ema_decay=0.0))) == "3D ResNet-10"
 
 
+def test_the_model_line_says_when_the_encoder_was_probed_before_fine_tuning():
+    model = dict(encoder="vit3d", vit=dict(size="tiny", patch_size=4))
+    assert report._model_text(dict(model=model, train=dict(freeze_steps=100))) == (
+        "3D ViT (tiny, patch 4); encoder held for the first 100 updates (linear probe, then "
+        "fine-tuning)")
+
+
 def test_write_report_refuses_a_non_workdir_and_an_unevaluated_one(reported, tmp_path):
     with pytest.raises(Her2jaxError, match="not a her2jax workdir"):
         report.write_report(tmp_path)

@@ -206,6 +206,9 @@ def _model_text(config: dict) -> str:
     head = model.get("head", {})
     if head.get("hidden"):
         text += f", head with {head['hidden']} hidden units"
+    if train.get("freeze_steps"):
+        text += (f"; encoder held for the first {train['freeze_steps']} updates (linear probe, "
+                 "then fine-tuning)")
     if train.get("ema_decay"):
         text += f"; evaluated with the moving average of its parameters (decay {train['ema_decay']})"
     if train.get("protocol"):

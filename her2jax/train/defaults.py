@@ -41,6 +41,9 @@ def train_config() -> ml_collections.ConfigDict:
         layer_decay=0.75,           # ViT layer-wise lr decay (1.0: off)
         freeze="none",              # 'none' | 'encoder' (linear probe) | 'last_k'
         freeze_keep=0,              # k for 'last_k'
+        # Linear probe, then fine-tune (LP-FT): the encoder sits out the first N optimizer
+        # updates while the head learns on its (pretrained) features; then all train (0: off).
+        freeze_steps=0,
         grad_accum=1,
         grad_clip=1.0,
         label_smoothing=0.0,

@@ -40,6 +40,14 @@ Conventions a reader of the training loop should know:
   is in optimizer updates, i.e. number of micro-batches / A.
 - Gradient clipping (``grad_clip > 0``) is by global norm, over the trained parameters, on the
   (accumulated, averaged) gradient before any other transformation.
+- **Linear probe, then fine-tuning** (``freeze_steps = N > 0``, LP-FT: Kumar et al. 2022,
+  "Fine-Tuning can Distort Pretrained Features and Underperform Out-of-Distribution"): the
+  encoder's updates are zero for the first N optimizer updates, so the head (and a
+  tumour-region branch) learns on the pretrained features first; from update N on everything
+  trains, at the schedule's rate of that moment. Unlike ``freeze='encoder'``, the held
+  encoder's gradients still feed AdamW's moments and the clipping norm during those N updates
+  (its moments are warm when it starts); the head's updates are those of a linear probe
+  exactly when clipping is off.
 """
 
 from __future__ import annotations
@@ -316,6 +324,53 @@ def _base_optimizer(train_config, schedule: optax.Schedule, decay_mask,
     return optax.chain(optax.masked(optax.add_decayed_weights(weight_decay), decay_mask), sgd)
 
 
+def hold_until(steps: int, held) -> optax.GradientTransformation:
+    """Zeroes the updates of the ``held`` leaves for the first ``steps`` calls (optimizer
+    updates), passes them on after; other leaves always pass.
+
+    Args:
+      steps: how many updates the held leaves sit out.
+      held: a pytree of bools with the structure of the updates (True: held).
+    """
+
+    def init_fn(params):
+        del params
+        return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+    def update_fn(updates, state, params=None):
+        del params
+        gate = (state.count >= steps).astype(jnp.float32)
+        updates = jax.tree.map(
+            lambda h, g: g if isinstance(g, optax.MaskedNode) or not h
+            else gate.astype(g.dtype) * g, held, updates)
+        return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _check_freeze_steps(train_config, params, total_steps: int) -> int:
+    steps = train_config.get("freeze_steps", 0)
+    if isinstance(steps, bool) or int(steps) != steps or steps < 0:
+        raise Her2jaxError(f"freeze_steps {steps!r} is not a non-negative integer (0 = off)",
+                           key="train.freeze_steps")
+    steps = int(steps)
+    if not steps:
+        return 0
+    if "encoder" not in params:
+        raise Her2jaxError("freeze_steps holds the encoder for a linear probe first, but the "
+                           "model has no encoder (model.encoder='none')",
+                           key="train.freeze_steps")
+    if _get(train_config, "freeze") != "none":
+        raise Her2jaxError(f"freeze_steps needs freeze='none' (it unfreezes the encoder after "
+                           f"{steps} updates; freeze={_get(train_config, 'freeze')!r} keeps "
+                           "it frozen)", key="train.freeze_steps")
+    if steps >= total_steps:
+        raise Her2jaxError(f"freeze_steps {steps} leaves no update of the {total_steps} for "
+                           "fine-tuning; use freeze='encoder' for a linear probe",
+                           key="train.freeze_steps")
+    return steps
+
+
 def _check_optimizer(train_config) -> None:
     name = _get(train_config, "optimizer")
     if name not in OPTIMIZERS:
@@ -368,6 +423,10 @@ def make_optimizer(train_config, params: nnx.State, *,
         # partition has masked them out, so nothing is computed or kept for them.
         scales = _map_paths(lambda p, _: layer_decay ** (num_layers - layer_id(p)), params)
         trained = _base_optimizer(train_config, schedule, decay_mask, lr_scales=scales)
+    hold = _check_freeze_steps(train_config, params, total_steps)
+    if hold:
+        trained = optax.chain(trained, hold_until(
+            hold, _map_paths(lambda p, _: p[0] == "encoder", params)))
 
     return _clipped_accumulated_partitioned(train_config, trained, groups)
 

@@ -493,6 +493,9 @@ def check_pretrain_config(config) -> None:
     if config.train.get("ema_decay", 0.0):
         raise Her2jaxError("pretraining keeps its own average (the momentum network); "
                            "ema_decay must be 0", key="train.ema_decay")
+    if config.train.get("freeze_steps", 0):
+        raise Her2jaxError("pretraining has no head to probe first; freeze_steps is for "
+                           "fine-tuning and must be 0 here", key="train.freeze_steps")
 
 
 def pretraining_split(dataset: pipeline.Dataset, data_config) -> pipeline.Split:
