@@ -2,7 +2,7 @@
 
   python benchmarks/bench_learning.py [--patients=300] [--centers=3] [--phantom_seed=1]
       [--shape=96,96,48] [--candidates=demo,resnet_kinetic_mm] [--control=demo]
-      [--permutations=3] [--steps=N] [--seed=0] [--n_boot=1000] [--jsonl=FILE] [--cohort=DIR]
+      [--permutations=3] [--steps=N] [--seeds=0] [--n_boot=1000] [--jsonl=FILE] [--cohort=DIR]
       [--centers_held_out=CENTER_B] [--override=train.learning_rate=3e-4 ...]
 
 One phantom cohort (written once, or ``--cohort``), every centre held out in turn. For each
@@ -23,9 +23,16 @@ shuffled, so the checkpoint choice sees no real label either; the test centre un
 permutation (``data.seed`` = 0, 1, ... ``--permutations`` - 1: each draws another permutation
 and another validation quarter); the baseline of the same run is then fitted on the permuted
 labels too. One permutation of ~140 labels is a noisy control (its held-out AUC swings by
-~0.1), so the summary reports the mean over permutations per centre. One JSON line per run, then
-one summary line per candidate (mean over the held-out centres) and, on stderr, a Markdown
-table for BENCHMARKS.md.
+~0.1), so the summary reports the mean over permutations per centre.
+
+``--seeds=0,1,2,3,4`` trains every real-label candidate once per training seed (initialisation,
+batch order, augmentation; the data, splits and baseline stay the same): the summary's model
+AUC per centre is then the mean over seeds, what one training run reaches in expectation, and
+it adds the seeds' ensemble (the mean of their predicted probabilities per patient) with its
+own goal checks. The control runs with the first seed.
+
+One JSON line per run, then one summary line per candidate (mean over the held-out centres)
+and, on stderr, a Markdown table for BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -203,7 +210,7 @@ def run_one(name: str, cohort: Path, root: Path, center: str, *, permute: bool,
     final_loss = [r["loss"] for r in records if r["split"] == "train"][-1]
     return dict(
         bench="learning", candidate=name, overrides=overrides or {}, held_out=center,
-        permuted_labels=permute, data_seed=data_seed,
+        permuted_labels=permute, data_seed=data_seed, seed=seed,
         n_test=summaries[split]["n"], model=_auc(summaries[split]["macro_auc"]),
         pca_lr=pca_lr_on_features(workdir, split, n_boot),
         baseline=_auc(baseline["macro_auc"]),
@@ -225,11 +232,33 @@ def _per_center(group: list[dict], key: str) -> dict[str, float]:
     return {c: _mean(r[key]["value"] for r in group if r["held_out"] == c) for c in centers}
 
 
-def summarize(rows: list[dict]) -> list[dict]:
+def seed_ensemble(workdirs: list[str], split: str, n_boot: int) -> dict:
+    """Macro AUC (95% CI) of the mean predicted probabilities of several runs on ``split``
+    (their ``eval/<split>/predictions.csv``, the same patients)."""
+    import numpy as np
+    import pandas as pd
+
+    from her2jax.evaluate import metrics
+
+    tables = [pd.read_csv(Path(w) / "eval" / split / "predictions.csv").sort_values("patient_id")
+              for w in workdirs]
+    ids = tables[0].patient_id.to_numpy()
+    if any(not np.array_equal(t.patient_id.to_numpy(), ids) for t in tables):
+        raise ValueError(f"the runs scored different patients on {split}: {workdirs}")
+    columns = [c for c in tables[0].columns if c.startswith("prob_")]
+    names = [c.removeprefix("prob_") for c in columns]
+    labels = tables[0].label.map(names.index).to_numpy()
+    probs = np.mean([t[columns].to_numpy() for t in tables], axis=0)
+    return _auc(metrics.summarize(labels, probs, names, n_boot=n_boot)["macro_auc"])
+
+
+def summarize(rows: list[dict], n_boot: int = 1000) -> list[dict]:
     """Per candidate and label condition: held-out macro AUC per centre (the mean over
-    permutations for the control) and over centres, for the model, pca_lr and the baseline;
-    the goal checks: real labels, every centre >= baseline - 0.03 and mean >= baseline mean;
-    permuted labels, every centre's mean <= 0.60."""
+    permutations for the control, over training seeds for real labels) and over centres, for
+    the model, pca_lr and the baseline; the goal checks: real labels, every centre >= baseline
+    - 0.03 and mean >= baseline mean; permuted labels, every centre's mean <= 0.60. With
+    several training seeds (rows carrying ``workdir``), the seeds' ensemble per centre and its
+    goal checks too."""
     out = []
     for (name, permute) in dict.fromkeys((r["candidate"], r["permuted_labels"]) for r in rows):
         group = [r for r in rows if r["candidate"] == name and r["permuted_labels"] == permute]
@@ -246,6 +275,17 @@ def summarize(rows: list[dict]) -> list[dict]:
         else:
             line["every_center_within_0_03"] = all(model[c] >= base[c] - 0.03 for c in model)
             line["mean_at_least_baseline"] = line["model_mean"] >= line["baseline_mean"]
+            seeds = sorted({r.get("seed", 0) for r in group})
+            if len(seeds) > 1 and all("workdir" in r for r in group):
+                ensemble = {c: seed_ensemble([r["workdir"] for r in group if r["held_out"] == c],
+                                             f"test_{c}", n_boot) for c in model}
+                line.update(
+                    seeds=seeds, ensemble=ensemble,
+                    ensemble_mean=_mean(e["value"] for e in ensemble.values()),
+                    ensemble_every_center_within_0_03=all(
+                        ensemble[c]["value"] >= base[c] - 0.03 for c in model))
+                line["ensemble_mean_at_least_baseline"] = (line["ensemble_mean"]
+                                                           >= line["baseline_mean"])
         out.append(line)
     return out
 
@@ -257,7 +297,8 @@ def markdown(rows: list[dict]) -> str:
     lines = ["| candidate | labels | held out | model | pca_lr on its features | "
              "hand-made baseline | train s |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        labels = f"permuted #{r.get('data_seed', 0)}" if r["permuted_labels"] else "real"
+        labels = (f"permuted #{r.get('data_seed', 0)}" if r["permuted_labels"]
+                  else f"real, seed {r['seed']}" if r.get("seed", 0) else "real")
         lines.append(f"| {r['candidate']} | {labels} | "
                      f"{r['held_out']} | {auc(r['model'])} | {auc(r['pca_lr'])} | "
                      f"{auc(r['baseline'])} | {r['train_s']:.0f} |")
@@ -278,7 +319,9 @@ def main() -> None:
                         help="permuted-label runs per control candidate and centre")
     parser.add_argument("--steps", type=int, default=None,
                         help="training steps for every candidate (default: each its own)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0",
+                        help="comma-separated training seeds for the real-label runs (the "
+                             "control uses the first)")
     parser.add_argument("--n_boot", type=int, default=1000)
     parser.add_argument("--jsonl", help="also append every line to this file")
     parser.add_argument("--work", help="keep datasets and workdirs here (default: a temp dir)")
@@ -297,6 +340,12 @@ def main() -> None:
         overrides = {k: json.loads(v) for k, v in (o.split("=", 1) for o in args.override)}
     except ValueError as e:
         parser.error(f"--override takes KEY=JSON ({e})")
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        parser.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
+    if not seeds or len(set(seeds)) != len(seeds):
+        parser.error(f"--seeds needs distinct seeds, got {args.seeds!r}")
 
     import jax
 
@@ -320,22 +369,22 @@ def main() -> None:
                    [phantom.center_name(k) for k in range(args.centers)])
         emit(dict(bench="learning_setup", cohort=args.cohort or "phantom",
                   patients=args.patients, centers=centers, phantom_seed=args.phantom_seed,
-                  shape=args.shape, steps=args.steps, seed=args.seed, n_boot=args.n_boot,
+                  shape=args.shape, steps=args.steps, seeds=seeds, n_boot=args.n_boot,
                   permutations=args.permutations,
                   overrides=overrides,
                   candidates={n: CANDIDATES[n][1] for n in names}, jax=jax.__version__,
                   python=platform.python_version(), date=time.strftime("%Y-%m-%d")))
         rows = []
-        jobs = ([(n, False, 0) for n in names] +
-                [(n, True, k) for n in controls for k in range(args.permutations)])
-        for name, permute, data_seed in jobs:
+        jobs = ([(n, False, 0, s) for n in names for s in seeds] +
+                [(n, True, k, seeds[0]) for n in controls for k in range(args.permutations)])
+        for name, permute, data_seed, seed in jobs:
             for center in centers:
                 row = run_one(name, cohort, root, center, permute=permute, steps=args.steps,
-                              seed=args.seed, n_boot=args.n_boot, overrides=overrides,
+                              seed=seed, n_boot=args.n_boot, overrides=overrides,
                               data_seed=data_seed)
                 rows.append(row)
                 emit(row)
-        for line in summarize(rows):
+        for line in summarize(rows, n_boot=args.n_boot):
             emit(line)
         print(markdown(rows), file=sys.stderr)
 

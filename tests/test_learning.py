@@ -83,3 +83,52 @@ def test_the_study_summary_checks_the_goal_per_centre_and_on_the_mean():
     table = bench.markdown(rows)
     assert "| demo | real | A | 0.780 (0.730-0.830) |" in table
     assert "| demo | permuted #1 | A | 0.670 (0.620-0.720) |" in table
+
+
+def test_several_training_seeds_give_their_mean_and_their_ensemble(tmp_path):
+    """--seeds: the model's AUC per centre is the mean over seeds; the ensemble is the AUC of
+    the mean of the seeds' probabilities per patient (checked against scikit-learn)."""
+    import numpy as np
+    import pandas as pd
+    from sklearn.metrics import roc_auc_score
+
+    bench = _bench()
+    rng = np.random.default_rng(0)
+    names = ["HER2-zero", "HER2-low", "HER2-positive"]
+    labels = np.arange(60) % 3
+    probs, rows = [], []
+    for seed in (0, 1, 2):
+        # each seed a noisy view of the truth: their mean is better than each alone
+        logits = 1.5 * np.eye(3)[labels] + rng.normal(0, 1.2, (60, 3))
+        p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+        probs.append(p)
+        workdir = tmp_path / f"seed{seed}"
+        (workdir / "eval" / "test_A").mkdir(parents=True)
+        order = rng.permutation(60)          # rows in another order in each file
+        pd.DataFrame({"patient_id": [f"P{i:03d}" for i in order], "center": "A",
+                      "label": [names[k] for k in labels[order]],
+                      **{f"prob_{n}": p[order, k] for k, n in enumerate(names)}}).to_csv(
+            workdir / "eval" / "test_A" / "predictions.csv", index=False)
+        auc = float(roc_auc_score(labels, p, multi_class="ovr", average="macro"))
+        rows.append(dict(candidate="demo", held_out="A", permuted_labels=False, data_seed=0,
+                         seed=seed, workdir=str(workdir),
+                         model=dict(value=auc, ci_low=0.0, ci_high=1.0),
+                         pca_lr=dict(value=0.5, ci_low=0.4, ci_high=0.6),
+                         baseline=dict(value=0.7, ci_low=0.6, ci_high=0.8), train_s=1.0))
+    (line,) = bench.summarize(rows, n_boot=50)
+    singles = [r["model"]["value"] for r in rows]
+    want = roc_auc_score(labels, np.mean(probs, axis=0), multi_class="ovr", average="macro")
+    assert line["seeds"] == [0, 1, 2]
+    assert line["model"]["A"] == pytest.approx(np.mean(singles), abs=1e-4)
+    assert line["ensemble"]["A"]["value"] == pytest.approx(want, abs=1e-4)
+    assert line["ensemble"]["A"]["value"] > max(singles)
+    assert line["ensemble_mean"] == pytest.approx(want, abs=1e-4)
+    assert line["ensemble_mean_at_least_baseline"] == (want >= 0.7)
+    assert "| demo | real, seed 2 | A |" in bench.markdown(rows)
+    # runs that scored different patients are not averaged
+    other = tmp_path / "seed1" / "eval" / "test_A" / "predictions.csv"
+    table = pd.read_csv(other)
+    table.loc[0, "patient_id"] = "P999"
+    table.to_csv(other, index=False)
+    with pytest.raises(ValueError, match="different patients"):
+        bench.summarize(rows, n_boot=50)
