@@ -252,6 +252,14 @@ def test_pretraining_resumes_bitwise_after_sigkill(pretrained, data_dir, tmp_pat
     for x, y in zip(jax.tree.leaves((a.params, a.momentum, a.rest, a.opt_state)),
                     jax.tree.leaves((b.params, b.momentum, b.rest, b.opt_state)), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # Run once more: nothing left to train; it reports the run's last logged figures (it
+    # used to format a missing loss and end in a TypeError)
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    loss = [r["loss"] for r in records if r["split"] == "train"][-1]
+    knn = [r["knn_macro_auc"] for r in records if r["split"] == "val"][-1]
+    again = _her2jax(workdir, data_dir)
+    assert f"pretrained 30 steps; contrastive loss {loss:.3f}; kNN macro AUC {knn:.3f}" in (
+        again.stdout), again.stdout
 
 
 def test_an_unlabelled_cohort_prepares_and_pretrains(phantom_cohort, tmp_path):

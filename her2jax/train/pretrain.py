@@ -54,7 +54,7 @@ from her2jax import treepaths
 from her2jax.data import pipeline
 from her2jax.errors import Her2jaxError
 from her2jax.models import factory, moco, port
-from her2jax.train import checks, inference, optim
+from her2jax.train import checks, inference, logger, optim
 from her2jax.train import state as state_lib
 from her2jax.train import step as step_lib
 from her2jax.train.state import TrainState
@@ -509,6 +509,14 @@ def pretraining_split(dataset: pipeline.Dataset, data_config) -> pipeline.Split:
                                  labelled_only=False)
 
 
+def _last_logged(workdir: Path, split: str, key: str, step: int) -> float | None:
+    """The last value of ``key`` that ``workdir/metrics.jsonl`` logged for ``split`` at or
+    before ``step`` (None when there is none)."""
+    values = [r[key] for r in logger.read_metrics(workdir)
+              if r.get("split") == split and key in r and r.get("step", 0) <= step]
+    return values[-1] if values else None
+
+
 def run(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
         progress: bool = True) -> dict:
     """Pretrains (or resumes) in ``workdir``; at the end writes ``workdir/encoder/``.
@@ -583,6 +591,11 @@ def run(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
                 break
         checkpoints.wait_until_finished()
         result["steps"] = int(jax.device_get(state.step))
+    # A rerun of a finished (or nearly finished) run logs nothing new: its figures are the
+    # last ones metrics.jsonl holds.
+    for split, key in (("train", "loss"), ("val", "knn_macro_auc")):
+        if result[key] is None:
+            result[key] = _last_logged(workdir, split, key, result["steps"])
     if result["stopped"] == "done":
         export_encoder(workdir / ENCODER_DIR, config, graphdef, state,
                        origin=str(workdir / "checkpoints" / "latest" / str(result["steps"])))
