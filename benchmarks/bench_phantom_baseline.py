@@ -1,7 +1,7 @@
 """How hard is the phantom? A hand-made kinetic-feature baseline, leave one centre out.
 
   python benchmarks/bench_phantom_baseline.py [--patients=240] [--centers=3] [--seed=0]
-      [--shape=128,128,64] [--phases=5] [--cohort=DIR] [--ceiling]
+      [--shape=128,128,64] [--phases=5] [--cohort=DIR] [--ceiling] [--voxel_washout]
 
 Generates a phantom cohort (or reads ``--cohort``), computes five hand-made features of the
 tumour per case straight from the NIfTI files (wash-in, washout, log volume, enhancement
@@ -18,6 +18,11 @@ washout rates, heterogeneity, necrosis and oedema width / strength each case was
 regenerated from the phantom's seed): what a model that recovered every class signal of the
 images could reach, the ceiling against which the baseline's and the engine's AUCs are read.
 Its lines carry ``features="latent"``.
+
+``--voxel_washout`` also scores the baseline's five features plus one per-voxel washout
+estimate (``VOXEL_WASHOUT``, from each tumour voxel's own enhancement curve, where the
+voxel's amplitude cancels): the median rate ln(E_1 / E_last) / (t_last - t_1) and the share of
+voxels that wash out, each in turn (lines with ``features="baseline+<name>"``).
 
 The functions are imported by tests/test_phantom.py, which checks the band on a small cohort.
 """
@@ -59,6 +64,44 @@ def case_features(phase_paths: list[Path], mask_path: Path) -> dict[str, float]:
     phases = np.stack([np.asarray(nib.load(p).dataobj, dtype=np.float32) for p in phase_paths])
     return kinetic_features.case_features(phases, np.asarray(mask_image.dataobj),
                                           mask_image.affine)
+
+
+VOXEL_WASHOUT = ("voxel_washout_rate", "voxel_washout_share")
+
+
+def voxel_washout(phases: np.ndarray, mask: np.ndarray, times) -> dict[str, float]:
+    """``VOXEL_WASHOUT`` of one case: over the tumour voxels enhancing > 10 % at the first
+    post-contrast phase and > 5 % at the last (E_k = (C_k - C0) / C0), the median of
+    ln(E_1 / E_last) / (t_last - t_1) in 1/s, and the share with E_last < E_1. NaN when no
+    voxel qualifies or the case has fewer than three phases."""
+    out = dict.fromkeys(VOXEL_WASHOUT, float("nan"))
+    if len(phases) < 3:
+        return out
+    v = phases[:, np.asarray(mask) != 0].astype(np.float64)
+    enhancement = (v[1:] - v[0]) / np.maximum(v[0], 1e-3)
+    first, last = enhancement[0], enhancement[-1]
+    keep = (first > 0.10) & (last > 0.05)
+    if keep.any():
+        rate = np.log(first[keep] / last[keep]) / (float(times[-1]) - float(times[1]))
+        out.update(voxel_washout_rate=float(np.median(rate)),
+                   voxel_washout_share=float(np.mean(last[keep] < first[keep])))
+    return out
+
+
+def cohort_voxel_washout(root: Path) -> pd.DataFrame:
+    """``VOXEL_WASHOUT`` for every case of a phantom cohort (times from clinical.csv's
+    ``acquisition_times``): patient_id plus the two columns."""
+    root = Path(root)
+    table = pd.read_csv(root / "clinical.csv", dtype=str, keep_default_na=False)
+    rows = []
+    for row in table.itertuples():
+        paths = sorted((root / "images" / row.patient_id).glob(f"{row.patient_id}_*.nii.gz"))
+        phases = np.stack([np.asarray(nib.load(p).dataobj, dtype=np.float32) for p in paths])
+        mask = np.asarray(nib.load(root / "segmentations" / "expert"
+                                   / f"{row.patient_id}.nii.gz").dataobj)
+        times = [float(t) for t in row.acquisition_times.split(";")]
+        rows.append(dict(patient_id=row.patient_id, **voxel_washout(phases, mask, times)))
+    return pd.DataFrame(rows)
 
 
 def cohort_features(root: Path) -> pd.DataFrame:
@@ -149,6 +192,8 @@ def main() -> None:
     parser.add_argument("--cohort", help="an existing cohort to read instead of generating one")
     parser.add_argument("--ceiling", action="store_true",
                         help="also fit the phantom's latent tumour parameters (the ceiling)")
+    parser.add_argument("--voxel_washout", action="store_true",
+                        help="also fit the five features plus each per-voxel washout estimate")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -164,6 +209,7 @@ def main() -> None:
         features = cohort_features(root)
         features_s = time.perf_counter() - t0
         latent = latent_parameters(root) if args.ceiling else None
+        voxel = cohort_voxel_washout(root) if args.voxel_washout else None
     results = leave_center_out(features)
     for r in results:
         print(json.dumps(dict(bench="phantom_baseline", held_out=r.pop("center"), **r)))
@@ -171,6 +217,12 @@ def main() -> None:
         for r in leave_center_out(latent, LATENT):
             print(json.dumps(dict(bench="phantom_baseline", features="latent",
                                   held_out=r.pop("center"), **r)))
+    if voxel is not None:
+        merged = features.merge(voxel, on="patient_id")
+        for name in VOXEL_WASHOUT:
+            for r in leave_center_out(merged, (*FEATURES, name)):
+                print(json.dumps(dict(bench="phantom_baseline", features=f"baseline+{name}",
+                                      held_out=r.pop("center"), **r)))
     aucs = [r["macro_auc"] for r in results]
     print(json.dumps(dict(
         bench="phantom_baseline_summary", cohort=args.cohort or "generated",

@@ -288,3 +288,26 @@ def test_cli_refuses_a_non_empty_directory(tmp_path):
     result = _cli(f"--out={tmp_path}", "--patients=3", "--shape=16,16,16")
     assert result.returncode == 2 and "phantom" in result.stderr
     assert result.stderr.count("\n") == 1
+
+
+def test_the_per_voxel_washout_estimate_recovers_beta_whatever_each_voxels_amplitude():
+    """bench_phantom_baseline --voxel_washout: on curves S0 (1 + A (1 - e^(-alpha t))
+    e^(-beta t)) with a fast wash-in the per-voxel rate is beta, whatever A of each voxel;
+    voxels that barely enhance are left out; a persistent curve does not wash out."""
+    rng = np.random.default_rng(0)
+    times = [0.0, 90.0, 180.0, 270.0, 360.0]
+    beta, alpha = 0.002, 0.2
+    amplitude = rng.uniform(0.5, 3.0, (6, 6, 4))
+    amplitude[0] = 0.01                       # a slab that does not enhance: left out
+    s0 = rng.uniform(200, 400, (6, 6, 4))
+    phases = np.stack([s0 * (1 + amplitude * (1 - np.exp(-alpha * t)) * np.exp(-beta * t))
+                       for t in times]).astype(np.float32)
+    mask = np.ones((6, 6, 4), np.uint8)
+    out = bench.voxel_washout(phases, mask, times)
+    assert out["voxel_washout_rate"] == pytest.approx(beta, rel=1e-3)
+    assert out["voxel_washout_share"] == 1.0
+    flat = np.stack([s0 * (1 + amplitude * (1 - np.exp(-alpha * t))) for t in times])
+    out = bench.voxel_washout(flat.astype(np.float32), mask, times)
+    assert out["voxel_washout_rate"] == pytest.approx(0.0, abs=1e-6)
+    assert out["voxel_washout_share"] < 0.5
+    assert np.isnan(bench.voxel_washout(phases[:2], mask, times[:2])["voxel_washout_rate"])
