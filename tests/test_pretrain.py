@@ -460,3 +460,62 @@ def test_pretraining_continues_with_fm_bcmris_projector_and_predictor(tmp_path):
     fresh = pretrain.build_query(config)
     assert pretrain.load_port_heads(fresh, config) is None
     assert fresh.projector.linears[0].kernel.shape == (cfg["dim"], 64)
+
+
+def _roi_config():
+    """The demo's tumour-region network alone (encoder 'none') with a pretrain section."""
+    config = load_config("demo_cpu")
+    config.data.recipe.shape = (16, 16, 16)
+    with config.unlocked():
+        config.pretrain = defaults.pretrain_config()
+    config.pretrain.update(dim=16, mlp_dim=32)
+    config.train.update(steps=10, warmup_steps=0)     # the first step moves the parameters
+    return config
+
+
+def test_the_tumour_region_network_pretrains_and_exports_a_port_fine_tuning_loads(tmp_path):
+    """encoder 'none': the tumour-region network is the encoder MoCo trains (CNN heads: a
+    2-layer projector, no final BatchNorm in the predictor); its export is a port the
+    classifier loads into its tumour-region branch, and that refuses other shells or
+    another encoder."""
+    from her2jax.models import factory
+
+    config = _roi_config()
+    mesh = _mesh(8)
+    graphdef, state, step = _setup(config, mesh)
+    query = nnx.merge(graphdef, state.params, state.rest)
+    assert type(query.encoder).__name__ == "RoiPool" and query.encoder.features_dim == 34
+    assert len(query.projector.linears) == 2 and not query.predictor.last_bn
+    rng = np.random.default_rng(0)
+    image = rng.normal(0.5, 0.3, size=(16, 16, 16, 16, 3)).astype(np.float32)
+    image[..., 2] = 0.0
+    for b in range(16):                       # tumours of different sizes
+        image[b, 5:8 + b % 5, 5:9, 4:10, 2] = 1.0
+    sharding = NamedSharding(mesh, P(step_lib.AXIS))
+    batch = {"image": jax.device_put(image, sharding),
+             "index": jax.device_put(np.arange(16, dtype=np.int32), sharding)}
+    before = jax.device_get(state.params["encoder"])
+    state = jax.device_put(state, NamedSharding(mesh, P()))
+    state, metrics = step(state, batch)
+    assert np.isfinite(float(metrics["loss"]))
+    moved = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
+                         before, jax.device_get(state.params["encoder"]))
+    assert all(jax.tree.leaves(moved))
+
+    pretrain.export_encoder(tmp_path / "encoder", config, graphdef, state, origin="test")
+    meta = json.loads((tmp_path / "encoder" / "port.json").read_text())
+    assert meta["architecture"] == dict(kind="roi_pool", in_channels=3, mask_channel=2,
+                                        hidden=8, rim_voxels=[2, 4], standardize=False)
+    config.model.pretrained = str(tmp_path / "encoder")
+    classifier = factory.build_model(config)
+    query = nnx.merge(graphdef, *jax.device_get((state.params, state.rest)))
+    classifier.eval(), query.eval()
+    np.testing.assert_allclose(classifier.roi(image[:4]), query.features(image[:4]),
+                               rtol=1e-5, atol=1e-6)
+    config.model.roi_pool.rim_voxels = (2, 5)   # same parameters, other features
+    with pytest.raises(Her2jaxError, match=r"rim_voxels=\[2, 4\].*model\.roi_pool\.rim_voxels"):
+        factory.build_model(config)
+    vit = load_config("tiny_cpu")
+    vit.model.pretrained = str(tmp_path / "encoder")
+    with pytest.raises(Her2jaxError, match="port holds a roi_pool encoder"):
+        factory.build_model(vit)

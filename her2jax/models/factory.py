@@ -87,6 +87,9 @@ def _port_facts(model) -> dict[str, tuple[object, str]]:
     """The config's values of the architecture facts a port records but no shape shows."""
     if model.encoder == "vit3d":
         return {"num_heads": (_vit_heads(model.vit), "model.vit.num_heads")}
+    if model.encoder == "none":
+        return {"rim_voxels": (list(roi_pool.shells_of(model.roi_pool.rim_voxels)),
+                               "model.roi_pool.rim_voxels")}
     r = model.resnet
     return {"conv1_t_stride": (r.conv1_t_stride, "model.resnet.conv1_t_stride"),
             "dilated": (r.get("dilated", False), "model.resnet.dilated")}
@@ -94,7 +97,8 @@ def _port_facts(model) -> dict[str, tuple[object, str]]:
 
 def build_model(config, *, rngs: nnx.Rngs | None = None,
                 bn_axis_name: str | None = None) -> heads.Classifier:
-    """Encoder + head for ``config``; loads ``config.model.pretrained`` into the encoder.
+    """Encoder + head for ``config``; loads ``config.model.pretrained`` into the encoder (into
+    the tumour-region network when it stands alone, ``encoder='none'``).
 
     Args:
       config: a full config (``data`` and ``model`` sections).
@@ -105,14 +109,11 @@ def build_model(config, *, rngs: nnx.Rngs | None = None,
         raise Her2jaxError(f"unknown scheme {config.data.scheme!r} (expected "
                            f"{', '.join(labels.CLASS_NAMES)})", key="data.scheme")
     rngs = rngs or nnx.Rngs(config.model.seed)
-    if config.model.encoder == "none":
-        if config.model.pretrained:
-            raise Her2jaxError("encoder 'none' has no weights to load; use a vit3d or "
-                               "resnet3d encoder with pretrained weights", key="model.pretrained")
-        if not config.model.get("roi_pool", {}).get("hidden", 0):
-            raise Her2jaxError("encoder 'none' needs the tumour-region branch "
-                               "(model.roi_pool.hidden > 0)", key="model.encoder")
-    if config.model.pretrained:
+    alone = config.model.encoder == "none"
+    if alone and not config.model.get("roi_pool", {}).get("hidden", 0):
+        raise Her2jaxError("encoder 'none' needs the tumour-region branch "
+                           "(model.roi_pool.hidden > 0)", key="model.encoder")
+    if config.model.pretrained and not alone:
         # Shapes only, then the port's arrays: random init would be thrown away (and on a
         # CPU it compiles one program per parameter shape). Then the facts shapes cannot
         # show (a stride, a dilation, the heads).
@@ -123,7 +124,14 @@ def build_model(config, *, rngs: nnx.Rngs | None = None,
                         _port_facts(config.model))
     else:
         encoder = build_encoder(config, rngs=rngs, bn_axis_name=bn_axis_name)
-    roi = build_roi_pool(config, rngs=rngs, bn_axis_name=bn_axis_name)
+    if config.model.pretrained and alone:
+        # The tumour-region network alone, pretrained (her2jax --mode=pretrain exports it).
+        roi = nnx.eval_shape(lambda: build_roi_pool(config, rngs=nnx.Rngs(0),
+                                                    bn_axis_name=bn_axis_name))
+        port.load_pretrained(roi, config.model.pretrained)
+        port.check_fits(config.model.pretrained, "roi_pool", _port_facts(config.model))
+    else:
+        roi = build_roi_pool(config, rngs=rngs, bn_axis_name=bn_axis_name)
     width = ((encoder.features_dim if encoder is not None else 0)
              + (roi.features_dim if roi is not None else 0))
     head = heads.Head(width, len(labels.CLASS_NAMES[config.data.scheme]),

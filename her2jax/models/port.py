@@ -60,7 +60,7 @@ from flax import nnx
 from her2jax import treepaths
 from her2jax.errors import Her2jaxError
 from her2jax.jsonfile import read_json
-from her2jax.models import resnet3d, torch_checkpoint, vit3d
+from her2jax.models import resnet3d, roi_pool, torch_checkpoint, vit3d
 
 PORT_FILE = "port.json"
 STATE_DIR = "encoder"
@@ -729,7 +729,8 @@ def check_fits(directory, kind: str, wanted: Mapping[str, tuple[object, str]]) -
 
     Args:
       directory: the port.
-      kind: the config's encoder (``vit3d`` / ``resnet3d``).
+      kind: the config's encoder (``vit3d`` / ``resnet3d``, or ``roi_pool`` for the
+        tumour-region network alone).
       wanted: ``{fact: (the config's value, its config key)}``.
 
     Returns:
@@ -782,7 +783,8 @@ def load_pretrained(model: nnx.Module, directory, *, state_dir: str = STATE_DIR)
     import orbax.checkpoint as ocp
 
     meta = read_port(directory)
-    kind = "vit3d" if isinstance(model, vit3d.ViT3D) else "resnet3d"
+    kind = ("vit3d" if isinstance(model, vit3d.ViT3D) else
+            "roi_pool" if isinstance(model, roi_pool.RoiPool) else "resnet3d")
     ported_kind = (meta.get("architecture") or {}).get("kind")
     if ported_kind != kind:
         raise Her2jaxError(f"port holds a {ported_kind} encoder ({meta.get('source')}), the "

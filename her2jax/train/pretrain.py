@@ -20,6 +20,9 @@ processes), with MoCo v3's step (Chen, Xie and He, 2021):
 
 Every BatchNorm of the heads averages its statistics over the ``data`` axis (SyncBatchNorm).
 
+The encoder is the config's ViT or ResNet, or, with ``model.encoder='none'``, the tumour-region
+network (``model.roi_pool``; :func:`encoder_kind`), pretrained with MoCo's CNN heads.
+
 Data: every case of the training centres of any prepared dataset, labelled or not. The run's
 monitor: the contrastive loss per logged step, and every ``train.eval_every`` steps a kNN
 macro AUC (cosine, k = ``pretrain.knn_k``, temperature 0.07) of the query encoder's features
@@ -53,7 +56,7 @@ from tqdm import tqdm
 from her2jax import treepaths
 from her2jax.data import pipeline
 from her2jax.errors import Her2jaxError
-from her2jax.models import factory, moco, port
+from her2jax.models import factory, moco, port, roi_pool
 from her2jax.train import checks, inference, logger, optim
 from her2jax.train import state as state_lib
 from her2jax.train import step as step_lib
@@ -195,24 +198,35 @@ def contrastive_loss(q: jax.Array, k_all: jax.Array, offset, temperature: float)
 # ---------------------------------------------------------------- networks, state, step
 
 
+def encoder_kind(config) -> str:
+    """What pretraining trains as the encoder: ``vit3d``, ``resnet3d``, or ``roi_pool`` (the
+    tumour-region network alone, ``model.encoder='none'``; MoCo's CNN heads: a 2-layer
+    projector, a predictor without a final BatchNorm)."""
+    model_config = config.model
+    if model_config.encoder in ("vit3d", "resnet3d"):
+        return model_config.encoder
+    if model_config.encoder == "none" and model_config.get("roi_pool", {}).get("hidden", 0):
+        return "roi_pool"
+    raise Her2jaxError(f"pretraining needs an encoder (vit3d or resnet3d) or the tumour-region "
+                       f"network (encoder 'none' with model.roi_pool.hidden > 0), got "
+                       f"{model_config.encoder!r}", key="model.encoder")
+
+
 def build_query(config, *, rngs: nnx.Rngs | None = None,
                 bn_axis_name: str | None = None) -> moco.Query:
     """The query network: the encoder of ``config.model`` (loading ``model.pretrained`` as
     training does), a projector and a predictor (``config.pretrain``)."""
     model_config = config.model
-    if model_config.encoder not in ("vit3d", "resnet3d"):
-        raise Her2jaxError(f"pretraining needs an encoder (vit3d or resnet3d), got "
-                           f"{model_config.encoder!r}", key="model.encoder")
+    kind = encoder_kind(config)
     rngs = rngs or nnx.Rngs(model_config.seed)
     classifier = factory.build_model(config, rngs=rngs, bn_axis_name=bn_axis_name)
-    encoder = classifier.encoder
+    # The tumour-region network alone (encoder 'none') is pretrained as the encoder.
+    encoder = classifier.roi if kind == "roi_pool" else classifier.encoder
     p = config.pretrain
-    projector = moco.MLP(moco.projector_dims(model_config.encoder, encoder.features_dim,
-                                             p.mlp_dim, p.dim),
+    projector = moco.MLP(moco.projector_dims(kind, encoder.features_dim, p.mlp_dim, p.dim),
                          rngs=rngs, bn_axis_name=bn_axis_name)
-    predictor = moco.MLP((p.dim, p.mlp_dim, p.dim),
-                         last_bn=moco.predictor_last_bn(model_config.encoder), rngs=rngs,
-                         bn_axis_name=bn_axis_name)
+    predictor = moco.MLP((p.dim, p.mlp_dim, p.dim), last_bn=moco.predictor_last_bn(kind),
+                         rngs=rngs, bn_axis_name=bn_axis_name)
     query = moco.Query(encoder, projector, predictor)
     return query
 
@@ -424,6 +438,12 @@ class _Monitor:
 def architecture_of(config) -> dict:
     """The encoder's constructor arguments, as ``port.json`` records them."""
     m, recipe = config.model, config.data.recipe
+    if encoder_kind(config) == "roi_pool":
+        channels = [str(c).strip().upper() for c in recipe.channels]
+        return dict(kind="roi_pool", in_channels=len(channels),
+                    mask_channel=channels.index("MASK"), hidden=int(m.roi_pool.hidden),
+                    rim_voxels=list(roi_pool.shells_of(m.roi_pool.rim_voxels)),
+                    standardize=bool(m.roi_pool.get("standardize", False)))
     if m.encoder == "vit3d":
         from her2jax.models import vit3d
 
