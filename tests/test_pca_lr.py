@@ -262,3 +262,39 @@ def test_pca_lr_opens_its_run_as_the_training_loop_does(data_dir, tmp_path, monk
     assert len(opened) == 1 and set(opened[0].splits) >= {"train", "val"}
     trained_on = json.loads((tmp_path / "run" / "trained_on.json").read_text())
     assert trained_on["train"] == sorted(opened[0].splits["train"].patient_ids)
+
+
+@pytest.fixture(scope="module")
+def kinetic_dir(phantom_cohort, tmp_path_factory):
+    """The shared phantom prepared with the demo's kind of recipe (PE, PEL, MASK), small."""
+    from her2jax.data import prepare, recipes
+
+    config = recipes.data_config("kinetic_mm")
+    config.recipe.update(shape=(16, 16, 16), spacing_mm=4.0)
+    config.update(test_centers=("CENTER_C",), worker_count=0)
+    out = tmp_path_factory.mktemp("kinetic")
+    prepare.prepare(phantom_cohort, out, config, workers=1, progress=False)
+    return out, config
+
+
+@pytest.mark.parametrize("encoder", ["none", "vit3d"])
+def test_the_tumour_region_network_is_frozen_saved_and_restored(kinetic_dir, tmp_path, encoder):
+    """pca_lr on the tumour-region network's features, alone (encoder 'none') or beside a ViT:
+    the workdir keeps the branch's state (roi/) beside the encoder's, so evaluate reproduces
+    the fit to the bit (before, the branch alone was refused and beside a ViT it was not
+    saved, and the workdir could not be evaluated)."""
+    data_dir, data = kinetic_dir
+    config = pca_config(data_dir)
+    config.data = data
+    config.data.data_dir = str(data_dir)
+    config.model.encoder = encoder
+    config.model.roi_pool.update(hidden=4, rim_voxels=(1, 2))
+    workdir = tmp_path / "run"
+    summaries = pca_lr.fit(config, workdir, n_boot=50)
+    written = _npz(workdir, "test_CENTER_C")["features"]
+    assert written.shape[1] == (18 if encoder == "none" else 18 + 48)
+    assert (workdir / pca_lr.ROI_DIR).is_dir()
+    assert (workdir / pca_lr.ENCODER_DIR).is_dir() == (encoder != "none")
+    again = pca_lr.evaluate(workdir, n_boot=50)
+    np.testing.assert_array_equal(_npz(workdir, "test_CENTER_C")["features"], written)
+    assert again["test_CENTER_C"]["macro_auc"] == summaries["test_CENTER_C"]["macro_auc"]

@@ -14,6 +14,8 @@ What the workdir holds (``config.json`` says ``train.protocol == 'pca_lr'``):
   dict, the layout ``her2jax-port`` writes. The workdir is self-contained: evaluation rebuilds
   the encoder from it (shapes from the config, values from here) and never needs the
   pretrained port again, which may since have moved.
+* ``roi/``: likewise, the tumour-region network's state when the model has one (beside the
+  encoder, or alone with ``model.encoder='none'``, whose features it then makes alone).
 * ``pca_lr.npz``: the fitted classifier as plain arrays (see :class:`PcaLr`); read with
   ``allow_pickle=False``, because loading a pickle can run code. Probabilities are computed
   from these arrays in numpy, equal to scikit-learn's ``predict_proba`` to ~1e-15.
@@ -56,6 +58,9 @@ if TYPE_CHECKING:
 PROTOCOL = "pca_lr"
 MODEL_FILE = "pca_lr.npz"
 ENCODER_DIR = "encoder"
+ROI_DIR = "roi"
+# The Classifier's parts that make the features, and where a workdir keeps each.
+FROZEN_PARTS = {"encoder": ENCODER_DIR, "roi": ROI_DIR}
 # The logistic regression's settings: scikit-learn's defaults (L2, C = 1, lbfgs) with room to
 # converge on standardised, decorrelated inputs.
 LR_C = 1.0
@@ -192,10 +197,6 @@ def _check_settings(config) -> None:
     if config.train.protocol != PROTOCOL:
         raise Her2jaxError(f"is {config.train.protocol!r}; pca_lr.fit runs the {PROTOCOL!r} "
                            "protocol", key="train.protocol")
-    if config.model.encoder == "none":
-        raise Her2jaxError("the pca_lr protocol reads a frozen encoder's features; encoder "
-                           "'none' has none (train it with protocol 'gradient')",
-                           key="model.encoder")
 
 
 def _encoder_source(config) -> str:
@@ -236,7 +237,8 @@ def fit(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
                         "encoder (model.seed=%d), a baseline, not the study's protocol",
                         config.model.seed)
     model = factory.build_model(config)
-    encoder_state = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model.encoder)))
+    frozen = {part: jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(getattr(model, part))))
+              for part in FROZEN_PARTS if getattr(model, part) is not None}
     graphdef, params, rest = state_lib.split_model(model)
     del model
     weights = _replicated(params, rest, mesh)
@@ -248,11 +250,11 @@ def fit(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
         workdir_lib.record_trained_on(workdir, train_split.patient_ids,
                                       splits["val"].patient_ids if "val" in splits else ())
         return _fit_claimed(config, workdir, dataset, splits, train_split, graphdef, weights,
-                            encoder_state, mesh, n_boot=n_boot, progress=progress)
+                            frozen, mesh, n_boot=n_boot, progress=progress)
 
 
 def _fit_claimed(config, workdir: Path, dataset, splits, train_split, graphdef, weights,
-                 encoder_state, mesh, *, n_boot: int, progress: bool) -> dict[str, dict]:
+                 frozen: dict, mesh, *, n_boot: int, progress: bool) -> dict[str, dict]:
     """Steps 4-7 of :func:`fit`, with the workdir held."""
     tc = config.train
     # 4. Features of every split, once.
@@ -271,8 +273,9 @@ def _fit_claimed(config, workdir: Path, dataset, splits, train_split, graphdef, 
     logging.info("PCA %d of %d features keeps %.1f%% of the variance", k, x.shape[1],
                  100 * classifier.explained_variance_ratio.sum())
 
-    # 6. Save: the encoder that made the features, and the classifier's arrays.
-    _save_encoder(workdir / ENCODER_DIR, encoder_state)
+    # 6. Save: the networks that made the features, and the classifier's arrays.
+    for part, state in frozen.items():
+        _save_encoder(workdir / FROZEN_PARTS[part], state)
     if jax.process_index() == 0:
         classifier.save(workdir / MODEL_FILE)
 
@@ -371,7 +374,9 @@ def load(workdir, *, data_dir: str | None = None) -> Fitted:
     model = nnx.eval_shape(lambda: factory.build_model(config, rngs=nnx.Rngs(0)))
     state = nnx.state(model)
     pure = nnx.to_pure_dict(state)
-    pure["encoder"] = _restore_encoder(workdir / ENCODER_DIR, pure["encoder"])
+    for part, folder in FROZEN_PARTS.items():
+        if part in pure:
+            pure[part] = _restore_encoder(workdir / folder, pure[part])
     # The head is unused (the classifier replaces it) but make_predict's program needs values.
     pure["head"] = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), pure["head"])
     nnx.replace_by_pure_dict(state, pure)
