@@ -181,6 +181,30 @@ def test_views_are_seeded_and_a_full_crop_without_changes_is_the_identity():
     assert float(a[..., 1].min()) >= 0 and float(a[..., 1].max()) <= 1
 
 
+def test_the_crop_is_trilinear_sampling_of_the_box_as_map_coordinates_computes_it():
+    """The separable crop (three interpolation matmuls) against the direct rule: the box's
+    voxel centres sampled with ``map_coordinates(order=1, mode='nearest')``, a 3D gather of 8
+    neighbours, for boxes of every size and place (edges included)."""
+    x = jax.random.normal(jax.random.key(1), (14, 11, 9, 2))
+    shape = np.asarray(x.shape[:3], np.float32)
+    for seed in range(12):
+        views = pretrain.Views(crop_scale=(0.2, 1.0), crop_ratio=(0.6, 1.6))
+        key = jax.random.key(seed)
+        got = pretrain._random_crop(x, key, views)
+        k_scale, k_ratio, k_place = jax.random.split(key, 3)   # the crop's own draws
+        scale = float(jax.random.uniform(k_scale, (), minval=0.2, maxval=1.0))
+        log_ratio = np.asarray(jax.random.uniform(k_ratio, (3,), minval=np.log(0.6),
+                                                  maxval=np.log(1.6)))
+        side = np.clip(scale ** (1 / 3) * np.exp(log_ratio - log_ratio.mean()), 0, 1)
+        start = np.asarray(jax.random.uniform(k_place, (3,))) * (1 - side)
+        grid = np.meshgrid(*[start[a] * shape[a] + (np.arange(x.shape[a]) + 0.5) * side[a] - 0.5
+                             for a in range(3)], indexing="ij")
+        want = np.stack([jax.scipy.ndimage.map_coordinates(x[..., c], grid, order=1,
+                                                           mode="nearest")
+                         for c in range(x.shape[-1])], axis=-1)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------- the run
 
 

@@ -113,12 +113,24 @@ def _random_crop(x: jax.Array, key: jax.Array, views: Views) -> jax.Array:
     # Voxel centres of the output grid mapped into the box (align-corners-free sampling).
     axes = [start[a] * shape[a] + (jnp.arange(x.shape[a]) + 0.5) * side[a] - 0.5
             for a in range(3)]
-    grid = jnp.meshgrid(*axes, indexing="ij")
+    # The sampling grid is axis-aligned, so trilinear interpolation is separable: one small
+    # [n, n] interpolation matrix per axis, applied as three matmuls (a 3D gather of 8
+    # neighbours per voxel, as map_coordinates does, took 63 % of a CPU pretraining step).
+    for a in range(3):
+        x = jnp.moveaxis(jnp.tensordot(_linear_weights(axes[a], x.shape[a]), x,
+                                       axes=([1], [a]), precision=lax.Precision.HIGHEST), 0, a)
+    return x
 
-    def channel(c):
-        return jax.scipy.ndimage.map_coordinates(c, grid, order=1, mode="nearest")
 
-    return jax.vmap(channel, in_axes=-1, out_axes=-1)(x)
+def _linear_weights(coords: jax.Array, n: int) -> jax.Array:
+    """[len(coords), n] weights of 1D linear interpolation at ``coords`` (voxel units) over
+    ``n`` samples, edges repeated (``map_coordinates(order=1, mode='nearest')``'s rule)."""
+    low = jnp.floor(coords)
+    frac = (coords - low)[:, None]
+    low = low.astype(jnp.int32)
+    first = jax.nn.one_hot(jnp.clip(low, 0, n - 1), n, dtype=jnp.float32)
+    second = jax.nn.one_hot(jnp.clip(low + 1, 0, n - 1), n, dtype=jnp.float32)
+    return (1.0 - frac) * first + frac * second
 
 
 def _blur(x: jax.Array, sigma: jax.Array) -> jax.Array:
