@@ -250,8 +250,10 @@ def test_encoder_none_is_the_tumour_region_branch_alone():
     assert model(x).shape == (2, 3)
     ids = optim.layer_ids(nnx.state(model, nnx.Param))
     assert {int(i) for i in jax.tree.leaves(ids)} == {1}   # the branch learns like the head
+    # pretrained weights for the branch alone come from a --mode=pretrain export of it
+    # (test_pretrain); a path that holds none is one line
     config.model.pretrained = "/nowhere"
-    with pytest.raises(Her2jaxError, match="no weights"):
+    with pytest.raises(Her2jaxError, match="not a her2jax-port output"):
         factory.build_model(config)
     with pytest.raises(Her2jaxError, match="encoder or a tumour-region"):
         heads.Classifier(None, heads.Head(4, 3, rngs=nnx.Rngs(0)))
