@@ -236,19 +236,17 @@ def seed_ensemble(workdirs: list[str], split: str, n_boot: int) -> dict:
     """Macro AUC (95% CI) of the mean predicted probabilities of several runs on ``split``
     (their ``eval/<split>/predictions.csv``, the same patients)."""
     import numpy as np
-    import pandas as pd
 
-    from her2jax.evaluate import metrics
+    from her2jax.evaluate import files, metrics
 
-    tables = [pd.read_csv(Path(w) / "eval" / split / "predictions.csv").sort_values("patient_id")
-              for w in workdirs]
-    ids = tables[0].patient_id.to_numpy()
-    if any(not np.array_equal(t.patient_id.to_numpy(), ids) for t in tables):
+    frames = [files.read_predictions(Path(w) / "eval" / split / "predictions.csv")
+              .sort_values("patient_id") for w in workdirs]
+    ids = frames[0].patient_id.to_numpy()
+    if any(not np.array_equal(f.patient_id.to_numpy(), ids) for f in frames):
         raise ValueError(f"the runs scored different patients on {split}: {workdirs}")
-    columns = [c for c in tables[0].columns if c.startswith("prob_")]
-    names = [c.removeprefix("prob_") for c in columns]
-    labels = tables[0].label.map(names.index).to_numpy()
-    probs = np.mean([t[columns].to_numpy() for t in tables], axis=0)
+    arrays = [files.prediction_arrays(f) for f in frames]
+    labels, _, names = arrays[0]
+    probs = np.mean([a[1] for a in arrays], axis=0)
     return _auc(metrics.summarize(labels, probs, names, n_boot=n_boot)["macro_auc"])
 
 
