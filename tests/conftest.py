@@ -1,9 +1,12 @@
-"""Shared fixtures: one phantom cohort and one prepared dataset per test run."""
+"""Shared fixtures: one phantom cohort and one prepared dataset per test run, shared by the
+pytest-xdist workers that ``make test`` starts."""
 
 from __future__ import annotations
 
 import atexit
+import fcntl
 import os
+import pickle
 import shutil
 import subprocess
 import tempfile
@@ -41,12 +44,35 @@ def pytest_sessionstart(session):
 PHANTOM = dict(patients=36, centers=3, seed=0, shape=(48, 48, 24))
 
 
+def once_per_run(tmp_path_factory, name: str, build):
+    """``build(path)``'s result, built once per test run in a new directory ``path``.
+
+    Under pytest-xdist every worker is its own process with its own session fixtures; the
+    workers' base temp directories share a parent, so the first worker to take the lock builds
+    there and the others read the result it pickled (the same object, e.g. ``prepare``'s
+    counts of that one build)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    path, result = root / name, root / f"{name}.pickle"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)   # released when the file closes
+        if result.exists():
+            return pickle.loads(result.read_bytes())
+        shutil.rmtree(path, ignore_errors=True)   # a worker that died half-way
+        path.mkdir()
+        value = build(path)
+        result.write_bytes(pickle.dumps(value))
+        return value
+
+
 @pytest.fixture(scope="session")
 def phantom_cohort(tmp_path_factory):
     """A tiny phantom cohort in the MAMA-MIA layout (read-only for tests: copy to modify)."""
     from her2jax.data import phantom
 
-    return phantom.write_cohort(tmp_path_factory.mktemp("phantom"), **PHANTOM)
+    return once_per_run(tmp_path_factory, "phantom",
+                        lambda path: phantom.write_cohort(path, **PHANTOM))
 
 
 def small_data_config():
@@ -70,8 +96,8 @@ def prepared(phantom_cohort, data_config, tmp_path_factory):
     """The phantom cohort prepared once (read-only for tests): a ``prepare.Prepared``."""
     from her2jax.data import prepare
 
-    data_dir = tmp_path_factory.mktemp("data")
-    return prepare.prepare(phantom_cohort, data_dir, data_config, workers=1, progress=False)
+    return once_per_run(tmp_path_factory, "data", lambda path: prepare.prepare(
+        phantom_cohort, path, data_config, workers=1, progress=False))
 
 
 @pytest.fixture(scope="session")
