@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -155,12 +156,27 @@ def test_kinetic_features_of_every_case_are_written_beside_the_index(prepared, p
     assert path.stat().st_mode & 0o777 == (prepared.dataset_dir / "index.csv").stat().st_mode & 0o777
 
 
-def test_prepare_is_deterministic(phantom_cohort, prepared, tmp_path):
-    again = prepare.prepare(phantom_cohort, tmp_path, small_data_config(), workers=2,
-                            progress=False)
-    assert again.dataset_dir.parent.name == prepared.dataset_dir.parent.name
-    for shard in sorted(prepared.dataset_dir.glob("*.array_record-*")):
-        assert (again.dataset_dir / shard.name).read_bytes() == shard.read_bytes(), shard.name
+def test_prepare_is_deterministic_across_processes(phantom_cohort, prepared, tmp_path):
+    """The same cohort and recipe give the same bytes in another process (other worker count,
+    other hash seed): TFDS's examples came out with their features in the order of a hash
+    table that changes per process until the shards were re-serialized deterministically."""
+    code = ("import sys; from her2jax.data import prepare; from tests.conftest import "
+            "small_data_config; print(prepare.prepare(sys.argv[1], sys.argv[2], "
+            "small_data_config(), workers=2, progress=False).dataset_dir)")
+    repo = Path(__file__).resolve().parents[1]
+    for hash_seed in ("1", "2"):
+        out = tmp_path / f"hash_seed_{hash_seed}"
+        result = subprocess.run(
+            [sys.executable, "-c", code, str(phantom_cohort), str(out)], cwd=repo,
+            env={**os.environ, "PYTHONHASHSEED": hash_seed}, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-2000:]
+        again = Path(result.stdout.split()[-1])
+        assert again.parent.name == prepared.dataset_dir.parent.name
+        shards = sorted(prepared.dataset_dir.glob("*.array_record-*"))
+        assert len(shards) == 3
+        for shard in shards:
+            assert (again / shard.name).read_bytes() == shard.read_bytes(), (hash_seed,
+                                                                              shard.name)
 
 
 # ---------------------------------------------------------------- versioning and atomicity

@@ -158,12 +158,19 @@ def _build(tmp_data_dir: Path, *, config_name, description, shape, num_channels,
 
 
 def _rewrite_uncompressed(shard: Path, chunk: int = 64) -> None:
-    """Rewrites an ArrayRecord shard without compression, in place (via a rename).
+    """Rewrites an ArrayRecord shard without compression and with every example's features
+    in name order, in place (via a rename).
 
     TFDS writes ArrayRecord with the format's default compression; z-scored float16 crops
     barely compress (~8 %) but decompressing them costs more than the rest of the read
     path, 2-4x slower random access on one core (see BENCHMARKS.md). Readers take the
     options from the file itself, so nothing else changes.
+
+    TFDS serializes each ``tf.train.Example`` with its feature map in the order of the
+    protobuf runtime's hash table, which changes from one process to the next: the same
+    cohort and recipe gave other bytes in another process (the same examples, so readers
+    never noticed). Protobuf's deterministic serialization writes map entries sorted by key,
+    so a dataset's bytes depend only on its cohort and recipe.
     """
     reader = array_record_module.ArrayRecordReader(str(shard), "readahead_buffer_size:0")
     tmp = shard.with_name(shard.name + ".uncompressed")
@@ -172,7 +179,8 @@ def _rewrite_uncompressed(shard: Path, chunk: int = 64) -> None:
         count = reader.num_records()
         for start in range(0, count, chunk):
             for record in reader.read(list(range(start, min(start + chunk, count)))):
-                writer.write(record)
+                example = tf_example_pb2.Example.FromString(record)
+                writer.write(example.SerializeToString(deterministic=True))
     finally:
         writer.close()
         reader.close()
