@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.her2jax-installed
 DEMO   := runs/demo
 PYTEST_ARGS ?=
 # pytest-xdist workers, one per core of CI's 2-core machine (the serial suite left a core idle
-# half the time: 26.7 min there, 20.3 min with two workers); whole test files go to a worker, so
+# half the time: 26.7 min there, 17.5 min with two workers); whole test files go to a worker, so
 # a module's fixtures are built once. PYTEST_WORKERS=0 runs in one process.
 PYTEST_WORKERS ?= 2
 
