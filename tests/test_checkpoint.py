@@ -11,6 +11,7 @@ import os
 import shutil
 import time
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -361,6 +362,50 @@ def test_another_optimizer_state_layout_is_named_as_such(ckpts, tmp_path):
     assert "opt_state" in str(refused.value) and "another model" not in str(refused.value)
     assert not (tmp_path / "checkpoints" / "corrupt").exists()
     assert ckpts.latest_step() == 10
+
+
+@flax.struct.dataclass
+class _StateBefore20261205:
+    """``TrainState`` as her2jax saved it before it gained ``ema`` and ``momentum``."""
+
+    step: jax.Array
+    params: object
+    rest: object
+    opt_state: object
+    rng: jax.Array
+
+
+def test_a_checkpoint_from_before_the_optional_parts_resumes_and_evaluates(tmp_path):
+    """Such a checkpoint holds five keys where today's hold seven (two of them empty): it is
+    restored into today's state with ema and momentum None, never moved aside as corrupt
+    (which made a resumed run start from scratch)."""
+    state = make_state(10)
+    assert state.ema is None and state.momentum is None
+    old = _StateBefore20261205(state.step, state.params, state.rest, state.opt_state,
+                               state.rng)
+    with checkpoint.Checkpoints(tmp_path, save_every=10) as c:
+        assert c.save_latest(10, old, config=CONFIG)
+        assert c.save_best(10, old, config=CONFIG, metric=0.7)
+    with checkpoint.Checkpoints(tmp_path, save_every=10) as c:
+        metadata = c._latest.item_metadata(10).state
+        assert sorted(metadata.keys()) == ["opt_state", "params", "rest", "rng", "step"]
+        target = checkpoint.abstract_like(state)
+        assert_identical(c.restore_latest(target), state)
+        assert_identical(c.restore_best(target), state)
+    assert not (tmp_path / "checkpoints" / "corrupt").exists()
+    assert _steps(tmp_path / "checkpoints" / "latest") == [10]
+
+
+def test_todays_checkpoint_keeps_its_optional_parts_and_an_ema_one_restores_them(tmp_path):
+    """Today's layout: ``ema`` and ``momentum`` are keys on disk, None or not."""
+    plain = make_state(10)
+    with_ema = plain.replace(ema=_fill(plain.params, seed=3))
+    for name, state in (("plain", plain), ("ema", with_ema)):
+        with checkpoint.Checkpoints(tmp_path / name, save_every=10) as c:
+            assert c.save_latest(10, state, config=CONFIG)
+        with checkpoint.Checkpoints(tmp_path / name, save_every=10) as c:
+            assert {"ema", "momentum"} <= set(c._latest.item_metadata(10).state.keys())
+            assert_identical(c.restore_latest(checkpoint.abstract_like(state)), state)
 
 
 def test_a_bad_restore_target_is_a_bug_not_corruption(ckpts, tmp_path):

@@ -7,8 +7,9 @@ Layout under ``workdir/checkpoints``::
     corrupt/<manager>-<step>-<time> unreadable steps moved aside by ``restore_latest``
 
 Two managers, because one manager with ``best_fn`` deletes the latest step when it is not
-the best one. Each step holds the ``TrainState`` (params, rest, opt_state, step, rng; orbax
-saves its ``nnx.State`` fields and typed PRNG keys as they are) and the config as JSON.
+the best one. Each step holds the ``TrainState`` (params, rest, opt_state, step, rng, and ema and momentum,
+empty unless used; orbax saves its ``nnx.State`` fields and typed PRNG keys as they are) and
+the config as JSON.
 
 Decisions (DESIGN.md):
 
@@ -18,6 +19,8 @@ Decisions (DESIGN.md):
 - orbax still lists a corrupt newest step as ``latest_step()`` and refuses to save that step
   again, so ``restore_latest`` moves an unreadable step out of the manager's directory before
   falling back to the previous one.
+- A checkpoint of her2jax before 2026-12-05 lacks ema and momentum: it is restored with both
+  None (``_stored_layout``), not taken for corrupt.
 - Restore into an abstract target built for the current mesh (``abstract_like``): a state
   saved on 8 devices restores onto 2.
 - On the CPU backend, replicated arrays are saved from one whole shard, not in orbax's
@@ -37,6 +40,7 @@ Decisions (DESIGN.md):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import functools
 import json
@@ -148,6 +152,36 @@ def _mismatches(saved_metadata: Any, abstract_state: Any) -> list[str]:
     problems += [f"{n} has shape {saved[n]}, the model expects {wanted[n]}"
                  for n in sorted(wanted.keys() & saved.keys()) if saved[n] != wanted[n]]
     return problems
+
+
+# TrainState's optional parts: None in runs without them. her2jax before 2026-12-05 had no
+# such fields, so its checkpoints hold neither key, where today's hold both (as empty nodes).
+_OPTIONAL = ("ema", "momentum")
+
+
+def _stored_layout(metadata: Any, abstract_state: Any) -> tuple[Any, Any]:
+    """(the restore target in the layout ``metadata`` was saved with, a function turning the
+    restored tree into the caller's type).
+
+    A checkpoint written before ``TrainState`` gained its optional parts holds the other
+    five fields only; orbax refuses a target with keys the checkpoint lacks, even empty ones.
+    The target then leaves out the optional parts that are None in ``abstract_state`` and
+    absent on disk, and they are None again in the state returned. Any other difference in
+    layout is kept as it is, for ``_mismatches`` and orbax to report.
+    """
+    if not isinstance(abstract_state, TrainState):
+        return abstract_state, lambda restored: restored
+    try:
+        stored = set(metadata.keys())
+    except (AttributeError, TypeError):
+        return abstract_state, lambda restored: restored
+    absent = [name for name in _OPTIONAL
+              if getattr(abstract_state, name) is None and name not in stored]
+    if not absent:
+        return abstract_state, lambda restored: restored
+    target = {f.name: getattr(abstract_state, f.name)
+              for f in dataclasses.fields(abstract_state) if f.name not in absent}
+    return target, lambda restored: TrainState(**restored)
 
 
 def _item_handlers() -> dict:
@@ -503,14 +537,15 @@ class Checkpoints:
         if missing:
             raise ValueError(f"the restore target has no sharding for {missing[0]} (and "
                              f"{len(missing) - 1} more leaves): build it with abstract_like")
+        target, as_caller = _stored_layout(metadata, abstract_state)
         try:
             restored = manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state)))
+                state=ocp.args.StandardRestore(target)))
         except Exception as e:  # noqa: BLE001
-            if self._reads_on_host(manager, step, abstract_state):
+            if self._reads_on_host(manager, step, target):
                 raise   # the files are fine: the target (e.g. its shardings) is wrong, a bug
             raise _Unreadable(f"{type(e).__name__}: {e}") from e
-        return restored.state
+        return as_caller(restored.state)
 
     @staticmethod
     def _reads_on_host(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> bool:

@@ -28,10 +28,12 @@ class TrainState:
       rng: uint32 [2] raw PRNG key data; per-example keys are
         ``fold_in(fold_in(rng, step), global example index)``.
       ema: an exponential moving average of ``params`` (``train.ema_decay`` > 0), the
-        parameters every evaluation uses; None when off (and then absent from checkpoints,
-        so runs without it keep their checkpoint layout).
+        parameters every evaluation uses; None when off (an empty node in checkpoints).
       momentum: MoCo pretraining's key (momentum) network parameters (``pretrain.py``);
-        None (absent from checkpoints) in every other run.
+        None in every other run.
+
+    Checkpoints of her2jax before 2026-12-05 have neither key; ``checkpoint.py`` restores
+    them with both None.
     """
 
     step: jax.Array
