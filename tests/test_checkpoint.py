@@ -396,6 +396,37 @@ def test_a_checkpoint_from_before_the_optional_parts_resumes_and_evaluates(tmp_p
     assert _steps(tmp_path / "checkpoints" / "latest") == [10]
 
 
+@flax.struct.dataclass
+class _StateWithAnotherPart:
+    """A state as a later her2jax might lay it out: one more (empty) part."""
+
+    step: jax.Array
+    params: object
+    rest: object
+    opt_state: object
+    rng: jax.Array
+    ema: object = None
+    momentum: object = None
+    averaged: object = None
+
+
+def test_a_readable_step_of_another_layout_is_an_error_and_stays_in_place(tmp_path):
+    """Same arrays, another tree (a part this her2jax does not know): a one-line error naming
+    the parts, and the step is neither moved aside nor replaced by a fresh start."""
+    state = make_state(10)
+    later = _StateWithAnotherPart(state.step, state.params, state.rest, state.opt_state,
+                                  state.rng)
+    with checkpoint.Checkpoints(tmp_path, save_every=10) as c:
+        assert c.save_latest(10, later, config=CONFIG)
+    with checkpoint.Checkpoints(tmp_path, save_every=10) as c:
+        with pytest.raises(Her2jaxError, match="step 10 holds a state laid out otherwise "
+                                               "than this her2jax's") as refused:
+            c.restore_latest(checkpoint.abstract_like(state))
+    assert "averaged" in str(refused.value) and "left in place" in str(refused.value)
+    assert not (tmp_path / "checkpoints" / "corrupt").exists()
+    assert _steps(tmp_path / "checkpoints" / "latest") == [10]
+
+
 def test_todays_checkpoint_keeps_its_optional_parts_and_an_ema_one_restores_them(tmp_path):
     """Today's layout: ``ema`` and ``momentum`` are keys on disk, None or not."""
     plain = make_state(10)

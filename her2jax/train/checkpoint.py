@@ -184,6 +184,23 @@ def _stored_layout(metadata: Any, abstract_state: Any) -> tuple[Any, Any]:
     return target, lambda restored: TrainState(**restored)
 
 
+def _stored_tree(metadata: Any) -> Any:
+    """The tree of ``ShapeDtypeStruct`` s a step's state metadata describes, as saved."""
+    tree = getattr(metadata, "tree", metadata)
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree)
+
+
+def _layout_difference(metadata: Any, target: Any) -> str:
+    """The top-level parts on disk against the ones ``target`` expects, in words."""
+    try:
+        stored = sorted(metadata.keys())
+    except (AttributeError, TypeError):
+        return "unknown layout on disk"
+    wanted = sorted(f.name for f in dataclasses.fields(target)) if dataclasses.is_dataclass(
+        target) else sorted(target) if isinstance(target, dict) else []
+    return f"parts {', '.join(stored)} on disk; expected {', '.join(wanted) or 'another tree'}"
+
+
 def _item_handlers() -> dict:
     # Named up front: a manager that only learns its handlers from a save (the default)
     # reads no metadata of steps written by an earlier process ("Item 'state' was found
@@ -544,6 +561,14 @@ class Checkpoints:
         except Exception as e:  # noqa: BLE001
             if self._reads_on_host(manager, step, target):
                 raise   # the files are fine: the target (e.g. its shardings) is wrong, a bug
+            if self._reads_on_host(manager, step, _stored_tree(metadata)):
+                # Readable in the layout it was written with: another her2jax's state, not a
+                # corrupt one, so it stays where it is.
+                raise Her2jaxError(
+                    f"checkpoint step {step} holds a state laid out otherwise than this "
+                    f"her2jax's ({_layout_difference(metadata, target)}); it is intact and "
+                    "was left in place (read it with the her2jax that wrote it, or use a new "
+                    "workdir)", file=manager.directory) from e
             raise _Unreadable(f"{type(e).__name__}: {e}") from e
         return as_caller(restored.state)
 
