@@ -193,14 +193,18 @@ def _pretrain() -> None:
 
     result = pretrain.run(_config_from_flags("to pretrain"), _WORKDIR.value,
                           force=_FORCE.value, progress=_PROGRESS.value)
-    if result["stopped"] != "done":
+    if result["stopped"] not in ("done", "early_stop"):
         print(f"{result['stopped']} at step {result['steps']}; it is saved; run the same "
               "command to resume there")
         return
     knn = result["knn_macro_auc"]
-    print(f"pretrained {result['steps']} steps; contrastive loss {result['loss']:.3f}"
-          + ("" if knn is None else f"; kNN macro AUC {knn:.3f}")
-          + f"; encoder in {result['encoder']} (use --config.model.pretrained="
+    stopped = " (stopped early: the kNN monitor stopped rising)" if (
+        result["stopped"] == "early_stop") else ""
+    exported = ("" if result["exported_step"] == result["steps"] else
+                f"; the encoder is step {result['exported_step']}'s, the best kNN macro AUC")
+    print(f"pretrained {result['steps']} steps{stopped}; contrastive loss "
+          f"{result['loss']:.3f}" + ("" if knn is None else f"; kNN macro AUC {knn:.3f}")
+          + f"{exported}; encoder in {result['encoder']} (use --config.model.pretrained="
             f"{result['encoder']})")
 
 

@@ -286,6 +286,72 @@ def test_pretraining_resumes_bitwise_after_sigkill(pretrained, data_dir, tmp_pat
         again.stdout), again.stdout
 
 
+def _classifier_features(encoder: Path, x):
+    from her2jax.models import factory
+
+    config = load_config("tiny_cpu")
+    config.data.recipe.shape = x.shape[1:4]
+    config.model.pretrained = str(encoder)
+    classifier = factory.build_model(config)
+    classifier.eval()
+    return np.asarray(classifier.features(x))
+
+
+def test_the_best_knn_step_is_exported_and_patience_stops_pretraining(data_dir, tmp_path):
+    """``pretrain.export='best_knn'``: the encoder is the monitored step with the highest kNN
+    macro AUC (checkpoints/best); ``train.early_stop_patience=2`` stops at the second
+    evaluation in a row without a better one, and a rerun stays stopped."""
+    workdir = tmp_path / "run"
+    extra = ("--config.pretrain.export=best_knn", "--config.train.early_stop_patience=2",
+             "--config.train.eval_every=3")
+    first = _her2jax(workdir, data_dir, *extra)
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    monitored = [(r["step"], r["knn_macro_auc"]) for r in records if r["split"] == "val"]
+    # What the rule says, from the logged values: the first strict maximum is kept, and the
+    # run stops at the second evaluation in a row that does not beat it.
+    best_step, best, since, stop = None, -1.0, 0, 30
+    for step, value in monitored:
+        if value > best:
+            best_step, best, since = step, value, 0
+        else:
+            since += 1
+        if since == 2:
+            stop = step
+            break
+    assert stop < 30, monitored            # the monitor does not rise 10 times in a row here
+    assert monitored[-1][0] == stop        # nothing was monitored after the stop
+    assert best_step < stop
+    assert (f"pretrained {stop} steps (stopped early: the kNN monitor stopped rising)" in
+            first.stdout and f"the encoder is step {best_step}'s" in first.stdout), first.stdout
+    meta = json.loads((workdir / "encoder" / "port.json").read_text())
+    assert meta["checkpoint"] == str(workdir / "checkpoints" / "best" / str(best_step))
+    # The exported encoder is checkpoints/best's query encoder, not the last step's.
+    config = _run_config(workdir)
+    query = pretrain.build_query(config, bn_axis_name=step_lib.AXIS)
+    optimizer = pretrain.make_optimizer(config, nnx.state(query, nnx.Param),
+                                        total_steps=config.train.steps)
+    graphdef, state = pretrain.create_state(query, optimizer, 0)
+    with checkpoint.Checkpoints(workdir, save_every=1) as checkpoints:
+        target = checkpoint.abstract_like(state)
+        kept, last = checkpoints.restore_best(target), checkpoints.restore_latest(target)
+    assert int(kept.step) == best_step and int(last.step) == stop
+    x = jax.random.normal(jax.random.key(3), (2, 24, 24, 24, 1))
+    features = {}
+    for name, s in (("best", kept), ("last", last)):
+        model = nnx.merge(graphdef, s.params, s.rest)
+        model.eval()
+        features[name] = np.asarray(model.features(x))
+    exported = _classifier_features(workdir / "encoder", x)
+    np.testing.assert_allclose(exported, features["best"], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(exported, features["last"], atol=1e-4)
+    # A rerun finds the run stopped: no step more, the same encoder and message.
+    again = _her2jax(workdir, data_dir, *extra)
+    assert (f"pretrained {stop} steps (stopped early" in again.stdout and
+            f"the encoder is step {best_step}'s" in again.stdout), again.stdout
+    assert (workdir / "metrics.jsonl").read_text().count("\n") == len(records)
+    np.testing.assert_array_equal(_classifier_features(workdir / "encoder", x), exported)
+
+
 def test_an_unlabelled_cohort_prepares_and_pretrains(phantom_cohort, tmp_path):
     from her2jax.data import prepare
 
@@ -312,6 +378,15 @@ def test_an_unlabelled_cohort_prepares_and_pretrains(phantom_cohort, tmp_path):
     result = pretrain.run(config, tmp_path / "run", progress=False)
     assert result["stopped"] == "done" and result["knn_macro_auc"] is None   # nothing labelled
     assert (tmp_path / "run" / "encoder" / "port.json").exists()
+    # Without labels there is no monitor to choose a step or stop on: said before any step.
+    for key, value in (("pretrain.export", "best_knn"), ("train.early_stop_patience", 2)):
+        refused = config.copy_and_resolve_references()
+        section, name = key.split(".")
+        refused[section][name] = value
+        with pytest.raises(Her2jaxError, match="needs the kNN monitor") as error:
+            pretrain.run(refused, tmp_path / f"refused-{name}", progress=False)
+        assert error.value.key == key
+        assert not (tmp_path / f"refused-{name}" / "checkpoints").exists()
 
 
 @pytest.mark.parametrize(("key", "value", "named"), [
@@ -320,6 +395,7 @@ def test_an_unlabelled_cohort_prepares_and_pretrains(phantom_cohort, tmp_path):
     ("pretrain.crop_scale", (0.5, 1.5), "pretrain.crop_scale"),
     ("pretrain.blur_prob", 2.0, "pretrain.blur_prob"),
     ("pretrain.dim", 0, "pretrain.dim"),
+    ("pretrain.export", "best_loss", "pretrain.export"),
     ("train.grad_accum", 2, "train.grad_accum"),
     ("train.freeze_steps", 10, "train.freeze_steps"),
 ])

@@ -94,4 +94,9 @@ def pretrain_config() -> ml_collections.ConfigDict:
         noise=0.1,
         noise_prob=0.5,
         knn_k=20,                   # the kNN monitor's neighbours
+        # Which query encoder DIR/encoder/ holds: 'last' (the final step's) or 'best_knn' (the
+        # monitored step with the highest kNN macro AUC, kept in checkpoints/best; needs
+        # labelled validation cases). train.early_stop_patience counts monitor evaluations
+        # without a better kNN macro AUC.
+        export="last",
     ))

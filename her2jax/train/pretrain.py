@@ -29,8 +29,15 @@ macro AUC (cosine, k = ``pretrain.knn_k``, temperature 0.07) of the query encode
 of the dataset's labelled validation cases against its labelled training cases (skipped
 when the dataset holds fewer than two classes there).
 
+With ``pretrain.export='best_knn'`` (or ``train.early_stop_patience`` > 0) every monitored
+step that beats the kept kNN macro AUC is saved to ``checkpoints/best``; the patience counts
+monitor evaluations without a better one, and a resumed run continues the count (a run that
+stopped early stays stopped).
+
 Output: ``WORKDIR/encoder/``, a directory ``--config.model.pretrained=`` accepts exactly like
-a ``her2jax-port`` output (``port.json`` + ``state/``): the query encoder of the last step.
+a ``her2jax-port`` output (``port.json`` + ``state/``): the query encoder of the last step, or
+with ``pretrain.export='best_knn'`` of the best monitored one (``port.json``'s ``checkpoint``
+names the checkpoint it came from).
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ from her2jax import treepaths
 from her2jax.data import pipeline
 from her2jax.errors import Her2jaxError
 from her2jax.models import factory, moco, port, roi_pool
+from her2jax.train import checkpoint as checkpoint_lib
 from her2jax.train import checks, inference, logger, optim
 from her2jax.train import state as state_lib
 from her2jax.train import step as step_lib
@@ -66,6 +74,7 @@ AXIS = step_lib.AXIS
 ENCODER_DIR = "encoder"
 SOURCE = "her2jax-pretrain"
 KNN_TEMPERATURE = 0.07
+EXPORTS = ("last", "best_knn")
 
 
 # ---------------------------------------------------------------- the views
@@ -518,6 +527,8 @@ def check_pretrain_config(config) -> None:
         need(0 <= p[key] <= 1, key, "a probability in [0, 1]", p[key])
     for key in ("scale", "shift", "noise"):
         need(p[key] >= 0, key, ">= 0", p[key])
+    need(p.get("export", "last") in EXPORTS, "export", f"one of {', '.join(EXPORTS)}",
+         p.get("export"))
     if config.train.grad_accum != 1:
         raise Her2jaxError("pretraining moves the momentum network every batch; gradient "
                            "accumulation is not supported (use a larger batch)",
@@ -554,7 +565,8 @@ def run(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
     """Pretrains (or resumes) in ``workdir``; at the end writes ``workdir/encoder/``.
 
     Returns:
-      ``{"steps", "stopped": 'done' | 'preempted' | 'interrupted', "encoder": path or None,
+      ``{"steps", "stopped": 'done' | 'early_stop' | 'preempted' | 'interrupted', "encoder":
+      path or None, "exported_step": the step whose query encoder it holds (or None),
       "loss": the last logged loss, "knn_macro_auc": the last monitor value}``.
     """
     from her2jax.train import loop
@@ -585,9 +597,17 @@ def run(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
         graphdef, optimizer, mesh, views=Views.from_config(p, config.data.recipe.channels),
         temperature=float(p.temperature), base_momentum=float(p.momentum), total_steps=total)
     monitor = _Monitor(dataset, config, mesh, graphdef)
+    export = p.get("export", "last")
+    patience = int(tc.early_stop_patience)
+    keep_best = export == "best_knn" or patience > 0
+    if keep_best and not monitor.usable:
+        key, what = (("pretrain.export", "export='best_knn'") if export == "best_knn" else
+                     ("train.early_stop_patience", "early stopping"))
+        raise Her2jaxError(f"{what} needs the kNN monitor, and the dataset's training centres "
+                           "hold fewer than two labelled classes in train or val", key=key)
 
     result = {"steps": 0, "stopped": "done", "encoder": None, "loss": None,
-              "knn_macro_auc": None}
+              "knn_macro_auc": None, "exported_step": None}
     with contextlib.ExitStack() as stack:
         run_config = loop.hold_workdir(stack, workdir, config, dataset.meta, force=force)
         checkpoints, state, start = loop.open_checkpoints(stack, workdir, tc, state)
@@ -602,7 +622,11 @@ def run(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
         stack.callback(bar.close)
         preemption = stack.enter_context(loop.Preemption())
         window = (time.perf_counter(), start)
-        for step in range(start, total):
+        since_best = loop.evaluations_since_best(start, checkpoints.best_step(), tc.eval_every,
+                                                 total)
+        if patience and since_best >= patience:
+            result["stopped"] = "early_stop"
+        for step in range(start, total if result["stopped"] == "done" else start):
             state, step_metrics = step_fn(state, next(batches))
             done = step + 1
             if done % tc.log_every == 0 or done == total:
@@ -616,20 +640,39 @@ def run(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
                 if knn is not None:
                     log.write(done, "val", {"knn_macro_auc": knn})
                     result["knn_macro_auc"] = knn
+                if keep_best:
+                    previous = checkpoints.best_metric()
+                    if checkpoints.save_best(done, state, config=run_config,
+                                             metric=float("nan") if knn is None else knn):
+                        since_best = 0
+                    elif previous is not None:
+                        since_best += 1
+                    if patience and since_best >= patience:
+                        result["stopped"] = "early_stop"
             checkpoints.save_latest(done, state, config=run_config,
-                                    force=done == total or preemption.requested)
+                                    force=done == total or result["stopped"] != "done"
+                                    or preemption.requested)
             if preemption.requested or checkpoints.preempted:
                 result["stopped"] = "interrupted" if preemption.interrupted else "preempted"
+            if result["stopped"] != "done":
                 break
         checkpoints.wait_until_finished()
         result["steps"] = int(jax.device_get(state.step))
+        exported, origin = state, workdir / "checkpoints" / "latest" / str(result["steps"])
+        if export == "best_knn" and result["stopped"] in ("done", "early_stop"):
+            best = checkpoints.best_step()
+            if best is None:   # unreachable: the last step is always monitored
+                raise Her2jaxError("no monitored step to export (checkpoints/best is empty)",
+                                   file=str(workdir))
+            exported = checkpoints.restore_best(checkpoint_lib.abstract_like(state))
+            origin = workdir / "checkpoints" / "best" / str(best)
     # A rerun of a finished (or nearly finished) run logs nothing new: its figures are the
     # last ones metrics.jsonl holds.
     for split, key in (("train", "loss"), ("val", "knn_macro_auc")):
         if result[key] is None:
             result[key] = _last_logged(workdir, split, key, result["steps"])
-    if result["stopped"] == "done":
-        export_encoder(workdir / ENCODER_DIR, config, graphdef, state,
-                       origin=str(workdir / "checkpoints" / "latest" / str(result["steps"])))
+    if result["stopped"] in ("done", "early_stop"):
+        export_encoder(workdir / ENCODER_DIR, config, graphdef, exported, origin=str(origin))
         result["encoder"] = str(workdir / ENCODER_DIR)
+        result["exported_step"] = int(jax.device_get(exported.step))
     return result
