@@ -205,6 +205,32 @@ def test_the_crop_is_trilinear_sampling_of_the_box_as_map_coordinates_computes_i
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_the_blur_folded_into_the_crop_is_the_filter_applied_in_mocos_order():
+    """A view with the blur on is the same view without it (crop, flips, scale, shift), then
+    filtered along each axis by 5 Gaussian taps with edges repeated (scipy's ``correlate1d``,
+    mode 'nearest'), for the sigma the view drew; the mask channel is not blurred."""
+    from scipy import ndimage
+
+    image = np.array(jax.random.normal(jax.random.key(7), (13, 10, 9, 2)))
+    image[..., 1] = image[..., 1] > 0.5
+    common = dict(crop_scale=(0.3, 1.0), scale=0.2, shift=0.2, noise=0.0,
+                  blur_sigma=(0.1, 1.5), mask_channels=(1,))
+    for seed in range(6):
+        key = jax.random.key(seed)
+        plain = np.asarray(pretrain.one_view(image, key, pretrain.Views(blur_prob=0.0,
+                                                                        **common)))
+        got = np.asarray(pretrain.one_view(image, key, pretrain.Views(blur_prob=1.0, **common)))
+        k_sigma = jax.random.split(jax.random.split(key, 6)[4])[1]   # the view's own draw
+        sigma = float(jax.random.uniform(k_sigma, (), minval=0.1, maxval=1.5))
+        taps = np.exp(-0.5 * (np.arange(-2, 3) / sigma) ** 2)
+        want = plain[..., 0]
+        for axis in range(3):
+            want = ndimage.correlate1d(want, taps / taps.sum(), axis=axis, mode="nearest")
+        np.testing.assert_allclose(got[..., 0], want, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(got[..., 1], plain[..., 1])
+        assert not np.allclose(got[..., 0], plain[..., 0], atol=1e-3)
+
+
 # ---------------------------------------------------------------- the run
 
 
