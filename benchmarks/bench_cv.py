@@ -1,11 +1,12 @@
 """Cross-validation, the fold ensemble and test-time augmentation, measured on held-out centres.
 
-  python benchmarks/bench_cv.py --data_dir=DIR --work=DIR [--candidates=demo,resnet_kinetic_mm]
+  python benchmarks/bench_cv.py --data_dir=DIR --work=DIR [--candidates=demo_2p5mm,resnet_kinetic_mm]
       [--centers_held_out=CENTER_A,CENTER_B,CENTER_C] [--folds=5] [--n_boot=1000]
       [--jsonl=FILE]
 
-``--data_dir``: the learning study's cohort prepared with the candidates' recipe (they share
-``kinetic_mm`` at 24^3 x 2.5 mm); the candidates are ``bench_learning.CANDIDATES``. For each
+``--data_dir``: the learning study's cohort prepared with the candidates' recipe (the default
+two share ``kinetic_mm`` at 24^3 x 2.5 mm; ``demo``, at 2 mm since 2026-12-06, needs a dataset
+of its own); the candidates are ``bench_learning.CANDIDATES``. For each
 candidate and held-out centre, one ``--mode=cv`` run (``cv.run``) on the other centres
 (``--work``/``<candidate>``/``<centre>``; a finished one is reused), then, on the same
 patients:
@@ -87,7 +88,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data_dir", required=True, help="a dataset prepared for --config")
     parser.add_argument("--work", required=True, help="the CV workdirs go here, one per centre")
-    parser.add_argument("--candidates", default="demo,resnet_kinetic_mm",
+    parser.add_argument("--candidates", default="demo_2p5mm,resnet_kinetic_mm",
                         help="names from bench_learning.CANDIDATES")
     parser.add_argument("--centers_held_out", default="CENTER_A,CENTER_B,CENTER_C")
     parser.add_argument("--folds", type=int, default=5)

@@ -57,12 +57,21 @@ def load_config(name: str):
     return module.get_config()
 
 
+def _demo_2p5mm():
+    """The demo until 2026-12-06: configs/demo_cpu.py on 24^3 at 2.5 mm, shells 0-5 and 5-10
+    mm. The other candidates below were measured on these inputs and keep them."""
+    config = load_config("demo_cpu")
+    config.data.recipe.update(shape=(24, 24, 24), spacing_mm=2.5)
+    config.model.roi_pool.rim_voxels = (2, 4)
+    return config
+
+
 def _resnet_kinetic_mm():
     """The demo from 2026-12-03 to 2026-12-05: ResNet-10 (width 0.5, 3x3x3 stride-2 stem) on
-    the demo's inputs, AdamW 1e-3 for 300 steps."""
+    the demo's inputs of then (24^3 at 2.5 mm), AdamW 1e-3 for 300 steps."""
     from her2jax.models import factory
 
-    config = load_config("demo_cpu")
+    config = _demo_2p5mm()
     config.data.recipe.channels = ("PE", "PEL", "MASK")   # the demo's inputs
     config.model = factory.model_config("resnet3d")
     config.model.resnet.update(depth=10, widen_factor=0.5, shortcut="B", bias_downsample=False,
@@ -94,8 +103,8 @@ def _resnet_with_region():
 
 def _demo_all_phases():
     """The demo on the enhancement of every post-contrast phase (the whole curve, not only
-    its first and last point); measured 2026-12-05, not adopted (BENCHMARKS.md)."""
-    config = load_config("demo_cpu")
+    its first and last point), at 2.5 mm; measured 2026-12-05, not adopted (BENCHMARKS.md)."""
+    config = _demo_2p5mm()
     config.data.recipe.channels = ("PE", "PE2", "PE3", "PEL", "MASK")
     return config
 
@@ -111,8 +120,10 @@ CANDIDATES = {
     "demo": (lambda: load_config("demo_cpu"),
              "configs/demo_cpu.py: tumour-region network (per-voxel MLP of width 8 pooled inside "
              "the mask and on two shells around it, log volumes; no CNN) on kinetic_mm (PE, "
-             "PEL, MASK) 24^3 @ 2.5 mm, flips + axis permutations + per-channel contrast 0.25, "
-             "AdamW 1e-2, 1,000 steps"),
+             "PEL, MASK) 30^3 @ 2 mm, shells 0-4 and 4-10 mm, flips + axis permutations + "
+             "per-channel contrast 0.25, AdamW 1e-2, 1,000 steps"),
+    "demo_2p5mm": (_demo_2p5mm, "the demo until 2026-12-06: the same on 24^3 @ 2.5 mm, shells "
+                   "0-5 and 5-10 mm"),
     "demo_all_phases": (_demo_all_phases, "demo on the enhancement of all four post-contrast "
                         "phases (PE, PE2, PE3, PEL, MASK)"),
     "resnet_kinetic_mm": (_resnet_kinetic_mm, "ResNet-10 w0.5 on the demo's inputs, AdamW 1e-3, "

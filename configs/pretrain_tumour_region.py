@@ -3,7 +3,8 @@ MLP pooled inside the tumour mask and on two shells around it, ``model.encoder='
 prepared dataset of its recipe, labelled or not; the export loads into configs/demo_cpu.py
 with ``--config.model.pretrained=WORKDIR/encoder``. MoCo's CNN heads (2-layer projector,
 predictor without a final BatchNorm) of width 256 to 64, the settings measured in
-BENCHMARKS.md ("Self-supervised pretraining"): 1,000 steps of 32, AdamW 1e-3.
+BENCHMARKS.md ("Self-supervised pretraining", with the demo's inputs of then, 24^3 at 2.5 mm):
+1,000 steps of 32, AdamW 1e-3.
 
   her2jax --mode=pretrain --config=configs/pretrain_tumour_region.py --workdir=runs/pretrain_tr \
       --config.data.data_dir=DATA

@@ -17,9 +17,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PATIENTS, SHAPE, STEPS = 150, (64, 64, 32), 600
 HELD_OUT = "CENTER_C"
-# Five training seeds (BENCHMARKS.md): held-out model 0.754-0.770 against the baseline's 0.790
-# (model - baseline -0.035 to -0.019), permuted labels 0.441-0.612, real - permuted 0.149 or
-# more, final training loss 0.44-0.86. Each bound is the worst seed plus a margin of ~0.035-0.07.
+# Five training seeds at 2 mm (BENCHMARKS.md): held-out model 0.759-0.776 against the
+# baseline's 0.790 (model - baseline -0.030 to -0.014), permuted labels 0.430-0.615, real -
+# permuted 0.158 or more, final training loss 0.43-0.86. Each bound is the worst seed plus a
+# margin of ~0.04-0.08 (the same bounds held the 2.5 mm demo's seeds: -0.035, 0.612, 0.149, 0.86).
 MODEL_VS_BASELINE = -0.07
 PERMUTED_MAX = 0.68
 REAL_OVER_PERMUTED = 0.08

@@ -630,16 +630,18 @@ def test_the_tumour_region_network_pretrains_and_exports_a_port_fine_tuning_load
 
     pretrain.export_encoder(tmp_path / "encoder", config, graphdef, state, origin="test")
     meta = json.loads((tmp_path / "encoder" / "port.json").read_text())
+    rim = list(config.model.roi_pool.rim_voxels)          # the demo's shells
     assert meta["architecture"] == dict(kind="roi_pool", in_channels=3, mask_channel=2,
-                                        hidden=8, rim_voxels=[2, 4], standardize=False)
+                                        hidden=8, rim_voxels=rim, standardize=False)
     config.model.pretrained = str(tmp_path / "encoder")
     classifier = factory.build_model(config)
     query = nnx.merge(graphdef, *jax.device_get((state.params, state.rest)))
     classifier.eval(), query.eval()
     np.testing.assert_allclose(classifier.roi(image[:4]), query.features(image[:4]),
                                rtol=1e-5, atol=1e-6)
-    config.model.roi_pool.rim_voxels = (2, 5)   # same parameters, other features
-    with pytest.raises(Her2jaxError, match=r"rim_voxels=\[2, 4\].*model\.roi_pool\.rim_voxels"):
+    config.model.roi_pool.rim_voxels = (rim[0], rim[1] + 1)   # same parameters, other features
+    with pytest.raises(Her2jaxError, match=rf"rim_voxels=\[{rim[0]}, {rim[1]}\].*"
+                                           r"model\.roi_pool\.rim_voxels"):
         factory.build_model(config)
     vit = load_config("tiny_cpu")
     vit.model.pretrained = str(tmp_path / "encoder")
