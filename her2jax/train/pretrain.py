@@ -681,8 +681,9 @@ def run(config: ml_collections.ConfigDict, workdir, *, force: bool = False,
         exported, origin = state, workdir / "checkpoints" / "latest" / str(result["steps"])
         if export == "best_knn" and result["stopped"] in ("done", "early_stop"):
             best = checkpoints.best_step()
-            if best is None:   # unreachable: the last step is always monitored
-                raise Her2jaxError("no monitored step to export (checkpoints/best is empty)",
+            if best is None:   # every monitored kNN macro AUC was undefined (NaN)
+                raise Her2jaxError("no monitored step to export: the kNN macro AUC was "
+                                   "undefined at every evaluation (checkpoints/best is empty)",
                                    file=str(workdir))
             exported = checkpoints.restore_best(checkpoint_lib.abstract_like(state))
             origin = workdir / "checkpoints" / "best" / str(best)
