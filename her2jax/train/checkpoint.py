@@ -196,8 +196,12 @@ def _layout_difference(metadata: Any, target: Any) -> str:
         stored = sorted(metadata.keys())
     except (AttributeError, TypeError):
         return "unknown layout on disk"
-    wanted = sorted(f.name for f in dataclasses.fields(target)) if dataclasses.is_dataclass(
-        target) else sorted(target) if isinstance(target, dict) else []
+    if dataclasses.is_dataclass(target):
+        wanted = sorted(f.name for f in dataclasses.fields(target))
+    elif isinstance(target, dict):
+        wanted = sorted(target)
+    else:
+        wanted = []
     return f"parts {', '.join(stored)} on disk; expected {', '.join(wanted) or 'another tree'}"
 
 
