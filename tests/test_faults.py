@@ -43,16 +43,19 @@ from .test_train import REPO, RESUME_ARGS, _final_params, _her2jax, small_config
 TMP_SUFFIX = ".orbax-checkpoint-tmp"   # orbax's folder for a step still being written
 
 # The fault hook: ``HER2JAX_FAULT=<point>:<step>:<report.json>`` with point ``save`` (SIGKILL
-# right after save_latest(step) has started orbax's background write) or ``validate``
+# once save_latest(step) has started orbax's background write and its temporary folder holds
+# files; the commit that would rename it is held back, so the kill never comes too late) or ``validate``
 # (SIGKILL once validation at ``step`` has computed its first batch of predictions).
 SITECUSTOMIZE = '''
 """Test-only fault injection for tests/test_faults.py (never installed outside a test)."""
+import asyncio
 import importlib.abc
 import importlib.util
 import json
 import os
 import signal
 import sys
+import time
 
 
 def _die(report, seen):
@@ -65,12 +68,32 @@ def _listing(folder):
     return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
 
 
+def _files_in(folder):
+    return sum(len(files) for _, _, files in os.walk(folder))
+
+
+def _hold_commit(at):
+    """Never commit step ``at`` of ``latest``: its temporary folder is not renamed until the
+    process is killed, however fast the background write is."""
+    from orbax.checkpoint._src.path import atomicity
+
+    for cls in (atomicity.AtomicRenameTemporaryPath, atomicity.CommitFileTemporaryPath):
+        def finalize(self, _finalize=cls.finalize):
+            final = self.get_final()
+            if final.name == str(at) and final.parent.name == "latest":
+                return asyncio.Event().wait()
+            return _finalize(self)
+
+        cls.finalize = finalize
+
+
 def _install(loop):
     from her2jax.train import checkpoint, inference   # loop has imported both
 
     point, at, report = os.environ["HER2JAX_FAULT"].split(":", 2)
     at = int(at)
     if point == "save":
+        _hold_commit(at)
         save_latest = checkpoint.Checkpoints.save_latest
 
         def save_then_die(self, step, state, **kwargs):
@@ -78,8 +101,12 @@ def _install(loop):
             if started and int(step) == at:
                 latest = str(self.root / "latest")
                 tmp = os.path.join(latest, f"{at}.orbax-checkpoint-tmp")
-                _die(report, {"latest": _listing(latest),
-                              "files_in_tmp": sum(len(f) for _, _, f in os.walk(tmp))})
+                # orbax creates the folder on its background thread: wait until it holds
+                # files (the commit that would rename it is held, so it cannot finish first).
+                deadline = time.monotonic() + 300
+                while _files_in(tmp) == 0 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                _die(report, {"latest": _listing(latest), "files_in_tmp": _files_in(tmp)})
             return started
 
         checkpoint.Checkpoints.save_latest = save_then_die
