@@ -72,6 +72,12 @@ def _files_in(folder):
     return sum(len(files) for _, _, files in os.walk(folder))
 
 
+def _settled(listing, keep=2):
+    """No step of ``listing`` is being written, and no more than ``keep`` are kept."""
+    return (not any(name.endswith(".orbax-checkpoint-tmp") for name in listing)
+            and sum(name.isdigit() for name in listing) <= keep)
+
+
 def _hold_commit(at):
     """Never commit step ``at`` of ``latest``: its temporary folder is not renamed until the
     process is killed, however fast the background write is."""
@@ -122,10 +128,16 @@ def _install(loop):
                 out = predict(*args)
                 for x in out:
                     x.block_until_ready()
-                workdir = os.environ["HER2JAX_FAULT_WORKDIR"]
+                latest = os.path.join(os.environ["HER2JAX_FAULT_WORKDIR"], "checkpoints",
+                                      "latest")
+                # The previous step's save may still be committing on orbax's background
+                # thread (and pruning the step before it): the kill is meant for validation,
+                # so it waits for that to settle.
+                deadline = time.monotonic() + 300
+                while time.monotonic() < deadline and not _settled(_listing(latest)):
+                    time.sleep(0.01)
                 _die(report, {"examples": len(split), "batch_size": batch_size,
-                              "latest": _listing(os.path.join(workdir, "checkpoints",
-                                                              "latest"))})
+                              "latest": _listing(latest)})
                 return out
 
             return evaluate_split(predict_then_die, state, dataset, split, mesh, batch_size,
