@@ -1,12 +1,15 @@
 """Cross-validation, the fold ensemble and test-time augmentation, measured on held-out centres.
 
-  python benchmarks/bench_cv.py --data_dir=DIR --work=DIR [--candidates=demo_2p5mm,resnet_kinetic_mm]
+  python benchmarks/bench_cv.py (--cohort=DIR | --data_dir=DIR) --work=DIR
+      [--candidates=demo_2p5mm,resnet_kinetic_mm]
       [--centers_held_out=CENTER_A,CENTER_B,CENTER_C] [--folds=5] [--n_boot=1000]
       [--jsonl=FILE]
 
-``--data_dir``: the learning study's cohort prepared with the candidates' recipe (the default
-two share ``kinetic_mm`` at 24^3 x 2.5 mm; ``demo``, at 2 mm since 2026-12-06, needs a dataset
-of its own); the candidates are ``bench_learning.CANDIDATES``. For each
+``--cohort``: the learning study's cohort, prepared here once per recipe the candidates use
+(``--work``/``data_<fingerprint>``, as bench_learning.py does), so candidates of different
+recipes (``demo`` at 2 mm, ``resnet_kinetic_mm`` at 2.5 mm) run in one command; or
+``--data_dir``: one dataset already prepared with the recipe every candidate uses (the default
+two share ``kinetic_mm`` at 24^3 x 2.5 mm). The candidates are ``bench_learning.CANDIDATES``. For each
 candidate and held-out centre, one ``--mode=cv`` run (``cv.run``) on the other centres
 (``--work``/``<candidate>``/``<centre>``; a finished one is reused), then, on the same
 patients:
@@ -33,13 +36,26 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def candidates() -> dict:
-    """bench_learning.CANDIDATES: name -> (config builder, description)."""
+def _bench_learning():
     spec = importlib.util.spec_from_file_location("bench_learning",
                                                   REPO / "benchmarks" / "bench_learning.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.CANDIDATES
+    return module
+
+
+def candidates() -> dict:
+    """bench_learning.CANDIDATES: name -> (config builder, description)."""
+    return _bench_learning().CANDIDATES
+
+
+def dataset_for(name: str, *, cohort: str | None, data_dir: str | None, work: Path) -> str:
+    """The dataset candidate ``name`` reads: ``data_dir`` as given, or ``cohort`` prepared
+    with the candidate's recipe under ``work`` (once per recipe)."""
+    if data_dir:
+        return data_dir
+    bl = _bench_learning()
+    return bl.prepared_dir(Path(cohort), bl.CANDIDATES[name][0](), work)
 
 
 def _auc(entry) -> dict:
@@ -86,7 +102,9 @@ def _fmt(entry) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data_dir", required=True, help="a dataset prepared for --config")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--cohort", help="the cohort, prepared here per candidate's recipe")
+    source.add_argument("--data_dir", help="one dataset prepared with every candidate's recipe")
     parser.add_argument("--work", required=True, help="the CV workdirs go here, one per centre")
     parser.add_argument("--candidates", default="demo_2p5mm,resnet_kinetic_mm",
                         help="names from bench_learning.CANDIDATES")
@@ -101,7 +119,8 @@ def main() -> None:
     from her2jax.train import orbax_quirks
 
     orbax_quirks.install()
-    setup = {"bench": "cv_setup", "data_dir": args.data_dir, "python": platform.python_version(),
+    setup = {"bench": "cv_setup", "cohort": args.cohort, "data_dir": args.data_dir,
+             "python": platform.python_version(),
              "jax": jax.__version__, "devices": str(jax.devices()[0].platform),
              "date": time.strftime("%Y-%m-%d")}
     lines = [setup]
@@ -110,9 +129,12 @@ def main() -> None:
         with open(args.jsonl, "a") as f:
             f.write(json.dumps(setup) + "\n")
     for name in [c for c in args.candidates.split(",") if c]:
+        data_dir = dataset_for(name, cohort=args.cohort, data_dir=args.data_dir,
+                               work=Path(args.work))
         for center in [c for c in args.centers_held_out.split(",") if c]:
-            line = measure(name, args.data_dir, Path(args.work), center, folds=args.folds,
+            line = measure(name, data_dir, Path(args.work), center, folds=args.folds,
                            n_boot=args.n_boot)
+            line["data_dir"] = data_dir
             lines.append(line)
             print(json.dumps(line), flush=True)
             if args.jsonl:
