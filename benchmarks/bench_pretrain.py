@@ -2,7 +2,8 @@
 
   python benchmarks/bench_pretrain.py --work=DIR [--cohort=DIR] [--unlabelled=DIR]
       [--candidate=vit_kinetic_mm] [--pretrain_steps=1000] [--pretrain_batch=32]
-      [--centers_held_out=CENTER_A,CENTER_B,CENTER_C] [--n_boot=1000] [--jsonl=FILE]
+      [--centers_held_out=CENTER_A,CENTER_B,CENTER_C] [--random_seeds=0] [--n_boot=1000]
+      [--jsonl=FILE]
       [--pretrain_override=pretrain.scale=0.0 ...] [--finetune_override=train.freeze_steps=100 ...]
 
 1. Pretrain (``pretrain.run``) the candidate's encoder (``bench_learning.CANDIDATES``; default
@@ -12,7 +13,9 @@
    centre held out in turn, the same encoder from random initialisation and from the
    pretrained one, on the same patients and splits:
    * the study's protocol: the frozen encoder's features -> PCA 16 -> logistic regression
-     (``train.protocol='pca_lr'``);
+     (``train.protocol='pca_lr'``); random initialisation with each of ``--random_seeds``
+     (``model.seed``; the first is the one paired with the pretrained encoder), so that the
+     pretrained encoder is compared with the spread of random ones, not with one draw;
    * fine-tuning: the candidate's training (``bench_learning.run_one``), changed for both
      initialisations alike by ``--finetune_override`` (e.g. ``train.freeze_steps``: a linear
      probe first, then fine-tuning);
@@ -87,8 +90,9 @@ def pretrain_encoder(bl, candidate: str, unlabelled: Path, work: Path, *, steps:
 
 
 def pca_lr_run(bl, candidate: str, cohort: Path, work: Path, center: str, encoder: str,
-               n_boot: int) -> tuple[dict, Path]:
-    """The study's protocol on the candidate's frozen encoder (``encoder`` '' = random init)."""
+               n_boot: int, seed: int = 0) -> tuple[dict, Path]:
+    """The study's protocol on the candidate's frozen encoder (``encoder`` '' = random init
+    drawn with ``seed``)."""
     import tempfile
 
     from her2jax.train import pca_lr
@@ -99,6 +103,7 @@ def pca_lr_run(bl, candidate: str, cohort: Path, work: Path, center: str, encode
     config.data.worker_count = 0
     config.train.protocol = "pca_lr"
     config.model.pretrained = encoder
+    config.model.seed = seed
     workdir = Path(tempfile.mkdtemp(dir=work, prefix=f"pca_lr-{center}-"))
     summaries = pca_lr.fit(config, workdir, n_boot=n_boot)
     return _auc(summaries[f"test_{center}"]["macro_auc"]), workdir
@@ -124,6 +129,8 @@ def main() -> None:
     parser.add_argument("--pretrain_steps", type=int, default=1000)
     parser.add_argument("--pretrain_batch", type=int, default=32)
     parser.add_argument("--centers_held_out", default="CENTER_A,CENTER_B,CENTER_C")
+    parser.add_argument("--random_seeds", default="0", help="model.seed of each random "
+                        "initialisation for pca_lr (comma-separated; the first is paired)")
     parser.add_argument("--n_boot", type=int, default=1000)
     parser.add_argument("--jsonl")
     parser.add_argument("--pretrain_override", action="append", default=[],
@@ -138,6 +145,12 @@ def main() -> None:
                                for given in (args.pretrain_override, args.finetune_override))
     except ValueError as e:
         parser.error(f"--pretrain_override and --finetune_override take KEY=JSON ({e})")
+    try:
+        random_seeds = [int(x) for x in args.random_seeds.split(",") if x]
+    except ValueError:
+        parser.error(f"--random_seeds takes integers, got {args.random_seeds!r}")
+    if not random_seeds:
+        parser.error("--random_seeds needs at least one seed")
 
     import jax
 
@@ -159,7 +172,7 @@ def main() -> None:
                                            overrides=overrides)
     lines = [{"bench": "pretrain_setup", "candidate": args.candidate,
               "cohorts": {k: str(v) for k, v in cohorts.items()}, "pretraining": pretrained,
-              "finetune_overrides": finetune,
+              "finetune_overrides": finetune, "random_seeds": random_seeds,
               "python": platform.python_version(), "jax": jax.__version__,
               "date": time.strftime("%Y-%m-%d")}]
     print(json.dumps(lines[0]), flush=True)
@@ -167,9 +180,15 @@ def main() -> None:
         split = f"test_{center}"
         line = {"bench": "pretrain", "candidate": args.candidate, "held_out": center}
         runs = {}
+        if len(random_seeds) > 1:
+            line["pca_lr_random_seeds"] = {
+                str(seed): pca_lr_run(bl, args.candidate, cohorts["labelled"], work, center,
+                                      "", args.n_boot, seed=seed)[0]
+                for seed in random_seeds[1:]}
         for variant, path in (("random", ""), ("pretrained", encoder)):
             auc, runs[("pca_lr", variant)] = pca_lr_run(bl, args.candidate, cohorts["labelled"],
-                                                        work, center, path, args.n_boot)
+                                                        work, center, path, args.n_boot,
+                                                        seed=random_seeds[0])
             line[f"pca_lr_{variant}"] = auc
             tuned = bl.run_one(args.candidate, cohorts["labelled"], work, center,
                                permute=False, steps=None, seed=0, n_boot=args.n_boot,
@@ -198,6 +217,13 @@ def main() -> None:
                     f"{fmt(x['pca_lr_pretrained'])} | {fmt(x['pca_lr_difference'])} | "
                     f"{fmt(x['tuned_random'])} | {fmt(x['tuned_pretrained'])} | "
                     f"{fmt(x['tuned_difference'])} | {fmt(x['baseline'])} |")
+    for x in lines[1:]:
+        if "pca_lr_random_seeds" in x:
+            values = [x["pca_lr_random"]["value"]] + [
+                v["value"] for v in x["pca_lr_random_seeds"].values()]
+            rows.append(f"{x['held_out']}: pca_lr random init over {len(values)} seeds "
+                        f"{min(values):.3f}-{max(values):.3f}, mean "
+                        f"{sum(values) / len(values):.3f}")
     print("\n".join(rows), file=sys.stderr)
 
 
