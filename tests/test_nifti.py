@@ -151,10 +151,11 @@ def test_missing_file(tmp_path):
     ("text.nii", b"hello world, I am not an image\n" * 20, "not a NIfTI file"),
     ("short.nii", b"tiny", "not a NIfTI file"),
     ("empty.nii", b"", "not a NIfTI file"),
-    ("gzipped_text.nii.gz", gzip.compress(b"just some text " * 100), "not a NIfTI file"),
-    ("gzipped.nii", gzip.compress(b"x" * 1000), "rename it to .nii.gz"),
+    ("gzipped_text.nii.gz", gzip.compress(b"just some text " * 100, mtime=0), "not a NIfTI file"),
+    ("gzipped.nii", gzip.compress(b"x" * 1000, mtime=0), "rename it to .nii.gz"),
     ("scan.mgz", b"x" * 400, "expected .nii or .nii.gz"),
-])
+], ids=["text.nii.gz", "png.nii.gz", "text.nii", "short.nii", "empty.nii",
+        "gzipped_text.nii.gz", "gzipped.nii", "scan.mgz"])
 def test_not_a_nifti(tmp_path, name, content, message):
     path = tmp_path / name
     path.write_bytes(content)

@@ -730,7 +730,9 @@ def zip_bytes(entries: dict[str, bytes]) -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
         for name, data in entries.items():
-            archive.writestr(name, data)
+            # A fixed date: the bytes (and the test ids made from them) do not depend on the
+            # clock, so pytest-xdist's workers collect the same tests.
+            archive.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), data)
     return buffer.getvalue()
 
 
@@ -738,7 +740,7 @@ def zip_bytes(entries: dict[str, bytes]) -> bytes:
     (b"", ["is empty"]),
     (b"epoch,auc\n1,0.8\n", ["not a PyTorch or safetensors checkpoint", "text file"]),
     (b"\x89PNG\r\n\x1a\n" + bytes(64), ["not a PyTorch or safetensors checkpoint", "PNG"]),
-    (gzip.compress(nifti_header()), ["not a PyTorch or safetensors checkpoint", "gzip"]),
+    (gzip.compress(nifti_header(), mtime=0), ["not a PyTorch or safetensors checkpoint", "gzip"]),
     (nifti_header(), ["not a PyTorch or safetensors checkpoint", "NIfTI"]),
     (bytes(range(256)) * 2, ["not a PyTorch or safetensors checkpoint", "binary"]),
     (pickle.dumps({"weights": [1.0, 2.0]}, protocol=2), ["not a torch.save checkpoint"]),
@@ -752,7 +754,9 @@ def zip_bytes(entries: dict[str, bytes]) -> bytes:
     (zip_bytes({"m/data.pkl": b"\x80\x02}q\x00(X"}), ["truncated or corrupt pickle"]),
     (tar_bytes(), ["tar archive", "pre-0.4"]),
     (b"PK\x03\x04" + bytes(40), ["truncated or corrupt zip archive"]),
-])
+], ids=["empty", "text", "png", "gzip", "nifti", "binary", "pickle-not-torch",
+        "pickle-protocol-999", "zip-without-data-pkl", "zip-torchscript", "zip-several-data-pkl",
+        "zip-byte-order", "zip-corrupt-pickle", "tar-legacy", "zip-truncated"])
 def test_bad_files(tmp_path, content, fragments):
     path = tmp_path / "checkpoint.pth"
     path.write_bytes(content)
