@@ -26,6 +26,7 @@ left as a plain ``--mode=cv`` leaves it (without TTA).
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import platform
@@ -36,6 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+@functools.cache
 def _bench_learning():
     spec = importlib.util.spec_from_file_location("bench_learning",
                                                   REPO / "benchmarks" / "bench_learning.py")
@@ -154,10 +156,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from her2jax.errors import Her2jaxError
-
-    try:
-        main()
-    except Her2jaxError as e:   # a bad cohort, dataset or override: one line, as the CLIs do
-        print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    _bench_learning().run_main(main)

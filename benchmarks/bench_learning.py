@@ -398,11 +398,18 @@ def main() -> None:
         print(markdown(rows), file=sys.stderr)
 
 
-if __name__ == "__main__":
+
+def run_main(main) -> None:
+    """Runs a benchmark's ``main``; a Her2jaxError (a bad cohort, dataset or override) ends
+    it with one line and exit code 2, as the console scripts do."""
     from her2jax.errors import Her2jaxError
 
     try:
         main()
-    except Her2jaxError as e:   # a bad cohort, dataset or override: one line, as the CLIs do
+    except Her2jaxError as e:
         print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    run_main(main)

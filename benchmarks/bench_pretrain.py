@@ -228,10 +228,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from her2jax.errors import Her2jaxError
-
-    try:
-        main()
-    except Her2jaxError as e:   # a bad cohort, dataset or override: one line, as the CLIs do
-        print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    _bench_learning().run_main(main)
