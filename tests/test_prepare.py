@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import nibabel as nib
@@ -235,8 +236,12 @@ def test_a_failed_build_leaves_no_half_dataset(phantom_cohort, tmp_path, monkeyp
     assert all_datasets(data_dir) == [good.dataset_dir]
 
 
-def test_leftovers_of_a_killed_run_are_invisible_and_cleaned(phantom_cohort, tmp_path):
+def test_leftovers_of_a_killed_run_are_invisible_and_cleaned(phantom_cohort, tmp_path,
+                                                             monkeypatch):
     cohort = copy_cohort(phantom_cohort, tmp_path / "cohort")
+    system_tmp = tmp_path / "system-tmp"   # prepare must leave nothing in the system temp dir
+    system_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
     data_dir = tmp_path / "data"
     # What a prepare killed mid-build leaves: its temporary dir, named after a dead pid.
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
@@ -248,6 +253,7 @@ def test_leftovers_of_a_killed_run_are_invisible_and_cleaned(phantom_cohort, tmp
     result = prepare.prepare(cohort, data_dir, small_data_config(), workers=1, progress=False)
     assert all_datasets(data_dir) == [result.dataset_dir]
     assert not list(data_dir.glob(".her2jax-prepare-*"))
+    assert not list(system_tmp.iterdir())
 
 
 def test_validate_only_writes_reports_and_builds_nothing(phantom_cohort, tmp_path):

@@ -93,6 +93,18 @@ def features(shape: Sequence[int], num_channels: int) -> tfds.features.FeaturesD
     })
 
 
+class _LocalDatasetInfo(tfds.core.DatasetInfo):
+    """DatasetInfo that never looks for a published copy on the ``gs://tfds-data`` bucket.
+
+    TFDS calls ``initialize_from_bucket`` whenever a builder is made for a dataset not yet
+    on disk (every prepare); that makes an empty ``/tmp/tmp*tfds`` folder it never removes,
+    one per prepare. A her2jax dataset is never published there.
+    """
+
+    def initialize_from_bucket(self) -> None:
+        pass
+
+
 class Her2DceMri(tfds.core.GeneratorBasedBuilder):
     """Builds ``her2_dce_mri`` from already preprocessed examples (see :mod:`prepare`)."""
 
@@ -107,7 +119,7 @@ class Her2DceMri(tfds.core.GeneratorBasedBuilder):
         super().__init__(config=config, file_format=FILE_FORMAT, **kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
+        return _LocalDatasetInfo(
             builder=self,
             description="Breast DCE-MRI tumour crops with raw HER2 label fields (her2jax).",
             features=features(self._shape, self._num_channels),
