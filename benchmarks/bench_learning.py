@@ -95,6 +95,12 @@ def _vit_kinetic_mm():
     return config
 
 
+def _vit_tumour_pool():
+    config = _vit_kinetic_mm()
+    config.model.vit.pool = "tumour"         # patch tokens averaged inside the mask and its rim
+    return config
+
+
 def _resnet_with_region():
     config = _resnet_kinetic_mm()
     config.model.roi_pool.update(hidden=16, standardize=True)
@@ -133,6 +139,8 @@ CANDIDATES = {
     "resnet_with_region": (_resnet_with_region, "resnet_kinetic_mm with the tumour-region branch "
                            "(width 16, standardised) beside it"),
     "vit_kinetic_mm": (_vit_kinetic_mm, "tiny ViT (patch 4) on the demo's inputs, 300 steps"),
+    "vit_tumour_pool": (_vit_tumour_pool, "vit_kinetic_mm read out by its patch tokens "
+                        "averaged inside the tumour mask and on a 2-voxel rim, not by CLS"),
     "tiny_vit_fmbcmri": (_tiny_vit_fmbcmri, "configs/tiny_cpu.py, the demo until 2026-12-03: "
                          "tiny ViT/8 on one z-scored phase, tumour box resized to 32^3"),
 }

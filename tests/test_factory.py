@@ -99,3 +99,16 @@ def test_bad_model_config_is_a_user_error(field, value, key):
     setattr(config.model, field, value)
     with pytest.raises(Her2jaxError, match=key.replace(".", r"\.")):
         factory.build_model(config)
+
+
+def test_tumour_pooled_vit_reads_the_recipes_mask_channel():
+    config = load_config("tiny_cpu")
+    config.model.vit.pool = "tumour"
+    with pytest.raises(Her2jaxError, match=r"model\.vit\.pool.*MASK channel"):
+        factory.build_model(config)     # tiny_cpu's recipe has one phase and no MASK
+    config.data.recipe.channels = ("PE", "MASK")
+    model = nnx.eval_shape(lambda: factory.build_model(config))
+    assert model.encoder.mask_channel == 1
+    assert model.encoder.features_dim == 2 * model.encoder.embed_dim
+    shape = (2, *config.data.recipe.shape, 2)
+    assert nnx.eval_shape(lambda m: m(jnp.zeros(shape)), model).shape == (2, 3)

@@ -24,7 +24,10 @@ def model_config(encoder: str = "vit3d") -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         encoder=encoder,
         # num_heads 0: the size's (VIT_SIZES); a port's heads must agree.
-        vit=dict(size="base", patch_size=8, attention="xla", attention_pad=0, num_heads=0),
+        # pool: the features, 'cls' (FM-BCMRI's CLS token) or 'tumour' (patch tokens averaged
+        # inside the recipe's MASK channel and on a rim of rim_voxels around it; 2x wide).
+        vit=dict(size="base", patch_size=8, attention="xla", attention_pad=0, num_heads=0,
+                 pool="cls", rim_voxels=2),
         # MedicalNet's ResNet-18: parameter-free shortcut A, first conv stride 2. dilated:
         # layers 3-4 at stride 1 dilated 2 / 4, the network MedicalNet's weights were trained
         # in (a `her2jax-port --source=medicalnet` port needs it).
@@ -56,9 +59,16 @@ def build_encoder(config, *, rngs: nnx.Rngs,
         if model.vit.size not in vit3d.VIT_SIZES:
             raise Her2jaxError(f"unknown ViT size {model.vit.size!r} (expected "
                                f"{', '.join(vit3d.VIT_SIZES)})", key="model.vit.size")
+        pool = model.vit.get("pool", "cls")
+        names = [str(c).strip().upper() for c in recipe.channels]
+        if pool == "tumour" and "MASK" not in names:
+            raise Her2jaxError(f"model.vit.pool='tumour' needs the MASK channel in the recipe; "
+                               f"its channels are {', '.join(names)}", key="model.vit.pool")
         return vit3d.ViT3D(in_channels=channels, input_shape=tuple(recipe.shape),
                            patch_size=model.vit.patch_size, attention=model.vit.attention,
                            attention_pad=model.vit.attention_pad, dtype=dtype, rngs=rngs,
+                           pool=pool, rim_voxels=int(model.vit.get("rim_voxels", 2)),
+                           mask_channel=names.index("MASK") if "MASK" in names else None,
                            **{**vit3d.VIT_SIZES[model.vit.size],
                               "num_heads": _vit_heads(model.vit)})
     if model.encoder == "resnet3d":
