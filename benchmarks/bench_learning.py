@@ -38,6 +38,7 @@ and, on stderr, a Markdown table for BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import csv
 import importlib.util
 import json
 import platform
@@ -384,10 +385,14 @@ def main() -> None:
                                  seed=args.phantom_seed, shape=args.shape)
         centers = ([c for c in args.centers_held_out.split(",") if c] or
                    [phantom.center_name(k) for k in range(args.centers)])
+        # A given cohort is described by its own table, not by the phantom flags (unused).
+        with open(cohort / "clinical.csv", newline="") as f:
+            patients = sum(1 for _ in csv.DictReader(f))
         emit(dict(bench="learning_setup", cohort=args.cohort or "phantom",
-                  patients=args.patients, centers=centers, phantom_seed=args.phantom_seed,
-                  shape=args.shape, steps=args.steps, seeds=seeds, n_boot=args.n_boot,
-                  permutations=args.permutations,
+                  patients=patients, centers=centers,
+                  phantom_seed=None if args.cohort else args.phantom_seed,
+                  shape=None if args.cohort else args.shape, steps=args.steps, seeds=seeds, n_boot=args.n_boot,
+                  permutations=args.permutations if controls else 0,
                   overrides=overrides,
                   candidates={n: CANDIDATES[n][1] for n in names}, jax=jax.__version__,
                   python=platform.python_version(), date=time.strftime("%Y-%m-%d")))
