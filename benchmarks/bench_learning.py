@@ -102,6 +102,12 @@ def _vit_tumour_pool():
     return config
 
 
+def _vit_tumour_shells():
+    config = _vit_tumour_pool()
+    config.model.vit.rim_voxels = (2, 4)     # shells 0-5 and 5-10 mm at 2.5 mm, as the demo's
+    return config
+
+
 def _resnet_with_region():
     config = _resnet_kinetic_mm()
     config.model.roi_pool.update(hidden=16, standardize=True)
@@ -142,6 +148,8 @@ CANDIDATES = {
     "vit_kinetic_mm": (_vit_kinetic_mm, "tiny ViT (patch 4) on the demo's inputs, 300 steps"),
     "vit_tumour_pool": (_vit_tumour_pool, "vit_kinetic_mm read out by its patch tokens "
                         "averaged inside the tumour mask and on a 2-voxel rim, not by CLS"),
+    "vit_tumour_shells": (_vit_tumour_shells, "vit_tumour_pool with two shells, 0-2 and 2-4 "
+                          "voxels outside the mask"),
     "tiny_vit_fmbcmri": (_tiny_vit_fmbcmri, "configs/tiny_cpu.py, the demo until 2026-12-03: "
                          "tiny ViT/8 on one z-scored phase, tumour box resized to 32^3"),
 }

@@ -254,20 +254,22 @@ def test_cls_shortcut_equals_the_cls_row_of_all_tokens():
                                rtol=1e-6, atol=1e-6)
 
 
-def _tumour_pool_reference(tokens, mask, patch, rim_voxels):
-    """NumPy: patch tokens averaged with each patch's share of mask voxels, then of rim voxels
-    (the mask grown by ``rim_voxels`` 3x3x3 maximum filters, less the mask)."""
+def _tumour_pool_reference(tokens, mask, patch, shells):
+    """NumPy: patch tokens averaged with each patch's share of mask voxels, then of each shell's
+    (the mask grown by 3x3x3 maximum filters to each outer edge, less the one inside it)."""
     from scipy import ndimage
 
     out = []
     for t, m in zip(np.asarray(tokens, np.float64), np.clip(np.asarray(mask), 0, 1),
                     strict=True):
-        grown = m
-        for _ in range(rim_voxels):
+        weights, inner, grown = [m], m, m
+        for k in range(1, shells[-1] + 1):
             grown = ndimage.maximum_filter(grown, size=3, mode="constant", cval=0.0)
-        rim = np.clip(grown - m, 0, 1)
+            if k in shells:
+                weights.append(np.clip(grown - inner, 0, 1))
+                inner = grown
         row = []
-        for w in (m, rim):
+        for w in weights:
             shares = [w[i:i + patch, j:j + patch, k:k + patch].mean()
                       for i, j, k in itertools.product(*(range(0, n, patch) for n in w.shape))]
             shares = np.asarray(shares)[:, None]       # row-major, as the tokens
@@ -276,20 +278,25 @@ def _tumour_pool_reference(tokens, mask, patch, rim_voxels):
     return np.stack(out)
 
 
-def test_tumour_pool_averages_the_patch_tokens_inside_the_mask_and_on_its_rim():
-    model = _build(in_channels=2, pool="tumour", mask_channel=1, rim_voxels=2)
-    assert model.features_dim == 2 * TINY["embed_dim"]
+@pytest.mark.parametrize("shells", [(2,), (1, 3)])
+def test_tumour_pool_averages_the_patch_tokens_inside_the_mask_and_on_shells(shells):
+    model = _build(in_channels=2, pool="tumour", mask_channel=1,
+                   rim_voxels=shells[0] if len(shells) == 1 else shells)
+    e = TINY["embed_dim"]
+    assert model.features_dim == (1 + len(shells)) * e
     x = np.array(_volumes((16, 16, 16, 2)))
     mask = np.zeros((2, 16, 16, 16), np.float32)
     mask[0, 3:9, 5:10, 6:8] = 1          # straddles patch borders (patch 8)
     mask[1, 9:14, 1:4, 10:15] = 1
     x[..., 1] = mask
-    got = _apply(model, jnp.asarray(x))
+    got = np.asarray(_apply(model, jnp.asarray(x)))
     tokens = _apply(model, jnp.asarray(x), "tokens")[:, 1:]
-    np.testing.assert_allclose(got, _tumour_pool_reference(tokens, mask, 8, 2),
+    np.testing.assert_allclose(got, _tumour_pool_reference(tokens, mask, 8, shells),
                                rtol=1e-5, atol=1e-6)
-    # The rim is not the tumour: the two halves differ, and neither is the CLS token.
-    assert not np.allclose(got[:, :TINY["embed_dim"]], got[:, TINY["embed_dim"]:], atol=1e-3)
+    # The shells are not the tumour: each part of the features differs from the others.
+    parts = np.split(got, 1 + len(shells), axis=-1)
+    for a, b in itertools.combinations(parts, 2):
+        assert not np.allclose(a, b, atol=1e-3)
 
 
 def test_tumour_pool_needs_a_mask_channel():
@@ -297,6 +304,9 @@ def test_tumour_pool_needs_a_mask_channel():
         vit3d.ViT3D(**TINY_CONFIG, pool="tumour", rngs=nnx.Rngs(0))
     with pytest.raises(Her2jaxError, match="unknown pool 'mean'"):
         vit3d.ViT3D(**TINY_CONFIG, pool="mean", rngs=nnx.Rngs(0))
+    with pytest.raises(Her2jaxError, match="rim_voxels"):
+        vit3d.ViT3D(**TINY_CONFIG, in_channels=2, pool="tumour", mask_channel=1,
+                    rim_voxels=(3, 2), rngs=nnx.Rngs(0))
 
 
 # ---------------------------------------------------------------- PyTorch reference

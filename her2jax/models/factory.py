@@ -25,7 +25,8 @@ def model_config(encoder: str = "vit3d") -> ml_collections.ConfigDict:
         encoder=encoder,
         # num_heads 0: the size's (VIT_SIZES); a port's heads must agree.
         # pool: the features, 'cls' (FM-BCMRI's CLS token) or 'tumour' (patch tokens averaged
-        # inside the recipe's MASK channel and on a rim of rim_voxels around it; 2x wide).
+        # inside the recipe's MASK channel and on shells around it whose outer edges are
+        # rim_voxels, as roi_pool's; (1 + shells) x wide).
         vit=dict(size="base", patch_size=8, attention="xla", attention_pad=0, num_heads=0,
                  pool="cls", rim_voxels=2),
         # MedicalNet's ResNet-18: parameter-free shortcut A, first conv stride 2. dilated:
@@ -67,7 +68,7 @@ def build_encoder(config, *, rngs: nnx.Rngs,
         return vit3d.ViT3D(in_channels=channels, input_shape=tuple(recipe.shape),
                            patch_size=model.vit.patch_size, attention=model.vit.attention,
                            attention_pad=model.vit.attention_pad, dtype=dtype, rngs=rngs,
-                           pool=pool, rim_voxels=int(model.vit.get("rim_voxels", 2)),
+                           pool=pool, rim_voxels=model.vit.get("rim_voxels", 2),
                            mask_channel=names.index("MASK") if "MASK" in names else None,
                            **{**vit3d.VIT_SIZES[model.vit.size],
                               "num_heads": _vit_heads(model.vit)})

@@ -34,10 +34,11 @@ from her2jax.models import activations
 _EPS = 1e-6
 
 
-def shells_of(rim_voxels) -> tuple[int, ...]:
+def shells_of(rim_voxels, key: str = "model.roi_pool.rim_voxels") -> tuple[int, ...]:
     """``rim_voxels`` (an int, or increasing ints) -> the outer edges of the shells, in voxels.
 
     ``2`` is one shell of 2 voxels; ``(2, 5)`` two shells, 0-2 and 2-5 voxels outside the mask.
+    ``key`` names the setting in the error a bad value raises.
     """
     edges = (rim_voxels,) if isinstance(rim_voxels, int) else tuple(rim_voxels)
     try:
@@ -46,7 +47,7 @@ def shells_of(rim_voxels) -> tuple[int, ...]:
         edges = ()
     if not edges or edges[0] < 1 or any(b <= a for a, b in zip(edges, edges[1:], strict=False)):
         raise Her2jaxError(f"rim_voxels {rim_voxels!r} must be a positive number of voxels or "
-                           "increasing ones, e.g. 2 or (2, 5)", key="model.roi_pool.rim_voxels")
+                           "increasing ones, e.g. 2 or (2, 5)", key=key)
     return edges
 
 

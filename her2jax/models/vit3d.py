@@ -18,8 +18,9 @@ tree attribute for attribute, so a checkpoint maps onto the NNX state by name:
 
 There is no ``head``: the encoder returns the CLS token of the final norm, [B, E] float32
 (what FM-BCMRI's ``forward_features(x)[:, 0]`` extracts). With ``pool='tumour'`` it returns
-instead the patch tokens of the final norm averaged inside the tumour and on a rim around it,
-[B, 2E], each patch weighted by its share of mask (or rim) voxels: the recipe's ``MASK`` channel
+instead the patch tokens of the final norm averaged inside the tumour and on S nested shells
+around it, [B, (1 + S) E], each patch weighted by its share of mask (or shell) voxels: the
+recipe's ``MASK`` channel
 says where the tumour is, so the features need not be found by attention (a parameter-free
 readout; the weights, and so ports, are the same for both).
 
@@ -47,7 +48,7 @@ import numpy as np
 from flax import nnx
 
 from her2jax.errors import Her2jaxError
-from her2jax.models import activations
+from her2jax.models import activations, roi_pool
 
 # "small" follows FM-BCMRI's vit_3d_small (12 heads of 32, not timm's 6 of 64).
 VIT_SIZES = {
@@ -215,19 +216,21 @@ class ViT3D(nnx.Module):
       pool: the features ``__call__`` returns: ``"cls"`` (the CLS token, FM-BCMRI's) or
         ``"tumour"`` (patch tokens averaged inside the mask and on its rim, see the module).
       mask_channel: with ``pool='tumour'``, the index of the tumour mask among the channels.
-      rim_voxels: with ``pool='tumour'``, the rim's width in voxels outside the mask.
+      rim_voxels: with ``pool='tumour'``, the shells around the mask: their outer edges in
+        voxels, one int (one shell) or increasing ints (``roi_pool.shells_of``).
       rngs: parameter initialisation.
 
     Attributes:
-      features_dim: the width of the features ``__call__`` returns: E for ``"cls"``, 2E for
-        ``"tumour"``.
+      features_dim: the width of the features ``__call__`` returns: E for ``"cls"``,
+        (1 + S) E for ``"tumour"`` with S shells.
     """
 
     def __init__(self, *, in_channels: int = 1, input_shape: Sequence[int] = (48, 48, 48),
                  patch_size: int = 8, embed_dim: int = 768, depth: int = 12,
                  num_heads: int = 12, mlp_ratio: float = 4.0, attention: str = "xla",
                  attention_pad: int = 0, dtype=jnp.float32, pool: str = "cls",
-                 mask_channel: int | None = None, rim_voxels: int = 2, rngs: nnx.Rngs):
+                 mask_channel: int | None = None,
+                 rim_voxels: int | Sequence[int] = 2, rngs: nnx.Rngs):
         input_shape = tuple(int(s) for s in input_shape)
         if len(input_shape) != 3 or patch_size <= 0 or any(
                 s <= 0 or s % patch_size for s in input_shape):
@@ -252,9 +255,7 @@ class ViT3D(nnx.Module):
         if pool == "tumour" and (mask_channel is None or not 0 <= mask_channel < in_channels):
             raise Her2jaxError(f"pool 'tumour' needs the mask among the {in_channels} input "
                                f"channels (mask channel {mask_channel})", key="model.vit.pool")
-        if pool == "tumour" and rim_voxels < 1:
-            raise Her2jaxError(f"rim_voxels {rim_voxels} must be at least 1",
-                               key="model.vit.rim_voxels")
+        shells = roi_pool.shells_of(rim_voxels, key="model.vit.rim_voxels")
         grid = tuple(s // patch_size for s in input_shape)
         pos_embed = sincos_pos_embed_3d(grid, embed_dim)  # checks E % 6 first
 
@@ -265,8 +266,8 @@ class ViT3D(nnx.Module):
         self.embed_dim = embed_dim
         self.pool = pool
         self.mask_channel = mask_channel
-        self.rim_voxels = int(rim_voxels)
-        self.features_dim = embed_dim * (2 if pool == "tumour" else 1)
+        self.shells = shells
+        self.features_dim = embed_dim * (1 + len(shells) if pool == "tumour" else 1)
         self.patch_embed = PatchEmbed(in_channels, embed_dim, patch_size, dtype=dtype,
                                       rngs=rngs)
         self.cls_token = nnx.Param(1e-6 * jax.random.normal(rngs.params(), (1, 1, embed_dim)))
@@ -308,8 +309,9 @@ class ViT3D(nnx.Module):
           x: [B, X, Y, Z, C] volumes, any float dtype.
 
         Returns:
-          [B, E] float32: the CLS token of the final norm; with ``pool='tumour'``, [B, 2E]:
-          the patch tokens' weighted means inside the tumour, then on its rim.
+          [B, E] float32: the CLS token of the final norm; with ``pool='tumour'``,
+          [B, (1 + S) E]: the patch tokens' weighted means inside the tumour, then on each
+          shell from the inside out.
         """
         if self.pool == "tumour":
             return self._tumour_pool(x, self.norm(self._encode(x)[:, 1:]))
@@ -317,14 +319,16 @@ class ViT3D(nnx.Module):
         return self.norm(self._encode(x)[:, 0])
 
     def _tumour_pool(self, x: jax.Array, patches: jax.Array) -> jax.Array:
-        """Patch tokens [B, N, E] -> [B, 2E]: means weighted by each patch's share of tumour
-        voxels, and of rim voxels (``rim_voxels`` 3x3x3 dilations of the mask, less the mask).
-        A case whose mask (or rim) is empty gets zeros there."""
+        """Patch tokens [B, N, E] -> [B, (1 + S) E]: means weighted by each patch's share of
+        tumour voxels, then of each shell's (3x3x3 dilations of the mask, as ``RoiPool``'s).
+        A case whose mask (or shell) is empty gets zeros there."""
         mask = jnp.clip(jnp.asarray(x[..., self.mask_channel], jnp.float32), 0.0, 1.0)[..., None]
-        grown = mask
-        for _ in range(self.rim_voxels):
+        weights, inner, grown = [mask], mask, mask
+        for k in range(self.shells[-1]):
             grown = nnx.max_pool(grown, (3, 3, 3), strides=(1, 1, 1), padding="SAME")
-        rim = jnp.clip(grown - mask, 0.0, 1.0)
+            if k + 1 in self.shells:
+                weights.append(jnp.clip(grown - inner, 0.0, 1.0))
+                inner = grown
         p = self.patch_size
 
         def patch_share(v):   # [B, X, Y, Z, 1] -> [B, N, 1], row-major as the tokens
@@ -336,4 +340,4 @@ class ViT3D(nnx.Module):
         def mean(weight):
             return jnp.sum(weight * patches, axis=1) / (jnp.sum(weight, axis=1) + 1e-6)
 
-        return jnp.concatenate([mean(patch_share(mask)), mean(patch_share(rim))], axis=-1)
+        return jnp.concatenate([mean(patch_share(w)) for w in weights], axis=-1)
