@@ -20,9 +20,8 @@ There is no ``head``: the encoder returns the CLS token of the final norm, [B, E
 (what FM-BCMRI's ``forward_features(x)[:, 0]`` extracts). With ``pool='tumour'`` it returns
 instead the patch tokens of the final norm averaged inside the tumour and on S nested shells
 around it, [B, (1 + S) E], each patch weighted by its share of mask (or shell) voxels: the
-recipe's ``MASK`` channel
-says where the tumour is, so the features need not be found by attention (a parameter-free
-readout; the weights, and so ports, are the same for both).
+recipe's ``MASK`` channel says where the tumour is, so the features need not be found by
+attention (a parameter-free readout; the weights, and so ports, are the same for both).
 
 Numerics follow PyTorch on purpose:
 
@@ -214,7 +213,8 @@ class ViT3D(nnx.Module):
         good value). The result is the same as without padding.
       dtype: compute dtype (bfloat16 on accelerators); parameters stay float32.
       pool: the features ``__call__`` returns: ``"cls"`` (the CLS token, FM-BCMRI's) or
-        ``"tumour"`` (patch tokens averaged inside the mask and on its rim, see the module).
+        ``"tumour"`` (patch tokens averaged inside the mask and on shells around it, see the
+        module).
       mask_channel: with ``pool='tumour'``, the index of the tumour mask among the channels.
       rim_voxels: with ``pool='tumour'``, the shells around the mask: their outer edges in
         voxels, one int (one shell) or increasing ints (``roi_pool.shells_of``).
