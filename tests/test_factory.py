@@ -112,3 +112,6 @@ def test_tumour_pooled_vit_reads_the_recipes_mask_channel():
     assert model.encoder.features_dim == 2 * model.encoder.embed_dim
     shape = (2, *config.data.recipe.shape, 2)
     assert nnx.eval_shape(lambda m: m(jnp.zeros(shape)), model).shape == (2, 3)
+    config.model.vit.rim_voxels = (2, 4)     # two shells, set as a command line would
+    model = nnx.eval_shape(lambda: factory.build_model(config))
+    assert model.encoder.features_dim == 3 * model.encoder.embed_dim

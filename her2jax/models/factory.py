@@ -28,7 +28,7 @@ def model_config(encoder: str = "vit3d") -> ml_collections.ConfigDict:
         # inside the recipe's MASK channel and on shells around it whose outer edges are
         # rim_voxels, as roi_pool's; (1 + shells) x wide).
         vit=dict(size="base", patch_size=8, attention="xla", attention_pad=0, num_heads=0,
-                 pool="cls", rim_voxels=2),
+                 pool="cls", rim_voxels=(2,)),
         # MedicalNet's ResNet-18: parameter-free shortcut A, first conv stride 2. dilated:
         # layers 3-4 at stride 1 dilated 2 / 4, the network MedicalNet's weights were trained
         # in (a `her2jax-port --source=medicalnet` port needs it).
