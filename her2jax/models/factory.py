@@ -61,15 +61,13 @@ def build_encoder(config, *, rngs: nnx.Rngs,
             raise Her2jaxError(f"unknown ViT size {model.vit.size!r} (expected "
                                f"{', '.join(vit3d.VIT_SIZES)})", key="model.vit.size")
         pool = model.vit.get("pool", "cls")
-        names = [str(c).strip().upper() for c in recipe.channels]
-        if pool == "tumour" and "MASK" not in names:
-            raise Her2jaxError(f"model.vit.pool='tumour' needs the MASK channel in the recipe; "
-                               f"its channels are {', '.join(names)}", key="model.vit.pool")
         return vit3d.ViT3D(in_channels=channels, input_shape=tuple(recipe.shape),
                            patch_size=model.vit.patch_size, attention=model.vit.attention,
                            attention_pad=model.vit.attention_pad, dtype=dtype, rngs=rngs,
                            pool=pool, rim_voxels=model.vit.get("rim_voxels", 2),
-                           mask_channel=names.index("MASK") if "MASK" in names else None,
+                           mask_channel=(mask_channel(recipe, "model.vit.pool='tumour'",
+                                                      "model.vit.pool")
+                                         if pool == "tumour" else None),
                            **{**vit3d.VIT_SIZES[model.vit.size],
                               "num_heads": _vit_heads(model.vit)})
     if model.encoder == "resnet3d":
@@ -151,17 +149,26 @@ def build_model(config, *, rngs: nnx.Rngs | None = None,
     return heads.Classifier(encoder, head, roi)
 
 
+def mask_channel(recipe, needed_by: str, key: str) -> int:
+    """The index of the tumour mask (``MASK``) among ``recipe``'s channels; a user error naming
+    ``needed_by`` (and the config ``key``) when the recipe has none."""
+    names = [str(c).strip().upper() for c in recipe.channels]
+    if "MASK" not in names:
+        raise Her2jaxError(f"{needed_by} needs the MASK channel in the recipe; its channels "
+                           f"are {', '.join(names)}", key=key)
+    return names.index("MASK")
+
+
 def build_roi_pool(config, *, rngs: nnx.Rngs,
                    bn_axis_name: str | None = None) -> roi_pool.RoiPool | None:
     """``config.model.roi_pool``'s branch for the recipe's channels (None when off)."""
     settings = config.model.get("roi_pool", None)
     if settings is None or not settings.hidden:
         return None
-    channels = [str(c).strip().upper() for c in config.data.recipe.channels]
-    if "MASK" not in channels:
-        raise Her2jaxError(f"tumour-region pooling needs the MASK channel in the recipe; its "
-                           f"channels are {', '.join(channels)}", key="model.roi_pool.hidden")
-    return roi_pool.RoiPool(in_channels=len(channels), mask_channel=channels.index("MASK"),
+    recipe = config.data.recipe
+    return roi_pool.RoiPool(in_channels=len(recipe.channels),
+                            mask_channel=mask_channel(recipe, "tumour-region pooling",
+                                                      "model.roi_pool.hidden"),
                             hidden=int(settings.hidden), rim_voxels=settings.rim_voxels,
                             standardize=bool(settings.get("standardize", False)),
                             bn_axis_name=bn_axis_name, rngs=rngs)

@@ -51,6 +51,19 @@ def shells_of(rim_voxels, key: str = "model.roi_pool.rim_voxels") -> tuple[int, 
     return edges
 
 
+def shell_masks(mask: jax.Array, edges: tuple[int, ...]) -> list[jax.Array]:
+    """``[B, D, H, W, 1]`` mask in [0, 1] -> one weight volume per shell, from the inside out:
+    the mask grown by 3x3x3 maximum filters (cube-shaped dilations) to each outer edge in
+    ``edges`` (:func:`shells_of`), less the mask grown to the edge inside it."""
+    shells, inner, grown = [], mask, mask
+    for k in range(edges[-1]):
+        grown = nnx.max_pool(grown, (3, 3, 3), strides=(1, 1, 1), padding="SAME")
+        if k + 1 in edges:
+            shells.append(jnp.clip(grown - inner, 0.0, 1.0))
+            inner = grown
+    return shells
+
+
 class RoiPool(nnx.Module):
     """Per-voxel MLP features pooled inside the tumour mask and on shells around it, with the
     tumour's volume and surface.
@@ -93,12 +106,7 @@ class RoiPool(nnx.Module):
         """``[B, D, H, W, C]`` volumes -> ``[B, (2 + S) H + 2]`` float32 pooled features."""
         x = jnp.asarray(x, jnp.float32)
         mask = jnp.clip(x[..., self.mask_channel], 0.0, 1.0)[..., None]     # [B, D, H, W, 1]
-        shells, inner, grown = [], mask, mask
-        for k in range(self.shells[-1]):   # 3x3x3 max filters: cube-shaped dilations
-            grown = nnx.max_pool(grown, (3, 3, 3), strides=(1, 1, 1), padding="SAME")
-            if k + 1 in self.shells:
-                shells.append(jnp.clip(grown - inner, 0.0, 1.0))
-                inner = grown
+        shells = shell_masks(mask, self.shells)
         v = self.fc2(activations.gelu(self.fc1(x)))                          # [B, D, H, W, H]
 
         def mean(weight, values):

@@ -320,15 +320,10 @@ class ViT3D(nnx.Module):
 
     def _tumour_pool(self, x: jax.Array, patches: jax.Array) -> jax.Array:
         """Patch tokens [B, N, E] -> [B, (1 + S) E]: means weighted by each patch's share of
-        tumour voxels, then of each shell's (3x3x3 dilations of the mask, as ``RoiPool``'s).
+        tumour voxels, then of each shell's (``roi_pool.shell_masks``, as ``RoiPool``'s).
         A case whose mask (or shell) is empty gets zeros there."""
         mask = jnp.clip(jnp.asarray(x[..., self.mask_channel], jnp.float32), 0.0, 1.0)[..., None]
-        weights, inner, grown = [mask], mask, mask
-        for k in range(self.shells[-1]):
-            grown = nnx.max_pool(grown, (3, 3, 3), strides=(1, 1, 1), padding="SAME")
-            if k + 1 in self.shells:
-                weights.append(jnp.clip(grown - inner, 0.0, 1.0))
-                inner = grown
+        weights = [mask, *roi_pool.shell_masks(mask, self.shells)]
         p = self.patch_size
 
         def patch_share(v):   # [B, X, Y, Z, 1] -> [B, N, 1], row-major as the tokens
