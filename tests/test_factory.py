@@ -115,3 +115,7 @@ def test_tumour_pooled_vit_reads_the_recipes_mask_channel():
     config.model.vit.rim_voxels = (2, 4)     # two shells, set as a command line would
     model = nnx.eval_shape(lambda: factory.build_model(config))
     assert model.encoder.features_dim == 3 * model.encoder.embed_dim
+    config.model.vit.spread = True            # and the tokens' spread inside the tumour
+    model = nnx.eval_shape(lambda: factory.build_model(config))
+    assert model.encoder.features_dim == 4 * model.encoder.embed_dim
+    assert nnx.eval_shape(lambda m: m(jnp.zeros(shape)), model).shape == (2, 3)

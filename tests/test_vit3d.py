@@ -254,9 +254,10 @@ def test_cls_shortcut_equals_the_cls_row_of_all_tokens():
                                rtol=1e-6, atol=1e-6)
 
 
-def _tumour_pool_reference(tokens, mask, patch, shells):
+def _tumour_pool_reference(tokens, mask, patch, shells, spread=False):
     """NumPy: patch tokens averaged with each patch's share of mask voxels, then of each shell's
-    (the mask grown by 3x3x3 maximum filters to each outer edge, less the one inside it)."""
+    (the mask grown by 3x3x3 maximum filters to each outer edge, less the one inside it); with
+    ``spread``, the tokens' weighted standard deviation inside the mask after its mean."""
     from scipy import ndimage
 
     out = []
@@ -274,16 +275,19 @@ def _tumour_pool_reference(tokens, mask, patch, shells):
                       for i, j, k in itertools.product(*(range(0, n, patch) for n in w.shape))]
             shares = np.asarray(shares)[:, None]       # row-major, as the tokens
             row.append((shares * t).sum(0) / (shares.sum() + 1e-6))
+            if spread and len(row) == 1:
+                variance = (shares * (t - row[0]) ** 2).sum(0) / (shares.sum() + 1e-6)
+                row.append(np.sqrt(variance + 1e-6))
         out.append(np.concatenate(row))
     return np.stack(out)
 
 
-@pytest.mark.parametrize("shells", [(2,), (1, 3)])
-def test_tumour_pool_averages_the_patch_tokens_inside_the_mask_and_on_shells(shells):
-    model = _build(in_channels=2, pool="tumour", mask_channel=1,
+@pytest.mark.parametrize("shells,spread", [((2,), False), ((1, 3), False), ((2,), True)])
+def test_tumour_pool_averages_the_patch_tokens_inside_the_mask_and_on_shells(shells, spread):
+    model = _build(in_channels=2, pool="tumour", mask_channel=1, spread=spread,
                    rim_voxels=shells[0] if len(shells) == 1 else shells)
     e = TINY["embed_dim"]
-    assert model.features_dim == (1 + len(shells)) * e
+    assert model.features_dim == (1 + spread + len(shells)) * e
     x = np.array(_volumes((16, 16, 16, 2)))
     mask = np.zeros((2, 16, 16, 16), np.float32)
     mask[0, 3:9, 5:10, 6:8] = 1          # straddles patch borders (patch 8)
@@ -291,10 +295,10 @@ def test_tumour_pool_averages_the_patch_tokens_inside_the_mask_and_on_shells(she
     x[..., 1] = mask
     got = np.asarray(_apply(model, jnp.asarray(x)))
     tokens = _apply(model, jnp.asarray(x), "tokens")[:, 1:]
-    np.testing.assert_allclose(got, _tumour_pool_reference(tokens, mask, 8, shells),
+    np.testing.assert_allclose(got, _tumour_pool_reference(tokens, mask, 8, shells, spread),
                                rtol=1e-5, atol=1e-6)
     # The shells are not the tumour: each part of the features differs from the others.
-    parts = np.split(got, 1 + len(shells), axis=-1)
+    parts = np.split(got, 1 + spread + len(shells), axis=-1)
     for a, b in itertools.combinations(parts, 2):
         assert not np.allclose(a, b, atol=1e-3)
 
@@ -307,6 +311,26 @@ def test_tumour_pool_needs_a_mask_channel():
     with pytest.raises(Her2jaxError, match="rim_voxels"):
         vit3d.ViT3D(**TINY_CONFIG, in_channels=2, pool="tumour", mask_channel=1,
                     rim_voxels=(3, 2), rngs=nnx.Rngs(0))
+    with pytest.raises(Her2jaxError, match="spread is a part of the tumour readout"):
+        vit3d.ViT3D(**TINY_CONFIG, spread=True, rngs=nnx.Rngs(0))
+
+
+def test_tumour_spread_is_zero_for_a_uniform_tumour_and_grows_with_its_variation():
+    """A mask inside one patch has one token: no spread (the epsilon's root). Over two
+    patches, the spread is half the two tokens' difference, per feature."""
+    model = _build(in_channels=2, pool="tumour", mask_channel=1, spread=True)
+    e = TINY["embed_dim"]
+    x = np.array(_volumes((16, 16, 16, 2)))[:1]
+    x[..., 1] = 0
+    x[0, 1:5, 1:5, 1:5, 1] = 1                       # inside patch (0, 0, 0)
+    spread = np.asarray(_apply(model, jnp.asarray(x)))[0, e:2 * e]
+    np.testing.assert_allclose(spread, np.sqrt(1e-6), rtol=1e-3)
+    x[0, 9:13, 1:5, 1:5, 1] = 1                      # and as many voxels in patch (1, 0, 0)
+    tokens = np.asarray(_apply(model, jnp.asarray(x), "tokens"))[0, 1:]
+    a, b = tokens[0], tokens[4]      # patches (0, 0, 0) and (1, 0, 0), row-major over 2 x 2 x 2
+    spread = np.asarray(_apply(model, jnp.asarray(x)))[0, e:2 * e]
+    np.testing.assert_allclose(spread, np.sqrt((a - b) ** 2 / 4 + 1e-6), rtol=1e-4,
+                               atol=1e-5)
 
 
 # ---------------------------------------------------------------- PyTorch reference

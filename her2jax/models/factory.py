@@ -26,9 +26,10 @@ def model_config(encoder: str = "vit3d") -> ml_collections.ConfigDict:
         # num_heads 0: the size's (VIT_SIZES); a port's heads must agree.
         # pool: the features, 'cls' (FM-BCMRI's CLS token) or 'tumour' (patch tokens averaged
         # inside the recipe's MASK channel and on shells around it whose outer edges are
-        # rim_voxels, as roi_pool's; (1 + shells) x wide).
+        # rim_voxels, as roi_pool's; (1 + shells) x wide); spread: the tumour readout also
+        # gives the tokens' standard deviation inside the mask ((2 + shells) x wide).
         vit=dict(size="base", patch_size=8, attention="xla", attention_pad=0, num_heads=0,
-                 pool="cls", rim_voxels=(2,)),
+                 pool="cls", rim_voxels=(2,), spread=False),
         # MedicalNet's ResNet-18: parameter-free shortcut A, first conv stride 2. dilated:
         # layers 3-4 at stride 1 dilated 2 / 4, the network MedicalNet's weights were trained
         # in (a `her2jax-port --source=medicalnet` port needs it).
@@ -65,6 +66,7 @@ def build_encoder(config, *, rngs: nnx.Rngs,
                            patch_size=model.vit.patch_size, attention=model.vit.attention,
                            attention_pad=model.vit.attention_pad, dtype=dtype, rngs=rngs,
                            pool=pool, rim_voxels=model.vit.get("rim_voxels", 2),
+                           spread=bool(model.vit.get("spread", False)),
                            mask_channel=(mask_channel(recipe, "model.vit.pool='tumour'",
                                                       "model.vit.pool")
                                          if pool == "tumour" else None),

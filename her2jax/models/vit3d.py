@@ -21,7 +21,10 @@ There is no ``head``: the encoder returns the CLS token of the final norm, [B, E
 instead the patch tokens of the final norm averaged inside the tumour and on S nested shells
 around it, [B, (1 + S) E], each patch weighted by its share of mask (or shell) voxels: the
 recipe's ``MASK`` channel says where the tumour is, so the features need not be found by
-attention (a parameter-free readout; the weights, and so ports, are the same for both).
+attention (a parameter-free readout; the weights, and so ports, are the same for both). With
+``spread=True`` the readout also gives the tokens' weighted standard deviation inside the tumour
+(as ``RoiPool``'s spread of its voxel features), [B, (2 + S) E]: a mean over the tumour is blind
+to how much it varies inside (its heterogeneity, a necrotic core).
 
 Numerics follow PyTorch on purpose:
 
@@ -218,11 +221,13 @@ class ViT3D(nnx.Module):
       mask_channel: with ``pool='tumour'``, the index of the tumour mask among the channels.
       rim_voxels: with ``pool='tumour'``, the shells around the mask: their outer edges in
         voxels, one int (one shell) or increasing ints (``roi_pool.shells_of``).
+      spread: with ``pool='tumour'``, also the patch tokens' weighted standard deviation inside
+        the mask (E more features, after the mean inside it).
       rngs: parameter initialisation.
 
     Attributes:
       features_dim: the width of the features ``__call__`` returns: E for ``"cls"``,
-        (1 + S) E for ``"tumour"`` with S shells.
+        (1 + S) E for ``"tumour"`` with S shells, (2 + S) E with ``spread``.
     """
 
     def __init__(self, *, in_channels: int = 1, input_shape: Sequence[int] = (48, 48, 48),
@@ -230,7 +235,8 @@ class ViT3D(nnx.Module):
                  num_heads: int = 12, mlp_ratio: float = 4.0, attention: str = "xla",
                  attention_pad: int = 0, dtype=jnp.float32, pool: str = "cls",
                  mask_channel: int | None = None,
-                 rim_voxels: int | Sequence[int] = 2, rngs: nnx.Rngs):
+                 rim_voxels: int | Sequence[int] = 2, spread: bool = False,
+                 rngs: nnx.Rngs):
         input_shape = tuple(int(s) for s in input_shape)
         if len(input_shape) != 3 or patch_size <= 0 or any(
                 s <= 0 or s % patch_size for s in input_shape):
@@ -256,6 +262,9 @@ class ViT3D(nnx.Module):
             raise Her2jaxError(f"pool 'tumour' needs the mask among the {in_channels} input "
                                f"channels (mask channel {mask_channel})", key="model.vit.pool")
         shells = roi_pool.shells_of(rim_voxels, key="model.vit.rim_voxels")
+        if spread and pool != "tumour":
+            raise Her2jaxError("spread is a part of the tumour readout: set pool 'tumour' too "
+                               f"(pool is {pool!r})", key="model.vit.spread")
         grid = tuple(s // patch_size for s in input_shape)
         pos_embed = sincos_pos_embed_3d(grid, embed_dim)  # checks E % 6 first
 
@@ -267,7 +276,9 @@ class ViT3D(nnx.Module):
         self.pool = pool
         self.mask_channel = mask_channel
         self.shells = shells
-        self.features_dim = embed_dim * (1 + len(shells) if pool == "tumour" else 1)
+        self.spread = bool(spread)
+        self.features_dim = embed_dim * (1 + self.spread + len(shells) if pool == "tumour"
+                                         else 1)
         self.patch_embed = PatchEmbed(in_channels, embed_dim, patch_size, dtype=dtype,
                                       rngs=rngs)
         self.cls_token = nnx.Param(1e-6 * jax.random.normal(rngs.params(), (1, 1, embed_dim)))
@@ -311,7 +322,8 @@ class ViT3D(nnx.Module):
         Returns:
           [B, E] float32: the CLS token of the final norm; with ``pool='tumour'``,
           [B, (1 + S) E]: the patch tokens' weighted means inside the tumour, then on each
-          shell from the inside out.
+          shell from the inside out ([B, (2 + S) E] with ``spread``: the tokens' weighted
+          standard deviation inside the tumour after their mean there).
         """
         if self.pool == "tumour":
             return self._tumour_pool(x, self.norm(self._encode(x)[:, 1:]))
@@ -321,7 +333,8 @@ class ViT3D(nnx.Module):
     def _tumour_pool(self, x: jax.Array, patches: jax.Array) -> jax.Array:
         """Patch tokens [B, N, E] -> [B, (1 + S) E]: means weighted by each patch's share of
         tumour voxels, then of each shell's (``roi_pool.shell_masks``, as ``RoiPool``'s).
-        A case whose mask (or shell) is empty gets zeros there."""
+        A case whose mask (or shell) is empty gets zeros there. With ``spread``, the weighted
+        standard deviation inside the mask follows its mean (two-pass, as the LayerNorms)."""
         mask = jnp.clip(jnp.asarray(x[..., self.mask_channel], jnp.float32), 0.0, 1.0)[..., None]
         weights = [mask, *roi_pool.shell_masks(mask, self.shells)]
         p = self.patch_size
@@ -332,7 +345,13 @@ class ViT3D(nnx.Module):
             v = v.reshape(b, gx, p, gy, p, gz, p)
             return v.mean(axis=(2, 4, 6)).reshape(b, -1, 1)
 
-        def mean(weight):
-            return jnp.sum(weight * patches, axis=1) / (jnp.sum(weight, axis=1) + 1e-6)
+        def mean(weight, values):
+            return jnp.sum(weight * values, axis=1) / (jnp.sum(weight, axis=1) + 1e-6)
 
-        return jnp.concatenate([mean(patch_share(w)) for w in weights], axis=-1)
+        shares = [patch_share(w) for w in weights]
+        pooled = [mean(w, patches) for w in shares]
+        if self.spread:
+            inside = shares[0]
+            centred = patches - pooled[0][:, None, :]
+            pooled.insert(1, jnp.sqrt(mean(inside, centred * centred) + 1e-6))
+        return jnp.concatenate(pooled, axis=-1)
