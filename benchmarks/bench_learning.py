@@ -108,6 +108,24 @@ def _vit_tumour_shells():
     return config
 
 
+def _vit_tumour_spread():
+    config = _vit_tumour_pool()
+    config.model.vit.spread = True           # and the tokens' spread inside the tumour
+    return config
+
+
+def _vit_tumour_p2():
+    config = _vit_tumour_pool()
+    config.model.vit.patch_size = 2          # 12^3 = 1,728 tokens of 5 mm: finer than the
+    return config                            # phantom's 6 mm internal texture
+
+
+def _vit_tumour_p2_spread():
+    config = _vit_tumour_p2()
+    config.model.vit.spread = True
+    return config
+
+
 def _resnet_with_region():
     config = _resnet_kinetic_mm()
     config.model.roi_pool.update(hidden=16, standardize=True)
@@ -150,6 +168,12 @@ CANDIDATES = {
                         "averaged inside the tumour mask and on a 2-voxel rim, not by CLS"),
     "vit_tumour_shells": (_vit_tumour_shells, "vit_tumour_pool with two shells, 0-2 and 2-4 "
                           "voxels outside the mask"),
+    "vit_tumour_spread": (_vit_tumour_spread, "vit_tumour_pool plus the patch tokens' standard "
+                          "deviation inside the tumour (its heterogeneity)"),
+    "vit_tumour_p2": (_vit_tumour_p2, "vit_tumour_pool with patches of 2 voxels (5 mm, 1,728 "
+                      "tokens) instead of 4"),
+    "vit_tumour_p2_spread": (_vit_tumour_p2_spread, "vit_tumour_p2 with the tokens' spread "
+                             "inside the tumour"),
     "tiny_vit_fmbcmri": (_tiny_vit_fmbcmri, "configs/tiny_cpu.py, the demo until 2026-12-03: "
                          "tiny ViT/8 on one z-scored phase, tumour box resized to 32^3"),
 }

@@ -298,3 +298,42 @@ def test_the_tumour_region_network_is_frozen_saved_and_restored(kinetic_dir, tmp
     again = pca_lr.evaluate(workdir, n_boot=50)
     np.testing.assert_array_equal(_npz(workdir, "test_CENTER_C")["features"], written)
     assert again["test_CENTER_C"]["macro_auc"] == summaries["test_CENTER_C"]["macro_auc"]
+
+
+def _probe_features_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "probe_features.py"
+    spec = importlib.util.spec_from_file_location("probe_features", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_probe_features_refits_the_protocol_of_a_workdir_and_its_baseline(fitted):
+    """benchmarks/probe_features.py on a real pca_lr workdir: its refit of the protocol gives
+    the AUC the workdir reported, its baseline the hand-made one's, and every figure exists."""
+    from her2jax.data import kinetic_features
+
+    workdir, config, summaries, _ = fitted
+    probe = _probe_features_module().probe_workdir(workdir, n_components=4)
+    assert probe["held_out"] == "CENTER_C"
+    assert probe["n_components"] == 4
+    assert probe["pca_lr"] == pytest.approx(summaries["test_CENTER_C"]["macro_auc"]["value"],
+                                            abs=1e-4)
+    names = kinetic_features.FEATURES
+    for key in ("encoded", "pca_lr_plus", "baseline_without"):
+        assert set(probe[key]) == set(names)
+        assert all(np.isfinite(v) for v in probe[key].values())
+    assert 0.0 <= probe["baseline"] <= 1.0
+
+
+def test_probe_features_r2_sees_a_feature_that_is_encoded_and_not_one_that_is_not():
+    rng = np.random.default_rng(0)
+    target = rng.normal(size=120)
+    unrelated = rng.normal(size=120)
+    features = np.c_[rng.normal(size=(120, 10)), 2.0 * target + 1.0 + 0.05 * rng.normal(size=120)]
+    encoded = _probe_features_module().encoded
+    assert encoded(features[:80], target[:80], features[80:], target[80:]) > 0.95
+    assert encoded(features[:80], unrelated[:80], features[80:], unrelated[80:]) < 0.2
