@@ -480,9 +480,10 @@ def architecture_of(config) -> dict:
     """The encoder's constructor arguments, as ``port.json`` records them."""
     m, recipe = config.model, config.data.recipe
     if encoder_kind(config) == "roi_pool":
-        channels = [str(c).strip().upper() for c in recipe.channels]
-        return dict(kind="roi_pool", in_channels=len(channels),
-                    mask_channel=channels.index("MASK"), hidden=int(m.roi_pool.hidden),
+        return dict(kind="roi_pool", in_channels=len(recipe.channels),
+                    mask_channel=factory.mask_channel(recipe, "tumour-region pooling",
+                                                      "model.roi_pool.hidden"),
+                    hidden=int(m.roi_pool.hidden),
                     rim_voxels=list(roi_pool.shells_of(m.roi_pool.rim_voxels)),
                     standardize=bool(m.roi_pool.get("standardize", False)))
     if m.encoder == "vit3d":
