@@ -311,6 +311,7 @@ def _probe_features_module():
     return module
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")     # 5 folds of a few cases: NaN scores
 def test_probe_features_refits_the_protocol_of_a_workdir_and_its_baseline(fitted):
     """benchmarks/probe_features.py on a real pca_lr workdir: its refit of the protocol gives
     the AUC the workdir reported, its baseline the hand-made one's, and every figure exists."""
@@ -327,6 +328,9 @@ def test_probe_features_refits_the_protocol_of_a_workdir_and_its_baseline(fitted
         assert set(probe[key]) == set(names)
         assert all(np.isfinite(v) for v in probe[key].values())
     assert 0.0 <= probe["baseline"] <= 1.0
+    tuned = probe["tuned"]
+    assert 0.0 <= tuned["lr_all"] <= 1.0 and 0.0 <= tuned["pca"] <= 1.0
+    assert tuned["pca_k"] in (2, 4, 8, 16, 32) and tuned["lr_all_c"] > 0
 
 
 def test_probe_features_r2_sees_a_feature_that_is_encoded_and_not_one_that_is_not():
@@ -337,3 +341,17 @@ def test_probe_features_r2_sees_a_feature_that_is_encoded_and_not_one_that_is_no
     encoded = _probe_features_module().encoded
     assert encoded(features[:80], target[:80], features[80:], target[80:]) > 0.95
     assert encoded(features[:80], unrelated[:80], features[80:], unrelated[80:]) < 0.2
+
+
+def test_probe_features_tuned_readouts_find_the_signal_among_noise_features():
+    rng = np.random.default_rng(1)
+    labels = np.repeat([0, 1, 2], 60)
+    signal = labels + 0.5 * rng.normal(size=labels.size)
+    features = np.c_[rng.normal(size=(labels.size, 40)), signal]
+    order = rng.permutation(labels.size)
+    features, labels = features[order], labels[order]
+    tuned = _probe_features_module().tuned_readouts(
+        features[:120], labels[:120], features[120:], labels[120:], ["a", "b", "c"])
+    assert tuned["lr_all"] > 0.75           # chance: 0.5
+    # PCA's components are the noise's largest directions: too few of them miss the signal.
+    assert tuned["pca_k"] >= 16 and tuned["pca"] > 0.7
