@@ -314,7 +314,7 @@ def _probe_features_module():
 @pytest.mark.filterwarnings("ignore::UserWarning")     # 5 folds of a few cases: NaN scores
 def test_probe_features_refits_the_protocol_of_a_workdir_and_its_baseline(fitted):
     """benchmarks/probe_features.py on a real pca_lr workdir: its refit of the protocol gives
-    the AUC the workdir reported, its baseline the hand-made one's, and every figure exists."""
+    the AUC the workdir reported, and every figure exists and is in range."""
     from her2jax.data import kinetic_features
 
     workdir, config, summaries, _ = fitted
